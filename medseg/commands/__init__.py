@@ -1,0 +1,1 @@
+"""Sub-commands of the ``medseg`` CLI, one module each (see :mod:`medseg.cli`)."""

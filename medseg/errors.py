@@ -1,0 +1,111 @@
+"""One exception hierarchy for bad input.
+
+The CLI turns any :class:`MedsegError` into a one-line message and a non-zero exit; the service
+turns it into an RFC 9457 problem+json response with ``status`` = :attr:`MedsegError.http_status`
+and ``type`` = ``https://medseg.dev/problems/<code>``. Messages name the file or series concerned
+but never patient identifiers.
+"""
+
+from __future__ import annotations
+
+
+class MedsegError(Exception):
+    """Base class of every error caused by the user's input or configuration."""
+
+    code = "invalid-input"
+    http_status = 400
+
+    def __init__(self, message: str):
+        # one line, always
+        super().__init__(" ".join(str(message).split()))
+
+
+class UnreadableFileError(MedsegError):
+    """A file is corrupt, truncated, or of an unknown format."""
+
+    code = "unreadable-file"
+    http_status = 422
+
+
+class NoImageDataError(MedsegError):
+    """A folder or archive holds no readable image series."""
+
+    code = "no-image-data"
+    http_status = 422
+
+
+class MixedSeriesError(MedsegError):
+    """Several series were found where exactly one was asked for."""
+
+    code = "mixed-series"
+    http_status = 422
+
+
+class MissingGeometryError(MedsegError):
+    """Geometry tags (position, orientation, spacing) are missing or inconsistent."""
+
+    code = "missing-geometry"
+    http_status = 422
+
+
+class UnsupportedInputError(MedsegError):
+    """The input is valid but medseg does not support it (transfer syntax, tilt, modality...)."""
+
+    code = "unsupported-input"
+    http_status = 422
+
+
+class UnsafeArchiveError(MedsegError):
+    """An archive has path traversal names, or an absurd uncompressed size or ratio."""
+
+    code = "unsafe-archive"
+    http_status = 422
+
+
+class InputTooLargeError(MedsegError):
+    """An input exceeds a configured size limit."""
+
+    code = "too-large"
+    http_status = 413
+
+
+class ModalityMismatchError(MedsegError):
+    """A series' modality does not fit the model."""
+
+    code = "modality-mismatch"
+    http_status = 422
+
+
+class InputShapeError(MedsegError):
+    """A tensor's shape does not fit a network (channels, dimensions, divisibility)."""
+
+    code = "input-shape"
+    http_status = 422
+
+
+class ConfigError(MedsegError):
+    """A configuration file or override is invalid; the message names the bad key."""
+
+    code = "invalid-config"
+    http_status = 400
+
+
+class DatasetError(MedsegError):
+    """A training dataset is empty, unpaired, or inconsistent with its data card."""
+
+    code = "invalid-dataset"
+    http_status = 400
+
+
+class ModelNotFoundError(MedsegError):
+    """A model package name or path cannot be resolved."""
+
+    code = "model-not-found"
+    http_status = 404
+
+
+class PretrainedWeightsError(MedsegError):
+    """A pretrained weight file cannot be loaded (wrong format or shape mismatch)."""
+
+    code = "pretrained-weights"
+    http_status = 422

@@ -1,0 +1,15 @@
+"""Segmentation networks behind one interface (:class:`SegmentationNetwork`) and one registry.
+
+Importing this package registers every network module listed below.
+"""
+
+from medseg.networks.base import NetworkOutput, SegmentationNetwork, count_parameters
+from medseg.networks.registry import create_network, list_networks, network_entry, register_network
+
+# network modules register themselves on import
+from medseg.networks import unet  # noqa: E402,F401
+
+__all__ = [
+    "NetworkOutput", "SegmentationNetwork", "count_parameters",
+    "create_network", "list_networks", "network_entry", "register_network",
+]

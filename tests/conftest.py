@@ -1,0 +1,25 @@
+"""Shared fixtures: where the real data lives, and skip-with-reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data; skips the calling test (with the reason) if it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} (set MEDSEG_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """Root of the shared real data (../shared/data)."""
+    return shared_path()
