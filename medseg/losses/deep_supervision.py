@@ -1,0 +1,74 @@
+"""Losses over a :class:`~medseg.networks.base.NetworkOutput`, with nnU-Net deep supervision.
+
+Isensee et al., nnU-Net (Nature Methods 2021), ``nnUNetTrainer._build_loss``: the loss of each
+deep-supervision output ``i`` (0 = full resolution) is weighted ``1 / 2**i``, the lowest resolution
+output is masked (weight 0) and the weights are normalised to sum to 1; targets are downsampled
+with nearest-neighbour interpolation. The weighting and target resizing are MONAI's
+:class:`monai.losses.DeepSupervisionLoss`; only the weights are nnU-Net's.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from monai.losses import DeepSupervisionLoss as MonaiDeepSupervisionLoss
+from torch import nn
+
+from medseg.networks.base import NetworkOutput
+
+
+def nnunet_deep_supervision_weights(num_outputs: int) -> list[float]:
+    """nnU-Net's scale weights for ``num_outputs`` outputs, finest first.
+
+    ``[1, 1/2, 1/4, ...]`` with the last (coarsest) set to 0, normalised; e.g. 5 outputs ->
+    ``[8/15, 4/15, 2/15, 1/15, 0]`` (STU-Net) and 1 output -> ``[1]``.
+    """
+    weights = [1.0 / 2**i for i in range(num_outputs)]
+    if num_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class LogitsLoss(nn.Module):
+    """Apply a ``loss(logits, target)`` to ``output.logits`` only.
+
+    ``forward(output, target)``: ``output`` a :class:`NetworkOutput` (or a logits tensor
+    ``(B, K, *spatial)``), target a label map ``(B, 1, *spatial)``; returns a scalar.
+    """
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, output: NetworkOutput | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = output.logits if isinstance(output, NetworkOutput) else output
+        return self.loss(logits, target)
+
+
+class DeepSupervisionLoss(nn.Module):
+    """``sum_i w_i loss(logits_i, nearest_downsample(target))`` over ``[output.logits, *output.deep_supervision]``.
+
+    Args:
+        loss: ``loss(logits, target) -> scalar``, e.g. :class:`monai.losses.DiceCELoss`.
+        weights: per-output weights, finest first; default :func:`nnunet_deep_supervision_weights`
+            for the number of outputs the network returns.
+
+    ``forward(output, target)``: ``output.logits`` ``(B, K, *spatial)`` and
+    ``output.deep_supervision`` ``[(B, K, *spatial / r_i)]`` finest first; target ``(B, 1, *spatial)``.
+    A network without native deep-supervision heads gets the plain loss on its logits.
+    """
+
+    def __init__(self, loss: nn.Module, weights: Sequence[float] | None = None):
+        super().__init__()
+        self.loss = loss
+        self.weights = list(weights) if weights is not None else None
+
+    def forward(self, output: NetworkOutput, target: torch.Tensor) -> torch.Tensor:
+        outputs = [output.logits, *output.deep_supervision]
+        weights = self.weights or nnunet_deep_supervision_weights(len(outputs))
+        if len(weights) < len(outputs):
+            raise ValueError(f"{len(outputs)} deep-supervision outputs but only {len(weights)} weights")
+        wrapped = MonaiDeepSupervisionLoss(self.loss, weights=weights[: len(outputs)])
+        return wrapped(outputs, target.float())
