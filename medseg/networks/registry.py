@@ -3,6 +3,18 @@
 Each network module decorates a builder with :func:`register_network`, giving the reference
 configurations (exact keyword arguments for :func:`create_network`) that ``medseg models`` lists
 and that the tests count parameters for.
+
+Conventions for ``references`` (checked by ``tests/test_networks_common.py`` for every network):
+
+- Every network registers a reference labelled ``"tiny"``: a configuration small enough for CPU
+  unit tests (about 1-5 M parameters). It is for tests only, never a model to train. The tests run
+  it on inputs whose spatial sizes are small multiples of the network's ``input_divisor``
+  (``2 * input_divisor`` per axis, one axis ``3 * input_divisor``), in training and eval mode and
+  under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+- Builders that can freeze a pretrained encoder take ``freeze_encoder: bool``; the tests then check
+  that the frozen parameters get no gradient and all others do.
+- Every network builds on the ``meta`` device (``with torch.device("meta"): create_network(...)``),
+  which is how ``medseg models`` counts parameters without allocating them.
 """
 
 from __future__ import annotations
