@@ -11,6 +11,7 @@ from medseg.networks import unet  # noqa: E402,F401
 from medseg.networks import swin_unetr  # noqa: E402,F401
 from medseg.networks import transunet  # noqa: E402,F401
 from medseg.networks import stunet  # noqa: E402,F401
+from medseg.networks import dformer  # noqa: E402,F401
 
 __all__ = [
     "NetworkOutput", "SegmentationNetwork", "count_parameters",
