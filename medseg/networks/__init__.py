@@ -8,6 +8,7 @@ from medseg.networks.registry import create_network, list_networks, network_entr
 
 # network modules register themselves on import
 from medseg.networks import unet  # noqa: E402,F401
+from medseg.networks import transunet3d  # noqa: E402,F401
 from medseg.networks import swin_unetr  # noqa: E402,F401
 from medseg.networks import transunet  # noqa: E402,F401
 from medseg.networks import stunet  # noqa: E402,F401
