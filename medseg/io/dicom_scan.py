@@ -1,0 +1,262 @@
+"""Find the image series among DICOM files by reading headers only (no pixel data).
+
+Instances are grouped by SeriesInstanceUID, never by folder. Within a series the scan skips,
+with a warning on the series:
+
+- objects that are not images (SR, presentation states, SEG, RTSTRUCT/RTPLAN, KO, encapsulated
+  documents, raw data, registrations, waveforms), recognised by SOP Class and Modality;
+- localizers / scouts: ImageType containing ``LOCALIZER``, or an orientation (or matrix size)
+  that differs from the series majority;
+- files that carry the ``DICM`` marker but cannot be parsed (named in the warning).
+
+Files that are not DICOM at all (READMEs, JSON sidecars) are ignored silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from medseg.errors import MedsegError
+from medseg.io.dicom_frames import ORIENTATION_DECIMALS, is_enhanced_multiframe
+from medseg.io.dicom_volume import read_dicom_volume
+from medseg.io.series_info import SeriesInfo
+
+log = logging.getLogger(__name__)
+
+#: SOP Class UID prefixes of objects that are not image planes.
+NON_IMAGE_SOP_CLASS_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, SEG, surface seg
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF/CDA/STL
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT structure set
+    "1.2.840.10008.5.1.4.1.1.481.5",  # RT plan
+    "1.2.840.10008.5.1.4.1.1.481.4",  # RT treatment records
+    "1.2.840.10008.5.1.4.1.1.481.6",
+    "1.2.840.10008.5.1.4.1.1.481.7",
+    "1.2.840.10008.5.1.4.1.1.481.8",
+    "1.2.840.10008.5.1.4.1.1.481.9",
+    "1.2.840.10008.5.1.4.1.1.91.",  # microscopy bulk annotations
+)
+
+#: Modalities of non-image objects.
+NON_IMAGE_MODALITIES = {"SR", "PR", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "KO", "REG", "DOC",
+                        "FID", "ANN", "RWV", "AU", "ECG", "HD", "PLAN"}
+
+
+@dataclass
+class _Instance:
+    path: str
+    ds: Dataset
+    orientation: tuple[float, ...] | None
+    size: tuple[int, int]
+
+
+def read_header(path: str | Path) -> Dataset | None:
+    """The header of a DICOM file, or ``None`` when the file is not DICOM.
+
+    Files with the ``DICM`` marker must parse; files without it (some old exports) are accepted
+    only if they parse and look like an image instance.
+
+    Raises:
+        UnreadableFileError: the file has the ``DICM`` marker but is corrupt.
+    """
+    from medseg.errors import UnreadableFileError
+
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            preamble = handle.read(132)
+    except OSError as error:
+        raise UnreadableFileError(f"{path.name}: cannot open ({error.strerror})") from None
+    has_marker = len(preamble) == 132 and preamble[128:132] == b"DICM"
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=True, force=not has_marker)
+    except InvalidDicomError:
+        if has_marker:
+            raise UnreadableFileError(f"{path.name}: not a valid DICOM file") from None
+        return None
+    except Exception as error:  # truncated or garbage content
+        if has_marker:
+            raise UnreadableFileError(f"{path.name}: corrupt or truncated DICOM header "
+                                      f"({type(error).__name__})") from None
+        return None
+
+
+def _sop_class(ds: Dataset) -> str:
+    value = str(ds.get("SOPClassUID") or "")
+    if not value and getattr(ds, "file_meta", None) is not None:
+        value = str(ds.file_meta.get("MediaStorageSOPClassUID") or "")
+    return value
+
+
+def is_image_instance(ds: Dataset) -> bool:
+    """True for an instance with image planes (Rows/Columns, an image SOP Class and Modality)."""
+    if "DirectoryRecordSequence" in ds:
+        return False  # DICOMDIR
+    if not ds.get("Rows") or not ds.get("Columns"):
+        return False
+    sop = _sop_class(ds)
+    if any(sop.startswith(prefix) for prefix in NON_IMAGE_SOP_CLASS_PREFIXES):
+        return False
+    return str(ds.get("Modality") or "").upper() not in NON_IMAGE_MODALITIES
+
+
+def _looks_like_instance(ds: Dataset) -> bool:
+    return bool(_sop_class(ds) or ds.get("Rows") or ds.get("SeriesInstanceUID"))
+
+
+def is_localizer(ds: Dataset) -> bool:
+    """ImageType contains ``LOCALIZER`` (CT topograms, MR scouts)."""
+    return any("LOCALIZER" in str(v).upper() for v in ds.get("ImageType", []) or [])
+
+
+def _orientation(ds: Dataset) -> tuple[float, ...] | None:
+    value = ds.get("ImageOrientationPatient")
+    if value is None and is_enhanced_multiframe(ds):
+        for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            seq = ds.get(group)
+            if seq:
+                item = seq[0].get("PlaneOrientationSequence")
+                if item:
+                    value = item[0].get("ImageOrientationPatient")
+                    if value is not None:
+                        break
+    try:
+        return tuple(np.round([float(v) for v in value], ORIENTATION_DECIMALS).tolist())
+    except (TypeError, ValueError):
+        return None
+
+
+def _series_key(ds: Dataset) -> tuple[str, bool]:
+    """``(key, derived)``: the SeriesInstanceUID, or a derived key when it is empty."""
+    uid = str(ds.get("SeriesInstanceUID") or "").strip()
+    if uid:
+        return uid, False
+    parts = [str(ds.get(k) or "") for k in ("StudyInstanceUID", "FrameOfReferenceUID",
+                                           "SeriesNumber", "SeriesDescription", "Modality",
+                                           "SeriesDate", "SeriesTime")]
+    return "nouid-" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], True
+
+
+def scan_dicom_files(paths: Iterable[str | Path], *, source: str) -> list[SeriesInfo]:
+    """Group DICOM files into image series (headers only).
+
+    Args:
+        paths: candidate files (non-DICOM files are ignored).
+        source: the user's input path, recorded on each :class:`SeriesInfo`.
+
+    Returns:
+        One :class:`SeriesInfo` per image series, sorted by study, SeriesNumber and UID.
+    """
+    groups: dict[str, list[_Instance]] = defaultdict(list)
+    derived: set[str] = set()
+    unreadable: list[str] = []
+    skipped_objects: dict[str, Counter] = defaultdict(Counter)
+    for path in paths:
+        try:
+            ds = read_header(path)
+        except MedsegError:
+            unreadable.append(Path(path).name)
+            continue
+        if ds is None or not _looks_like_instance(ds):
+            continue
+        key, is_derived = _series_key(ds)
+        if not is_image_instance(ds):
+            skipped_objects[key][str(ds.get("Modality") or "non-image")] += 1
+            continue
+        if is_derived:
+            derived.add(key)
+        groups[key].append(_Instance(path=str(path), ds=ds, orientation=_orientation(ds),
+                                     size=(int(ds.Rows), int(ds.Columns))))
+
+    series: list[SeriesInfo] = []
+    for key, instances in groups.items():
+        notes: list[str] = []
+        if key in derived:
+            notes.append("SeriesInstanceUID is empty: series identified by a derived key")
+        for modality, count in sorted(skipped_objects.get(key, {}).items()):
+            notes.append(f"skipped {count} non-image object(s) ({modality})")
+        localizers = [i for i in instances if is_localizer(i.ds)]
+        if localizers:
+            notes.append(f"skipped {len(localizers)} localizer image(s)")
+            instances = [i for i in instances if not is_localizer(i.ds)]
+        if not instances:
+            continue
+        majority = Counter(i.orientation for i in instances).most_common(1)[0][0]
+        others = [i for i in instances if i.orientation != majority]
+        if others:
+            notes.append(f"skipped {len(others)} image(s) whose orientation differs from the "
+                         "series majority (localizer/scout?)")
+            instances = [i for i in instances if i.orientation == majority]
+        size = Counter(i.size for i in instances).most_common(1)[0][0]
+        others = [i for i in instances if i.size != size]
+        if others:
+            notes.append(f"skipped {len(others)} image(s) whose matrix size differs from the "
+                         f"series majority {size[0]}x{size[1]}")
+            instances = [i for i in instances if i.size == size]
+        if unreadable:
+            shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+            notes.append(f"skipped {len(unreadable)} unreadable DICOM file(s): {shown}")
+        first = instances[0].ds
+        number = first.get("SeriesNumber")
+        try:
+            number = int(number) if number not in (None, "") else None
+        except (TypeError, ValueError):
+            number = None
+        series.append(SeriesInfo(
+            uid=key,
+            modality=str(first.get("Modality") or ""),
+            description=str(first.get("SeriesDescription") or ""),
+            study_uid=str(first.get("StudyInstanceUID") or ""),
+            instance_count=len(instances),
+            files=sorted(i.path for i in instances),
+            warnings=notes,
+            series_number=number,
+            format="dicom",
+            source=source,
+            _reader=_read_series,
+        ))
+    if not series and unreadable:
+        from medseg.errors import UnreadableFileError
+
+        shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
+        raise UnreadableFileError(f"{Path(source).name}: no readable DICOM image; unreadable "
+                                  f"file(s): {shown}")
+    series.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None
+                               else -1, s.uid))
+    return series
+
+
+def _read_series(info: SeriesInfo):
+    name = f"{info.uid} ({info.description})" if info.description else info.uid
+    image = read_dicom_volume(info.files, series_name=name, warnings=info.warnings,
+                              meta={"source": info.source})
+    if info.uid.startswith("nouid-"):
+        image.meta["series_uid"] = info.uid
+    if info._keepalive is not None and image.dicom_source is not None:
+        image.dicom_source = SourceFiles(image.dicom_source, keepalive=info._keepalive)
+    return image
+
+
+class SourceFiles(list):
+    """A list of source file paths that keeps a temporary extraction folder alive.
+
+    DICOM read from an archive lives in a temporary folder; the folder is removed when the last
+    image (or label map made with :meth:`Image.with_array`, which shares this list) is gone.
+    """
+
+    def __init__(self, items, *, keepalive=None):
+        super().__init__(items)
+        self.keepalive = keepalive

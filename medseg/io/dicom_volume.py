@@ -1,0 +1,325 @@
+"""Stack the frames of one DICOM series into a volume with a verified RAS+ affine.
+
+Slices are ordered by their distance along the slice normal (``row x column`` of
+ImageOrientationPatient) computed from ImagePositionPatient, never by InstanceNumber or file name.
+Frames at the same position are either duplicates (identical pixels: dropped with a warning) or
+the time points of a multi-volume series (fMRI, DWI), which become a trailing T axis.
+
+A stack whose positions do not lie on a regular grid along the normal (variable slice gaps, or
+the sheared stack of a CT with gantry tilt) is resampled onto the orthogonal grid
+``(row, column, normal)`` with linear interpolation, with a warning; the affine is never silently
+wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.errors import MissingGeometryError, UnsupportedInputError
+from medseg.io.dicom_frames import Frame, decode_pixels, frame_pixels, frames_of, read_instance
+from medseg.io.image import Image
+
+log = logging.getLogger(__name__)
+
+#: LPS (DICOM patient) <-> RAS+ (NIfTI world): negate the first two world axes.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Largest distance (mm) between a slice's ImagePositionPatient and the regular grid through the
+#: first and last slice before the stack counts as non-uniform or sheared (and is resampled).
+GRID_TOLERANCE_MM = 0.02
+
+#: Frames whose positions along the normal differ by less than this (mm) share one slice.
+SAME_POSITION_MM = 0.01
+
+#: Relative tolerance for PixelSpacing to be considered equal between frames.
+PIXEL_SPACING_RTOL = 1e-4
+
+
+def _dataset_meta(ds: Any) -> dict[str, Any]:
+    """Series-level metadata without patient identifiers."""
+
+    def text(keyword: str) -> str:
+        value = ds.get(keyword)
+        return "" if value is None else str(value)
+
+    number = ds.get("SeriesNumber")
+    try:
+        number = int(number) if number not in (None, "") else None
+    except (TypeError, ValueError):
+        number = None
+    return {
+        "modality": text("Modality"),
+        "series_uid": text("SeriesInstanceUID"),
+        "study_uid": text("StudyInstanceUID"),
+        "series_description": text("SeriesDescription"),
+        "series_number": number,
+        "manufacturer": text("Manufacturer"),
+        "frame_of_reference_uid": text("FrameOfReferenceUID"),
+    }
+
+
+def _output_dtype(stored: list[np.dtype], slopes: np.ndarray, intercepts: np.ndarray,
+                  low: float, high: float) -> np.dtype:
+    """Smallest dtype that holds rescaled values exactly (float32 when a slope is not 1)."""
+    if np.any(slopes != 1.0) or np.any(intercepts != np.round(intercepts)):
+        return np.dtype(np.float32)
+    if np.all(intercepts == 0) and len(set(stored)) == 1 and stored[0].kind in "ui":
+        return stored[0]
+    for candidate in (np.int16, np.int32):
+        info = np.iinfo(candidate)
+        if info.min <= low and high <= info.max:
+            return np.dtype(candidate)
+    return np.dtype(np.float64)
+
+
+def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str] | None = None,
+                      meta: dict[str, Any] | None = None) -> Image:
+    """Read one series' instances into an :class:`Image`.
+
+    Args:
+        files: paths of the series' image instances (any order).
+        series_name: how to name the series in messages (UID, or description and UID).
+        warnings: notes gathered while scanning (copied into ``Image.warnings``).
+        meta: extra metadata merged into ``Image.meta``.
+
+    Returns:
+        ``Image`` with ``array`` ``(I, J, K)`` or ``(I, J, K, T)`` where ``I`` runs along a row
+        (column index), ``J`` down the columns (row index) and ``K`` along the slice normal;
+        values rescaled by RescaleSlope/Intercept (CT in HU); ``affine`` voxel -> RAS+ mm;
+        ``dicom_source`` the file of each k-slice (first time point).
+
+    Raises:
+        NoImageDataError / UnreadableFileError / UnsupportedInputError / MissingGeometryError:
+            see :func:`medseg.io.dicom_frames.frames_of` and the checks below, each naming the
+            series.
+    """
+    notes = list(warnings or [])
+    frames: list[Frame] = []
+    planes: list[np.ndarray] = []
+    first_ds = None
+    for path in files:
+        ds = read_instance(path)
+        if first_ds is None:
+            first_ds = ds
+        instance_frames = frames_of(ds, path)
+        pixels = decode_pixels(ds, path)
+        expected = int(ds.get("NumberOfFrames") or 1) if instance_frames[0].frame_number else 1
+        if instance_frames[0].frame_number and pixels.ndim == 2 and expected != 1:
+            raise MissingGeometryError(f"{Path(path).name}: NumberOfFrames does not match the "
+                                       "pixel data")
+        for frame in instance_frames:
+            frames.append(frame)
+            planes.append(frame_pixels(pixels, frame))
+    if not frames:
+        raise MissingGeometryError(f"series {series_name}: no image frames")
+
+    reference = frames[0]
+    for frame in frames[1:]:
+        if frame.orientation_key() != reference.orientation_key():
+            raise UnsupportedInputError(
+                f"series {series_name}: frames with different orientations in one series")
+        if frame.shape != reference.shape:
+            raise UnsupportedInputError(
+                f"series {series_name}: frames of different sizes {frame.shape} and "
+                f"{reference.shape}")
+        if not np.allclose(frame.pixel_spacing, reference.pixel_spacing,
+                           rtol=PIXEL_SPACING_RTOL, atol=0):
+            raise UnsupportedInputError(
+                f"series {series_name}: frames with different PixelSpacing")
+
+    row, col = reference.row_cosine, reference.column_cosine
+    normal = np.cross(row, col)
+    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
+
+    # Cluster by position along the normal.
+    order = np.argsort(distances, kind="stable")
+    clusters: list[list[int]] = []
+    for index in order:
+        if clusters and abs(distances[index] - distances[clusters[-1][0]]) < SAME_POSITION_MM:
+            clusters[-1].append(int(index))
+        else:
+            clusters.append([int(index)])
+    for cluster in clusters:
+        base = frames[cluster[0]].position
+        for index in cluster[1:]:
+            if np.linalg.norm(frames[index].position - base) > GRID_TOLERANCE_MM:
+                raise UnsupportedInputError(
+                    f"series {series_name}: frames at the same slice location have different "
+                    "in-plane positions")
+
+    # Within a position: time order, then drop exact duplicates.
+    duplicates: list[str] = []
+    for cluster in clusters:
+        cluster.sort(key=lambda i: frames[i].temporal_key)
+        seen: set[bytes] = set()
+        kept = []
+        for index in cluster:
+            digest = hashlib.sha1(np.ascontiguousarray(planes[index]).tobytes()).digest()
+            if digest in seen:
+                duplicates.append(Path(frames[index].file).name)
+                continue
+            seen.add(digest)
+            kept.append(index)
+        cluster[:] = kept
+    if duplicates:
+        names = sorted(set(duplicates))
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        notes.append(f"skipped {len(duplicates)} duplicate slice(s) (same position and pixel "
+                     f"data) from {shown}")
+    counts = {len(cluster) for cluster in clusters}
+    if len(counts) != 1:
+        raise UnsupportedInputError(
+            f"series {series_name}: slice positions hold different numbers of images "
+            f"({min(counts)}..{max(counts)}); incomplete multi-volume series?")
+    volumes = counts.pop()
+
+    # Rescale and stack as (I, J, K, T).
+    slopes = np.array([frames[c[t]].slope for c in clusters for t in range(volumes)])
+    intercepts = np.array([frames[c[t]].intercept for c in clusters for t in range(volumes)])
+    low = min(float(planes[i].min()) * s + b for c in clusters for i in c
+              for s, b in [(frames[i].slope, frames[i].intercept)])
+    high = max(float(planes[i].max()) * s + b for c in clusters for i in c
+               for s, b in [(frames[i].slope, frames[i].intercept)])
+    low, high = min(low, high), max(low, high)
+    dtype = _output_dtype([planes[i].dtype for c in clusters for i in c], slopes, intercepts,
+                          low, high)
+    rows, cols = reference.shape
+    array = np.empty((cols, rows, len(clusters), volumes), dtype=dtype)
+    for k, cluster in enumerate(clusters):
+        for t, index in enumerate(cluster):
+            frame, plane = frames[index], planes[index]
+            if frame.slope != 1.0 or frame.intercept != 0.0:
+                values = plane.astype(np.float64) * frame.slope + frame.intercept
+            else:
+                values = plane
+            array[:, :, k, t] = values.T.astype(dtype, copy=False)
+
+    # Geometry (LPS) on the regular grid through the first and last slice.
+    row_spacing, col_spacing = reference.pixel_spacing
+    positions = np.array([frames[c[0]].position for c in clusters])
+    affine = np.eye(4)
+    affine[:3, 0] = row * col_spacing
+    affine[:3, 1] = col * row_spacing
+    affine[:3, 3] = positions[0]
+    resampled = False
+    if len(clusters) == 1:
+        step = None
+        if first_ds is not None:
+            step = first_ds.get("SpacingBetweenSlices") or first_ds.get("SliceThickness")
+        if step in (None, ""):
+            notes.append("single slice without SpacingBetweenSlices/SliceThickness: "
+                         "slice spacing set to 1 mm")
+            step = 1.0
+        affine[:3, 2] = normal * float(step)
+    else:
+        k_step = (positions[-1] - positions[0]) / (len(clusters) - 1)
+        offsets = positions - positions[0]
+        along = offsets @ normal
+        in_plane = offsets - along[:, None] * normal
+        regular = np.arange(len(clusters)) * (along[-1] / (len(clusters) - 1))
+        sheared = float(np.linalg.norm(in_plane, axis=1).max()) > GRID_TOLERANCE_MM
+        uneven = float(np.abs(along - regular).max()) > GRID_TOLERANCE_MM
+        if sheared or uneven:
+            array, affine, note = _resample_regular(array, positions, row, col, normal,
+                                                    (row_spacing, col_spacing), series_name,
+                                                    sheared=sheared)
+            notes.append(note)
+            resampled = True
+        else:
+            affine[:3, 2] = k_step
+    affine = LPS_TO_RAS @ affine
+
+    if volumes == 1:
+        array = array[..., 0]
+    source_files = [frames[c[0]].file for c in clusters]
+    image_meta = _dataset_meta(first_ds) if first_ds is not None else {}
+    image_meta.update(meta or {})
+    image_meta.update({
+        "instance_count": len({f.file for f in frames}),
+        "dicom_layout": ("mosaic" if reference.tile is not None
+                         else "multi-frame" if reference.frame_number is not None
+                         else "single-frame"),
+        "resampled": resampled,
+    })
+    if reference.frame_number is not None:
+        image_meta["dicom_frame_numbers"] = [frames[c[0]].frame_number for c in clusters]
+    if volumes > 1:
+        image_meta["volumes"] = volumes
+    for note in notes:
+        log.info("series %s: %s", series_name, note)
+    return Image(array=array, affine=affine, meta=image_meta, warnings=notes,
+                 dicom_source=None if resampled else source_files)
+
+
+def _resample_regular(array: np.ndarray, positions: np.ndarray, row: np.ndarray, col: np.ndarray,
+                      normal: np.ndarray, spacing: tuple[float, float], series_name: str, *,
+                      sheared: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """Resample a sheared or unevenly spaced stack onto a regular orthogonal grid.
+
+    The output grid keeps the in-plane axes and pixel spacing, takes the slice normal as k axis
+    with the median gap as spacing, and starts at the first slice. Each output slice is the
+    linear interpolation (along the normal) of the two enclosing input slices, each sampled at
+    the output grid points with bilinear interpolation (``scipy.ndimage.map_coordinates``);
+    points outside the input are filled with the volume minimum.
+
+    Args:
+        array: ``(I, J, K, T)`` input stack, slices ordered along ``normal``.
+        positions: ``(K, 3)`` LPS positions of the slices.
+
+    Returns:
+        ``(array (I, J, K', T), LPS affine, warning text)``.
+    """
+    from scipy.ndimage import map_coordinates
+
+    row_spacing, col_spacing = spacing
+    along = (positions - positions[0]) @ normal
+    gaps = np.diff(along)
+    if np.any(gaps <= 0):
+        raise MissingGeometryError(f"series {series_name}: slice positions are not distinct")
+    step = float(np.median(gaps))
+    count = int(round(along[-1] / step)) + 1
+    ni, nj = array.shape[:2]
+    ii, jj = np.meshgrid(np.arange(ni, dtype=np.float64), np.arange(nj, dtype=np.float64),
+                         indexing="ij")
+    fill = float(array.min())
+    out = np.empty((ni, nj, count, array.shape[3]), dtype=np.float32)
+    for k in range(count):
+        distance = min(k * step, float(along[-1]))
+        upper = int(np.searchsorted(along, distance, side="left"))
+        upper = min(max(upper, 1), len(along) - 1)
+        lower = upper - 1
+        weight = (distance - along[lower]) / (along[upper] - along[lower])
+        target = positions[0] + distance * normal
+        for t in range(array.shape[3]):
+            value = np.zeros((ni, nj), dtype=np.float64)
+            for index, w in ((lower, 1.0 - weight), (upper, weight)):
+                if w <= 0:
+                    continue
+                offset = target - positions[index]
+                di = float(offset @ row) / col_spacing
+                dj = float(offset @ col) / row_spacing
+                sampled = map_coordinates(array[:, :, index, t].astype(np.float32),
+                                          [ii + di, jj + dj], order=1, mode="constant",
+                                          cval=fill)
+                value += w * sampled
+            out[:, :, k, t] = value
+    if array.dtype.kind in "ui":
+        out = np.round(out).astype(array.dtype)
+    affine = np.eye(4)
+    affine[:3, 0] = row * col_spacing
+    affine[:3, 1] = col * row_spacing
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = positions[0]
+    reason = []
+    if sheared:
+        reason.append("gantry tilt (slice positions sheared against the slice normal)")
+    if float(np.abs(gaps - step).max()) > GRID_TOLERANCE_MM:
+        reason.append(f"variable slice gaps {gaps.min():.2f}..{gaps.max():.2f} mm")
+    note = (f"resampled to a regular grid ({count} slices at {step:.3f} mm along the slice "
+            f"normal) because of {' and '.join(reason)}")
+    return out, affine, note
