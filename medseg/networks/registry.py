@@ -7,10 +7,10 @@ and that the tests count parameters for.
 Conventions for ``references`` (checked by ``tests/test_networks_common.py`` for every network):
 
 - Every network registers a reference labelled ``"tiny"``: a configuration small enough for CPU
-  unit tests (about 1-5 M parameters). It is for tests only, never a model to train. The tests run
-  it on inputs whose spatial sizes are small multiples of the network's ``input_divisor``
-  (``2 * input_divisor`` per axis, one axis ``3 * input_divisor``), in training and eval mode and
-  under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
+  unit tests (at most a few M parameters). It is for tests only, never a model to train. The
+  tests run it, batch 2, on the smallest multiple of ``input_divisor`` that is at least
+  ``max(2 * input_divisor, 32)`` per axis, with the last axis one ``input_divisor`` longer, in
+  training and eval mode and under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
 - Builders that can freeze a pretrained encoder take ``freeze_encoder: bool``; the tests then check
   that the frozen parameters get no gradient and all others do.
 - Every network builds on the ``meta`` device (``with torch.device("meta"): create_network(...)``),
