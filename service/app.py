@@ -1,0 +1,115 @@
+"""The FastAPI application: ``create_app(settings)``, started by ``medseg serve`` on uvicorn.
+
+At start-up the job store is opened (created if needed), jobs this node was running when it
+last stopped are re-queued, and the worker pool and the maintenance thread start. At shut-down
+workers stop and their running jobs go back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+
+import medseg
+from service import api, dicomweb
+from service.config import Settings
+from service.maintenance import Maintenance
+from service.metrics import Metrics
+from service.problems import PROBLEM_SCHEMA, install_handlers
+from service.queue import StoreQueue
+from service.store import Store
+from service.workers import WorkerPool
+
+log = logging.getLogger("medseg.service")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The service app for ``settings`` (nothing starts until the ASGI lifespan begins)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for folder in (settings.data_dir, settings.jobs_dir, settings.incoming_dir, settings.stow_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.db_url)
+        queue = StoreQueue(store)
+        metrics = Metrics(store)
+        pool = WorkerPool(settings, store, queue, metrics)
+        state = app.state
+        state.settings, state.store, state.queue, state.metrics, state.pool = (
+            settings, store, queue, metrics, pool)
+        requeued = store.requeue_interrupted(settings.lease_s, node=settings.node_id)
+        for job_id in requeued:
+            log.warning("job re-queued after restart", extra={"job_id": job_id})
+        maintenance = Maintenance(state)
+        pool.start()
+        maintenance.start()
+        log.info("service started", extra={"workers": settings.workers, "node": settings.node_id,
+                                           "requeued": len(requeued),
+                                           "database": store.engine.dialect.name})
+        try:
+            yield
+        finally:
+            maintenance.stop()
+            pool.stop()
+            store.dispose()
+            log.info("service stopped")
+
+    app = FastAPI(
+        title="medseg service", version=medseg.__version__, lifespan=lifespan,
+        description="Segment medical images: upload a study (or push it over DICOMweb STOW-RS), "
+                    "get a DICOM SEG, a NIfTI label map, a JSON volume report and a preview. "
+                    "Every endpoint except /healthz and /readyz needs `Authorization: Bearer <key>`."
+                    " Errors are RFC 9457 problem+json.")
+    app.state.settings = settings
+    install_handlers(app)
+    app.include_router(api.router)
+    app.include_router(dicomweb.router)
+    app.add_middleware(RequestLog)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Location"])
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+class RequestLog:
+    """ASGI middleware: one JSON log line per request (method, route, status, ms; no bodies)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.log = logging.getLogger("medseg.service.http")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            self.log.info("request", extra={
+                "method": scope.get("method"), "route": getattr(route, "path", None) or scope.get("path"),
+                "status": status[0], "ms": round((time.perf_counter() - start) * 1000, 1)})

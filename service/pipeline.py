@@ -1,0 +1,111 @@
+"""What a worker does with one job: the same library calls as ``medseg predict``.
+
+read (:func:`medseg.io.read_image`) -> :class:`medseg.inference.Predictor` ->
+:func:`medseg.outputs.write_outputs`, into ``<job dir>/output`` (written to a temporary folder,
+then renamed). There is no second inference path in the service.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+# result names in the API -> write_outputs format names
+RESULT_FORMATS = {"seg": "seg", "nifti": "nifti", "report": "json", "preview": "png"}
+MEDIA_TYPES = {"seg": "application/dicom", "nifti": "application/gzip",
+               "report": "application/json", "preview": "image/png"}
+
+
+class PredictorCache:
+    """The predictors of one worker: each model is loaded once and kept (LRU, ``size`` entries)."""
+
+    def __init__(self, device: str = "cpu", size: int = 2):
+        self.device, self.size = device, size
+        self._predictors: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: str, tta: bool = False, overlap: float | None = None):
+        """A :class:`medseg.inference.Predictor` for ``model`` (name or package path).
+
+        Raises:
+            ModelNotFoundError: the model cannot be resolved.
+        """
+        from medseg.inference import Predictor
+        from medseg.package import resolve_model
+
+        key = (model, bool(tta), overlap)
+        with self._lock:
+            if key in self._predictors:
+                self._predictors.move_to_end(key)
+                return self._predictors[key]
+        predictor = Predictor(resolve_model(model), device=self.device, tta=bool(tta), overlap=overlap)
+        with self._lock:
+            self._predictors[key] = predictor
+            while len(self._predictors) > self.size:
+                self._predictors.popitem(last=False)
+        return predictor
+
+
+def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictors: PredictorCache,
+            progress: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Segment one job's input; returns ``{"results", "timings", "statistics"}``.
+
+    ``results`` maps result names (seg, nifti, report, preview) to paths relative to ``job_dir``.
+    Timings are in seconds. Raises any :class:`medseg.errors.MedsegError` of the steps.
+    """
+    from medseg.io import read_image
+    from medseg.outputs import write_outputs
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    image = read_image(job_dir / job_input["path"], series_uid=job_input.get("series_uid"))
+    timings["read_s"] = time.perf_counter() - start
+
+    mark = time.perf_counter()
+    predictor = predictors.get(model, options.get("tta", False), options.get("overlap"))
+    timings["load_s"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    prediction = predictor.predict(image, progress=progress)
+    timings["predict_s"] = time.perf_counter() - mark
+    for name, value in (getattr(prediction, "timings", None) or {}).items():
+        if isinstance(value, (int, float)):
+            timings[f"predict.{name}"] = float(value)
+
+    mark = time.perf_counter()
+    formats = tuple(RESULT_FORMATS[name] for name in options["formats"])
+    partial, final = job_dir / "output.partial", job_dir / "output"
+    shutil.rmtree(partial, ignore_errors=True)
+    paths = write_outputs(prediction, image, predictor.package.card, partial, formats=formats)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    timings["write_s"] = time.perf_counter() - mark
+    timings["total_s"] = time.perf_counter() - start
+
+    by_format = {fmt: Path(p) for fmt, p in paths.items()}
+    results = {}
+    for name, fmt in RESULT_FORMATS.items():
+        if fmt in by_format:
+            results[name] = str(Path("output") / by_format[fmt].relative_to(partial))
+    statistics = getattr(prediction, "statistics", None)
+    return {"results": results, "timings": timings, "statistics": _jsonable(statistics)}
+
+
+def _jsonable(value: Any) -> Any:
+    """Statistics as plain JSON (numpy scalars and arrays converted)."""
+    if value is None:
+        return None
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value

@@ -1,0 +1,191 @@
+"""The job store: jobs, API keys and STOW-RS series in one SQLAlchemy database.
+
+SQLite in write-ahead-log mode is the embedded default (one file in the data directory, safe for
+the worker threads of one process); any SQLAlchemy URL (e.g. ``postgresql+psycopg://...``) works
+for several machines sharing one store. Times are POSIX seconds (UTC).
+
+Job states: ``queued`` -> ``running`` -> ``succeeded`` | ``failed``; ``queued``/``running`` ->
+``cancelled`` (by ``DELETE``); ``succeeded``/``failed`` -> ``expired`` when the retention period
+has passed and the data has been deleted. A job interrupted by a crash goes back to ``queued``.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from sqlalchemy import (JSON, Boolean, Float, Integer, String, create_engine, event, func, select,
+                        update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
+    "queued", "running", "succeeded", "failed", "cancelled", "expired")
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    """One segmentation request: its input, options, state, timings and results."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(32), index=True)
+    source: Mapped[str] = mapped_column(String(16))  # upload | stow
+    model: Mapped[str] = mapped_column(String(200))
+    options: Mapped[dict] = mapped_column(JSON, default=dict)
+    input: Mapped[dict] = mapped_column(JSON, default=dict)  # kind, path, series_uid, modality
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    node: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    results: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path relative to job dir
+    timings: Mapped[dict] = mapped_column(JSON, default=dict)
+    statistics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    push: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # PACS push: state, detail
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; ``id`` is the public part of the key."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    role: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class StowSeries(Base):
+    """A series being received over STOW-RS; it becomes a job once quiet for a while."""
+
+    __tablename__ = "stow_series"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(owner, series uid)
+    owner: Mapped[str] = mapped_column(String(32))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str] = mapped_column(String(16))
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    first_at: Mapped[float] = mapped_column(Float)
+    last_at: Mapped[float] = mapped_column(Float, index=True)
+    state: Mapped[str] = mapped_column(String(16), default="collecting")  # collecting | submitted
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Store:
+    """Sessions on the job store, and the few multi-row operations the service needs."""
+
+    def __init__(self, url: str):
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in a transaction: committed on exit, rolled back on error."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- jobs -------------------------------------------------------------------------------
+    def get_job(self, job_id: str) -> Job | None:
+        with self.session() as session:
+            return session.get(Job, job_id)
+
+    def add(self, row: Base) -> None:
+        with self.session() as session:
+            session.add(row)
+
+    def update_job(self, job_id: str, *, where_state: str | tuple[str, ...] | None = None,
+                   **values: Any) -> bool:
+        """Set ``values`` on a job (only if it is in ``where_state``); True if a row changed."""
+        statement = update(Job).where(Job.id == job_id)
+        if where_state is not None:
+            states = (where_state,) if isinstance(where_state, str) else where_state
+            statement = statement.where(Job.state.in_(states))
+        with self.session() as session:
+            return session.execute(statement.values(**values)).rowcount == 1
+
+    def claim_next(self, node: str) -> Job | None:
+        """Atomically move the oldest queued job to ``running`` for ``node``; None if none."""
+        now = time.time()
+        for _ in range(5):  # another worker may win the race for the same row: try the next
+            with self.session() as session:
+                query = select(Job.id).where(Job.state == QUEUED).order_by(Job.created_at).limit(1)
+                if self.engine.dialect.name == "postgresql":
+                    query = query.with_for_update(skip_locked=True)
+                job_id = session.scalar(query)
+                if job_id is None:
+                    return None
+                changed = session.execute(
+                    update(Job).where(Job.id == job_id, Job.state == QUEUED).values(
+                        state=RUNNING, started_at=now, heartbeat_at=now, node=node, progress=0.0,
+                        attempts=Job.attempts + 1)).rowcount
+                if changed == 1:
+                    session.flush()
+                    return session.get(Job, job_id, populate_existing=True)
+        return None
+
+    def queue_position(self, job: Job) -> int | None:
+        """1 for the next job to run; None unless queued."""
+        if job.state != QUEUED:
+            return None
+        with self.session() as session:
+            ahead = session.scalar(select(func.count()).select_from(Job).where(
+                Job.state == QUEUED, Job.created_at < job.created_at))
+        return int(ahead) + 1
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.session() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        return {state: int(n) for state, n in rows}
+
+    def requeue_interrupted(self, lease_s: float, node: str | None = None) -> list[str]:
+        """Running jobs with a heartbeat older than ``lease_s``, or of ``node`` (this process at
+        start-up: they were interrupted by its previous life), go back to ``queued``."""
+        stale = time.time() - lease_s
+        condition = Job.heartbeat_at < stale
+        if node is not None:
+            condition = condition | (Job.node == node)
+        with self.session() as session:
+            ids = list(session.scalars(select(Job.id).where(Job.state == RUNNING, condition)))
+            if ids:
+                session.execute(update(Job).where(Job.id.in_(ids), Job.state == RUNNING).values(
+                    state=QUEUED, node=None, progress=0.0, started_at=None))
+        return ids
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
