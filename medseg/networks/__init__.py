@@ -13,6 +13,7 @@ from medseg.networks import swin_unetr  # noqa: E402,F401
 from medseg.networks import transunet  # noqa: E402,F401
 from medseg.networks import stunet  # noqa: E402,F401
 from medseg.networks import dformer  # noqa: E402,F401
+from medseg.networks import cellvta  # noqa: E402,F401
 
 __all__ = [
     "NetworkOutput", "SegmentationNetwork", "count_parameters",
