@@ -100,3 +100,108 @@ def test_ct_rescale_gives_hounsfield_units():
                                   first.pixel_array.T.astype(np.int32) * slope + intercept)
     assert image.array.min() < -900  # air
     assert image.meta["modality"] == "CT"
+
+
+def _copy_series(source_folder, target):
+    target.mkdir()
+    for path in sorted(source_folder.iterdir()):
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def test_localizer_other_orientation_and_duplicate_slices_are_skipped(tmp_path):
+    folder = _copy_series(shared_path("dicom", "hippocampus_crop_study1"), tmp_path / "study")
+    reference = read_image(shared_path("dicom", "hippocampus_crop_study1"))
+    uid = reference.meta["series_uid"]
+    # a real slice of another (oblique) series filed under this series' UID, as a scout would be
+    oblique = next(p for p in sorted(shared_path("dicom", "mr_brain_study3_export").rglob("*.dcm"))
+                   if "T1post" in str(p))
+    ds = pydicom.dcmread(oblique)
+    ds.SeriesInstanceUID = uid
+    ds.save_as(folder / "zz_scout.dcm")
+    # a slice flagged LOCALIZER
+    ds = pydicom.dcmread(folder / "3.dcm")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.ImagePositionPatient = [0, 0, 100]
+    ds.save_as(folder / "zz_localizer.dcm")
+    # a duplicate of a slice under another file name and SOP Instance UID
+    ds = pydicom.dcmread(folder / "7.dcm")
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / "copy_of_7.dcm")
+
+    [info] = find_series(folder)
+    assert info.instance_count == 33  # 32 + the duplicate; scout and localizer skipped
+    joined = " ".join(info.warnings)
+    assert "localizer" in joined and "orientation" in joined
+    image = info.read()
+    assert any("duplicate" in w for w in image.warnings)
+    np.testing.assert_array_equal(image.array, reference.array)
+    np.testing.assert_allclose(image.affine, reference.affine)
+
+
+def test_non_image_objects_are_skipped():
+    folder = shared_path("dicom", "seg_examples", "data", "test_files")
+    series = find_series(folder)
+    assert series and all(s.modality not in {"SEG", "SR", "PR", "KO"} for s in series)
+    ct = [s for s in series if s.modality == "CT"]
+    assert len(ct) == 1 and ct[0].instance_count == 1
+    assert read_image(folder, series_uid=ct[0].uid).shape[2] == 1
+
+
+def test_enhanced_multiframe_reads_like_the_single_frame_series(tmp_path):
+    """A legacy-converted enhanced MR (functional groups, frames stored in reverse order)."""
+    import highdicom as hd
+
+    reference = read_image(shared_path("dicom", "hippocampus_crop_study1"))
+    datasets = [pydicom.dcmread(p) for p in reversed(reference.dicom_source)]
+    multiframe = hd.legacy.LegacyConvertedEnhancedMRImage(
+        datasets, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+        instance_number=1)
+    multiframe.save_as(tmp_path / "enhanced.dcm")
+    image = read_image(tmp_path / "enhanced.dcm")
+    assert image.meta["dicom_layout"] == "multi-frame"
+    np.testing.assert_array_equal(image.array, reference.array)
+    np.testing.assert_allclose(image.affine, reference.affine, atol=1e-6)
+    assert image.meta["dicom_frame_numbers"][0] == 32
+
+
+def _bone_centroid_world(values, to_world):
+    """World (mm) centroid of bone (> 300 HU) in one 2D slice indexed [i, j]."""
+    ij = np.argwhere(values > 300).astype(float)
+    return to_world(ij.mean(axis=0))
+
+
+def test_gantry_tilt_is_resampled_onto_a_correct_orthogonal_grid():
+    folder = shared_path("dicom", "dcm_qa_ct_gantry_tilt", "In", "GE")
+    image = read_image(folder)
+    assert image.meta["resampled"] and image.dicom_source is None
+    assert any("gantry tilt" in w and "variable slice gaps" in w for w in image.warnings)
+    direction = image.direction
+    np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-6)  # no shear
+    # Compare, slice by slice, the world position of the skull between each input slice (own
+    # header geometry) and the output slice at the same distance along the normal.
+    files = sorted(folder.iterdir(), key=lambda p: float(
+        pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    normal_ras = image.direction[:, 2]
+    checked = 0
+    for path in files[1:13]:  # the regularly spaced part: output slices coincide with inputs
+        ds = pydicom.dcmread(path)
+        lps = _lps_affine_from_header(path)
+        world = (np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+        distance = float((world[:3, 3] - image.affine[:3, 3]) @ normal_ras)
+        k = int(round(distance / image.spacing[2]))
+        assert abs(k * image.spacing[2] - distance) < 0.05
+        hu = ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        expected = _bone_centroid_world(hu, lambda ij: (world @ [*ij, 0, 1])[:3])
+        got = _bone_centroid_world(image.array[:, :, k],
+                                   lambda ij: (image.affine @ [*ij, k, 1])[:3])
+        assert np.linalg.norm(got - expected) < 1.0
+        checked += 1
+    assert checked == 12
+    # a naive stack (ignoring the shear) would be off by > 10 mm at the 12th slice
+    shear = (np.array(pydicom.dcmread(files[12], stop_before_pixels=True).ImagePositionPatient,
+                      dtype=float) - np.array(first.ImagePositionPatient, dtype=float))
+    assert np.linalg.norm(shear - (shear @ [0, 0.3173047, 0.9483237]) *
+                          np.array([0, 0.3173047, 0.9483237])) > 10
