@@ -11,12 +11,14 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 import medseg
 from service import api, dicomweb
+from service.auth import Principal, require
 from service.config import Settings
 from service.maintenance import Maintenance
 from service.metrics import Metrics
@@ -61,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(
         title="medseg service", version=medseg.__version__, lifespan=lifespan,
+        openapi_url=None, docs_url=None, redoc_url=None,  # the schema is served behind a key
         description="Segment medical images: upload a study (or push it over DICOMweb STOW-RS), "
                     "get a DICOM SEG, a NIfTI label map, a JSON volume report and a preview. "
                     "Every endpoint except /healthz and /readyz needs `Authorization: Bearer <key>`."
@@ -85,6 +88,11 @@ def create_app(settings: Settings) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_document(_: Principal = Depends(require("read"))) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     return app
 
 

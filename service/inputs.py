@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medseg.errors import (InputTooLargeError, MedsegError, MixedSeriesError, ModalityMismatchError,
+from medseg.errors import (InputTooLargeError, MedsegError, ModalityMismatchError,
                            NoImageDataError, UnreadableFileError, UnsafeArchiveError,
                            UnsupportedInputError)
 from medseg.package import ModelCard
@@ -157,21 +157,22 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
             os.replace(file.path, target)
         if kind == "zip":
             check_zip_limits(target, settings, name)
-        source_kind = "dicom" if kind == "zip" else "volume"
     else:
         if "zip" in kinds:
             raise UnsupportedInputError("send one ZIP archive, or DICOM files, not both")
         bad = [display_name(f.filename) for f, k in zip(files, kinds) if k != "dicom"]
         if len(bad) == len(files):
             raise UnreadableFileError(f"{bad[0]}: not a DICOM file")
-        target, name, source_kind = upload_dir, f"{len(files)} uploaded files", "dicom"
+        target, name = upload_dir, f"{len(files)} uploaded files"
 
     from medseg.io import find_series
+    from medseg.io.reader import choose_series
 
     series_list = find_series(target)
     if not series_list:
         raise NoImageDataError(f"{name}: no image series found")
-    series = _choose(series_list, options.series_uid, name)
+    series = choose_series(series_list, options.series_uid, name)
+    source_kind = "dicom" if series.format == "dicom" else "volume"
     if series.instance_count > settings.max_instances:
         raise InputTooLargeError(f"series {series.uid}: {series.instance_count} instances exceed "
                                  f"the limit of {settings.max_instances}")
@@ -187,7 +188,8 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
         "kind": source_kind,
         "path": str(Path("input") / target.relative_to(upload_dir)) if target != upload_dir
         else "input",
-        "series_uid": series.uid if series.format == "dicom" else None,
+        # a single volume file's "uid" is its path in the upload folder, which moves: not kept
+        "series_uid": series.uid if target.is_dir() or target.suffix == ".zip" else None,
         "study_uid": series.study_uid or None,
         "modality": series.modality or None,
         "instances": series.instance_count,
@@ -197,21 +199,6 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
         "formats": formats,
         "validate_s": time.perf_counter() - start,
     }
-
-
-def _choose(series_list: list, series_uid: str | None, name: str):
-    if series_uid:
-        for series in series_list:
-            if series.uid == series_uid:
-                return series
-        raise NoImageDataError(f"{name}: series {series_uid} not found (found: "
-                               f"{', '.join(s.uid for s in series_list[:10])})")
-    if len(series_list) > 1:
-        listed = "; ".join(f"{s.uid} ({s.modality or '?'}, {s.instance_count} instances)"
-                           for s in series_list[:10])
-        raise MixedSeriesError(f"{name}: {len(series_list)} series found; choose one with "
-                               f"form field 'series_uid': {listed}")
-    return series_list[0]
 
 
 __all__ = ["JobOptions", "parse_options", "prepare_input", "sniff", "check_zip_limits",

@@ -11,7 +11,8 @@ import logging
 import sys
 import time
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "color_message", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):

@@ -22,7 +22,7 @@ from service.metrics import Metrics
 from service.pipeline import PredictorCache, run_job
 from service.problems import problem_body, problem_of
 from service.queue import JobQueue
-from service.store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Store
+from service.store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, Store
 
 log = logging.getLogger("medseg.service.worker")
 CHECK_S = 0.5
