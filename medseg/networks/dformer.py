@@ -23,6 +23,9 @@ Computing and Applications 35, 2023 (online 2022); the only public code is kkk55
   (Linear C -> 32C, rearranged to ``patch_size`` voxels of C, LN) to full resolution and a 1x1x1
   conv without bias to the classes.
 
+Linear layers start as in Swin (truncated normal, std 0.02; zero bias); convolutions keep
+PyTorch's default initialisation.
+
 Reference configuration (``references["paper"]``): input 64 x 128 x 128, 1 channel, 9 classes:
 44,649,312 parameters (backbone 44,353,344 + final expansion and head), docs: 44.35M / 44.65M.
 
@@ -59,7 +62,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import MLPBlock, PatchEmbed, SABlock
-from monai.networks.layers import DropPath
+from monai.networks.layers import DropPath, trunc_normal_
 from monai.networks.nets.swin_unetr import PatchMergingV2
 from torch import nn
 
@@ -302,6 +305,7 @@ class DFormer(SegmentationNetwork):
         ds_levels = levels[-2::-1] if deep_supervision else []
         self.deep_supervision_expands = nn.ModuleList([PatchExpand(dims[s], dims[s], patch_size) for s in ds_levels])
         self.deep_supervision_heads = nn.ModuleList([nn.Conv3d(dims[s], out_channels, 1, bias=False) for s in ds_levels])
+        self.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
         x = self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (B, D, H, W, C)
@@ -326,6 +330,17 @@ class DFormer(SegmentationNetwork):
         maps = [f.permute(0, 4, 1, 2, 3) for f in [*decoder, full]]
         return NetworkOutput(logits=logits, decoder=maps, encoder=[f.permute(0, 4, 1, 2, 3) for f in encoder],
                              deep_supervision=deep_supervision)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Swin/Swin-Unet initialisation: truncated normal (std 0.02) linear weights, zero biases, unit LN."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 def _paper(**overrides) -> dict:

@@ -16,6 +16,7 @@ based). Built here on PyTorch/MONAI from the facts in ``docs/architectures.md`` 
   conv and nearest upsampling commute exactly, so the conv runs first, on the coarse grid.
 - Decoder level: concat(upsampled, skip) ``2 C_l`` -> residual block with 1x1x1 projection ->
   ``depth - 1`` plain blocks.
+- Weights start as nnU-Net's ``InitWeights_He(1e-2)`` (Kaiming normal, zero bias).
 - A 1x1x1 segmentation head (with bias) at each of the 5 decoder levels; the finest is the
   final output, the others are the native deep-supervision outputs. nnU-Net v1
   (``nnUNetTrainerV2``) weights them ``1 / 2**i`` (finest first), masks the coarsest to 0 and
@@ -95,6 +96,14 @@ class BasicResBlock(nn.Module):
         y = self.norm2(self.conv2(y))
         shortcut = self.projection(x) if self.projection is not None else x
         return self.act(y + shortcut)
+
+
+def _init_he(module: nn.Module) -> None:
+    """nnU-Net's ``InitWeights_He(1e-2)``: Kaiming-normal conv weights for LeakyReLU(0.01), zero bias."""
+    if isinstance(module, nn.Conv3d):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def _stage(in_channels: int, out_channels: int, depth: int, stride) -> nn.Sequential:
@@ -183,6 +192,7 @@ class STUNet(SegmentationNetwork):
             for l in levels])
         self.decoder = nn.ModuleList([_stage(2 * channels[l], channels[l], depths[l], 1) for l in levels])
         self.heads = nn.ModuleList([nn.Conv3d(channels[l], out_channels, 1) for l in levels])
+        self.apply(_init_he)
 
     def check_input(self, x: torch.Tensor) -> None:
         """:meth:`SegmentationNetwork.check_input`, and the bottleneck must keep more than one voxel
