@@ -49,7 +49,8 @@ def check_archive(archive: zipfile.ZipFile, name: str) -> list[zipfile.ZipInfo]:
             raise UnsafeArchiveError(f"{name}: entry {entry_name!r} points outside the archive "
                                      "folder")
         mode = entry.external_attr >> 16
-        if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+        kind = stat.S_IFMT(mode)
+        if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
             raise UnsafeArchiveError(f"{name}: entry {entry_name!r} is a link or special file")
         if entry.is_dir():
             continue

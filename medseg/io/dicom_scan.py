@@ -82,7 +82,9 @@ def read_header(path: str | Path) -> Dataset | None:
         raise UnreadableFileError(f"{path.name}: cannot open ({error.strerror})") from None
     has_marker = len(preamble) == 132 and preamble[128:132] == b"DICM"
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True, force=not has_marker)
+        with path.open("rb") as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=not has_marker)
+            stopped_at = handle.tell()
     except InvalidDicomError:
         if has_marker:
             raise UnreadableFileError(f"{path.name}: not a valid DICOM file") from None
@@ -92,6 +94,22 @@ def read_header(path: str | Path) -> Dataset | None:
             raise UnreadableFileError(f"{path.name}: corrupt or truncated DICOM header "
                                       f"({type(error).__name__})") from None
         return None
+    if not _looks_like_instance(ds):
+        if has_marker:
+            raise UnreadableFileError(f"{path.name}: incomplete DICOM header (truncated?)")
+        return None
+    # pydicom stops in front of the pixel data; reaching the end of the file instead means an
+    # image instance whose header (or pixel data element) was cut off.
+    if (is_image_instance(ds) or _declares_image(ds)) and stopped_at >= path.stat().st_size:
+        raise UnreadableFileError(f"{path.name}: truncated DICOM file (no pixel data)")
+    return ds
+
+
+def _declares_image(ds: Dataset) -> bool:
+    """The file meta declares an image SOP class (even if the dataset lost Rows/Columns)."""
+    sop = _sop_class(ds)
+    return bool(sop) and sop.startswith("1.2.840.10008.5.1.4.1.1.") and not any(
+        sop.startswith(prefix) for prefix in NON_IMAGE_SOP_CLASS_PREFIXES)
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -194,12 +212,14 @@ def scan_dicom_files(paths: Iterable[str | Path], *, source: str) -> list[Series
             instances = [i for i in instances if not is_localizer(i.ds)]
         if not instances:
             continue
-        majority = Counter(i.orientation for i in instances).most_common(1)[0][0]
-        others = [i for i in instances if i.orientation != majority]
+        oriented = [i.orientation for i in instances if i.orientation is not None]
+        majority = Counter(oriented).most_common(1)[0][0] if oriented else None
+        others = [i for i in instances
+                  if i.orientation is not None and i.orientation != majority]
         if others:
             notes.append(f"skipped {len(others)} image(s) whose orientation differs from the "
                          "series majority (localizer/scout?)")
-            instances = [i for i in instances if i.orientation == majority]
+            instances = [i for i in instances if i.orientation in (majority, None)]
         size = Counter(i.size for i in instances).most_common(1)[0][0]
         others = [i for i in instances if i.size != size]
         if others:
