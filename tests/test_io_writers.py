@@ -9,14 +9,14 @@ import numpy as np
 import pydicom
 import pytest
 
+from medseg.data_cards import load_data_card
 from medseg.errors import InputShapeError, UnsupportedInputError
 from medseg.io import read_image, read_seg, write_nifti, write_seg
-from medseg.labels import Code, Label
+from medseg.labels import Label
 from tests.conftest import shared_path
 
-HIPPOCAMPUS = Code(value="5300001", meaning="Hippocampus")
-LABELS = [Label(id=1, name="anterior", type=HIPPOCAMPUS, color=(255, 0, 0)),
-          Label(id=2, name="posterior", type=HIPPOCAMPUS, color=(0, 0, 255))]
+LABELS = load_data_card("hippocampus").labels
+HIPPOCAMPUS = LABELS[0].type
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_seg_round_trip_on_source_grid(hippocampus, tmp_path):
     assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
     assert len(ds.SegmentSequence) == 2
     first = ds.SegmentSequence[0]
-    assert first.SegmentLabel == "anterior"
-    assert first.SegmentedPropertyTypeCodeSequence[0].CodeValue == "5300001"
+    assert first.SegmentLabel == "anterior hippocampus"
+    assert first.SegmentedPropertyTypeCodeSequence[0].CodeValue == "5366008"
     assert first.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "123037004"
     assert first.SegmentAlgorithmName == "medseg"
     assert len(first.RecommendedDisplayCIELabValue) == 3
