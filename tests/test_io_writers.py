@@ -129,3 +129,30 @@ def test_seg_rejects_wrong_grid_unknown_labels_and_non_dicom_source(hippocampus,
         write_seg(nifti.with_array(labels), nifti, LABELS, tmp_path / "d.dcm")
     assert not any(p.suffix == ".dcm" or ".partial" in p.name for p in tmp_path.iterdir())
     assert os.listdir(tmp_path) == ["image.nii.gz"]
+
+
+SEG_EXAMPLES = ("dicom", "seg_examples", "data", "test_files")
+
+
+def test_read_seg_written_by_another_tool_on_its_source():
+    """highdicom's single-frame CT SEG: frame pixels land on the CT source grid."""
+    source = read_image(shared_path(*SEG_EXAMPLES, "ct_image.dcm"))
+    path = shared_path(*SEG_EXAMPLES, "seg_image_ct_binary_single_frame.dcm")
+    label_map = read_seg(path, source)
+    stored = pydicom.dcmread(path).pixel_array  # (rows, cols) of segment 1
+    np.testing.assert_array_equal(label_map.array[:, :, 0], stored.T.astype(np.uint8))
+    np.testing.assert_array_equal(label_map.affine, source.affine)
+    assert label_map.meta["segments"][0]["name"] == "first segment"
+
+
+def test_read_seg_fractional_is_thresholded_and_overlap_or_wrong_source_refused():
+    fractional = shared_path(*SEG_EXAMPLES, "seg_image_ct_true_fractional.dcm")
+    ds = pydicom.dcmread(fractional)
+    probabilities = ds.pixel_array / float(ds.MaximumFractionalValue)
+    label_map = read_seg(fractional)
+    assert int((label_map.array > 0).sum()) == int((probabilities >= 0.5).sum())
+    with pytest.raises(UnsupportedInputError, match="overlap"):
+        read_seg(shared_path(*SEG_EXAMPLES, "seg_image_ct_binary_overlap.dcm"))
+    ct = read_image(shared_path(*SEG_EXAMPLES, "ct_image.dcm"))
+    with pytest.raises(UnsupportedInputError, match="references series"):
+        read_seg(shared_path(*SEG_EXAMPLES, "seg_image_ct_binary.dcm"), ct)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pydicom
 
-from medseg.errors import InputShapeError, UnreadableFileError, UnsupportedInputError
+from medseg.errors import InputShapeError, MedsegError, UnreadableFileError, UnsupportedInputError
 from medseg.io.atomic import atomic_write
 from medseg.io.dicom_volume import LPS_TO_RAS
 from medseg.io.image import Image
@@ -252,6 +252,11 @@ def read_seg(path: str | Path, source: Image | None = None) -> Image:
                     for f in files]
             if not uids:
                 raise UnsupportedInputError("read_seg: the source image was not read from DICOM")
+            referenced = _referenced_series(seg)
+            if referenced and referenced != str(source.meta.get("series_uid", referenced)):
+                raise UnsupportedInputError(f"{path.name}: the SEG references series "
+                                            f"{referenced}, not the given source series "
+                                            f"{source.meta.get('series_uid')}")
             if len(set(uids)) == 1 and len(uids) > 1:
                 raise UnsupportedInputError("read_seg with a multi-frame source is not supported; "
                                             "read it without the source")
@@ -273,7 +278,9 @@ def read_seg(path: str | Path, source: Image | None = None) -> Image:
             permuted[:3, 3] = affine_lps[:3, 3]
             label_map = Image(array=np.ascontiguousarray(np.transpose(array, (2, 1, 0))),
                               affine=LPS_TO_RAS @ permuted, meta={})
-    except (ValueError, RuntimeError) as error:
+    except MedsegError:
+        raise
+    except Exception as error:  # highdicom raises ValueError/RuntimeError/sqlite errors
         text = str(error).lower()
         if "overlap" in text:
             raise UnsupportedInputError(f"{path.name}: segments overlap and cannot be combined "
