@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from medseg.errors import ConfigError, InputShapeError
+from medseg.errors import ConfigError, InputShapeError, PretrainedWeightsError
 from medseg.networks import count_parameters, create_network, network_entry
 from medseg.networks.dformer import DilatedTransformerBlock, group_layout, group_tokens, ungroup_tokens
 
@@ -142,3 +142,19 @@ def test_bad_config_raises_config_error():
         create_network("dformer", **reference("tiny", num_heads=(3, 2, 2, 4)))
     with pytest.raises(ConfigError, match="spatial_dims"):
         create_network("dformer", **reference("tiny", spatial_dims=2))
+
+
+def test_pretrained_round_trip_and_shape_mismatch(tmp_path):
+    torch.manual_seed(1)
+    source = create_network("dformer", **reference("tiny")).eval()
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(2)
+    target = create_network("dformer", pretrained=str(tmp_path / "model.pt"), **reference("tiny")).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    report = create_network("dformer", **reference("tiny", deep_supervision=False)).load_pretrained(tmp_path / "model.pt")
+    assert report["missing"] == [] and sorted(report["unexpected"]) == sorted(
+        k for k in source.state_dict() if k.startswith("deep_supervision_"))
+    with pytest.raises(PretrainedWeightsError, match="shape mismatch"):
+        create_network("dformer", **reference("tiny", out_channels=4)).load_pretrained(tmp_path / "model.pt")

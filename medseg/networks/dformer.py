@@ -57,7 +57,8 @@ the coarse slice axis first, ``(B, C, D, H, W)``. For medseg's ``(B, C, H, W, D)
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +67,7 @@ from monai.networks.layers import DropPath, trunc_normal_
 from monai.networks.nets.swin_unetr import PatchMergingV2
 from torch import nn
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, PretrainedWeightsError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
 from medseg.networks.registry import register_network
 
@@ -330,6 +331,28 @@ class DFormer(SegmentationNetwork):
         maps = [f.permute(0, 4, 1, 2, 3) for f in [*decoder, full]]
         return NetworkOutput(logits=logits, decoder=maps, encoder=[f.permute(0, 4, 1, 2, 3) for f in encoder],
                              deep_supervision=deep_supervision)
+
+    def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
+        """Load a medseg D-Former state dict (``torch.save(net.state_dict())``, a bundle's
+        ``models/model.pt``, or ``{'state_dict': ...}``) from a local file. No upstream D-Former
+        weights were published.
+
+        Returns:
+            ``{"missing": [...], "unexpected": [...]}`` from
+            :func:`~medseg.networks.pretrained.load_state_dict_report`.
+
+        Raises:
+            PretrainedWeightsError: unreadable file, no tensors, or a shape mismatch.
+        """
+        from medseg.networks.pretrained import load_state_dict_report
+        from medseg.networks.stunet import read_checkpoint
+
+        name = Path(path).name
+        state = read_checkpoint(path)
+        state = state.get("state_dict", state) if isinstance(state, Mapping) else None
+        if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+            raise PretrainedWeightsError(f"{name}: not a D-Former state dict (no tensors)")
+        return load_state_dict_report(self, {k.removeprefix("module."): v for k, v in state.items()}, source=name)
 
 
 def _init_weights(module: nn.Module) -> None:

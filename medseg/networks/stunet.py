@@ -245,7 +245,7 @@ class STUNet(SegmentationNetwork):
         from medseg.networks.pretrained import load_state_dict_report
 
         name = Path(path).name
-        checkpoint = _load_checkpoint(path)
+        checkpoint = read_checkpoint(path)
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
         if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
             raise PretrainedWeightsError(f"{name}: not an STU-Net checkpoint (no 'state_dict' of tensors)")
@@ -307,9 +307,15 @@ def medseg_to_upstream_key(key: str) -> str:
     return key
 
 
-def _load_checkpoint(path: str | Path):
-    """``torch.load`` with ``weights_only``; nnU-Net v1 checkpoints also pickle numpy scalars in
-    their training curves, which are allow-listed (no arbitrary code is run)."""
+def read_checkpoint(path: str | Path):
+    """Read a local ``torch.save`` file with ``weights_only=True`` (no arbitrary code is run).
+
+    nnU-Net v1 checkpoints also pickle numpy scalars in their training curves; those types are
+    allow-listed.
+
+    Raises:
+        PretrainedWeightsError: the file is missing or not a readable torch checkpoint.
+    """
     name = Path(path).name
     if not Path(path).is_file():
         raise PretrainedWeightsError(f"{name}: pretrained weight file not found")
