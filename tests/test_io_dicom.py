@@ -164,6 +164,14 @@ def test_enhanced_multiframe_reads_like_the_single_frame_series(tmp_path):
     np.testing.assert_array_equal(image.array, reference.array)
     np.testing.assert_allclose(image.affine, reference.affine, atol=1e-6)
     assert image.meta["dicom_frame_numbers"][0] == 32
+    # a DICOM SEG on the multi-frame source references its frames and reads back the same
+    from medseg.data_cards import load_data_card
+    from medseg.io import read_seg, write_seg
+
+    labels = (image.array > np.percentile(image.array, 90)).astype(np.uint8)
+    seg_path = write_seg(image.with_array(labels), image, load_data_card("hippocampus").labels[:1],
+                         tmp_path / "seg.dcm")
+    np.testing.assert_array_equal(read_seg(seg_path, image).array, labels)
 
 
 def _bone_centroid_world(values, to_world):

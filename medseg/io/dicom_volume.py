@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import MissingGeometryError, UnsupportedInputError
+from medseg.errors import MissingGeometryError, UnreadableFileError, UnsupportedInputError
 from medseg.io.dicom_frames import Frame, decode_pixels, frame_pixels, frames_of, read_instance
 from medseg.io.image import Image
 
@@ -108,10 +108,10 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
             first_ds = ds
         instance_frames = frames_of(ds, path)
         pixels = decode_pixels(ds, path)
-        expected = int(ds.get("NumberOfFrames") or 1) if instance_frames[0].frame_number else 1
-        if instance_frames[0].frame_number and pixels.ndim == 2 and expected != 1:
-            raise MissingGeometryError(f"{Path(path).name}: NumberOfFrames does not match the "
-                                       "pixel data")
+        frame_count = pixels.shape[0] if pixels.ndim == 3 else 1
+        if instance_frames[0].frame_number and len(instance_frames) != frame_count:
+            raise UnreadableFileError(f"{Path(path).name}: NumberOfFrames does not match the "
+                                      "pixel data")
         for frame in instance_frames:
             frames.append(frame)
             planes.append(frame_pixels(pixels, frame))
@@ -153,7 +153,7 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
                     "in-plane positions")
 
     # Within a position: time order, then drop exact duplicates.
-    duplicates: list[str] = []
+    duplicates: list[str] = []  # file of each dropped frame
     for cluster in clusters:
         cluster.sort(key=lambda i: frames[i].temporal_key)
         seen: set[bytes] = set()
@@ -170,7 +170,7 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
         names = sorted(set(duplicates))
         shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         notes.append(f"skipped {len(duplicates)} duplicate slice(s) (same position and pixel "
-                     f"data) from {shown}")
+                     f"data) in {len(names)} file(s): {shown}")
     counts = {len(cluster) for cluster in clusters}
     if len(counts) != 1:
         raise UnsupportedInputError(

@@ -257,10 +257,11 @@ def read_seg(path: str | Path, source: Image | None = None) -> Image:
                 raise UnsupportedInputError(f"{path.name}: the SEG references series "
                                             f"{referenced}, not the given source series "
                                             f"{source.meta.get('series_uid')}")
-            if len(set(uids)) == 1 and len(uids) > 1:
-                raise UnsupportedInputError("read_seg with a multi-frame source is not supported; "
-                                            "read it without the source")
-            frames = _pixels_by_source(seg, uids)
+            frame_numbers = source.meta.get("dicom_frame_numbers")
+            if len(set(uids)) == 1 and frame_numbers:
+                frames = _pixels_by_source(seg, uids[:1], frame_numbers)
+            else:
+                frames = _pixels_by_source(seg, uids)
             array = lut[frames].astype(dtype)  # (K, rows, cols)
             label_map = source.with_array(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
             label_map.meta = {**label_map.meta}
@@ -300,12 +301,22 @@ def _binary(seg) -> bool:
     return str(seg.SegmentationType) == "BINARY"
 
 
-def _pixels_by_source(seg, uids: Sequence[str]) -> np.ndarray:
+def _pixels_by_source(seg, uids: Sequence[str],
+                      frame_numbers: Sequence[int] | None = None) -> np.ndarray:
+    """``(K, rows, cols)`` segment numbers for the source instances (or frames of one
+    multi-frame instance), in the given order."""
+    if frame_numbers is not None:
+        def get(**kwargs):
+            return seg.get_pixels_by_source_frame(uids[0], source_frame_numbers=list(frame_numbers),
+                                                  assert_missing_frames_are_empty=True, **kwargs)
+    else:
+        def get(**kwargs):
+            return seg.get_pixels_by_source_instance(list(uids),
+                                                     assert_missing_frames_are_empty=True,
+                                                     **kwargs)
     if _binary(seg):
-        return seg.get_pixels_by_source_instance(uids, combine_segments=True,
-                                                 assert_missing_frames_are_empty=True)
-    stack = seg.get_pixels_by_source_instance(uids, assert_missing_frames_are_empty=True)
-    return _combine_fractional(stack)
+        return get(combine_segments=True)
+    return _combine_fractional(get())
 
 
 def _volume(seg):
