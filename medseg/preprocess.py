@@ -5,6 +5,8 @@ added by the inference engine's owners in this module too (one implementation ea
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -34,3 +36,104 @@ def normalize_intensity(x: ArrayLike, normalization: Normalization) -> ArrayLike
             raise ValueError("ct normalization needs clip, mean and std")
         t = (t.clamp(n.clip[0], n.clip[1]) - n.mean) / max(n.std, 1e-8)
     return t if is_tensor else t.numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Orientation and resampling between an input grid and a model grid
+# --------------------------------------------------------------------------------------------
+
+#: MONAI axis-code labels for RAS+ world coordinates (NIfTI / nibabel convention)
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+#: relative spacing difference below which no resampling is done (the grids are the same)
+SPACING_RTOL = 1e-3
+
+
+class ModelGrid:
+    """The geometry between an input grid and a model grid, and the resampling both ways.
+
+    Forward (:meth:`to_model`), as training's preprocessing does it (``Orientationd`` to
+    ``orientation`` with RAS+ labels, then ``Spacingd`` to ``spacing``, bilinear, border
+    padding): an exact axis permutation/flip by MONAI's ``Orientation``, then MONAI's ``Spacing``
+    (skipped when the spacing already matches within :data:`SPACING_RTOL`, so such inputs are
+    not interpolated at all). Direction cosines are kept (no rotation to the world axes).
+
+    Inverse (:meth:`to_oriented` then :meth:`to_input`): MONAI's ``SpatialResample`` from the model
+    grid back onto the oriented input grid (the affines define the mapping; border padding), then
+    the exact inverse permutation/flip. Resample *probabilities* with it, then take the argmax;
+    since the orientation step is a permutation, the argmax may also be taken before it.
+
+    Attributes:
+        input_shape, input_affine: the input grid ``(I, J, K)`` and its voxel -> RAS+ mm affine.
+        oriented_shape, oriented_affine: after the orientation step.
+        model_shape, model_affine: the model grid.
+        resampled: whether the spacing step interpolates.
+    """
+
+    def __init__(self, input_shape: Sequence[int], input_affine: np.ndarray,
+                 spacing: Sequence[float], orientation: str = "RAS"):
+        import nibabel as nib
+
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_affine = np.asarray(input_affine, dtype=np.float64)
+        self.spacing = tuple(float(s) for s in spacing)
+        self.orientation = orientation
+        self.input_axcodes = "".join(nib.aff2axcodes(self.input_affine))
+        start = nib.orientations.io_orientation(self.input_affine)
+        self._ornt = nib.orientations.ornt_transform(start, nib.orientations.axcodes2ornt(orientation))
+        self.oriented_shape = tuple(int(self.input_shape[int(a)]) for a in np.argsort(self._ornt[:, 0]))
+        self.oriented_affine = self.input_affine @ nib.orientations.inv_ornt_aff(self._ornt, self.input_shape)
+        current = np.linalg.norm(self.oriented_affine[:3, :3], axis=0)
+        self.resampled = not np.allclose(current, self.spacing, rtol=SPACING_RTOL, atol=0)
+        # the model grid is what MONAI's Spacing makes of the oriented grid; computed lazily
+        self.model_shape: tuple[int, ...] = self.oriented_shape
+        self.model_affine: np.ndarray = self.oriented_affine
+
+    def to_model(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``(C, I, J, K)`` on the input grid -> float32 ``(C, *model_shape)`` on the model grid;
+        sets :attr:`model_shape` / :attr:`model_affine`."""
+        from monai.data import MetaTensor
+        from monai.transforms import Orientation, Spacing
+
+        tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
+        if tuple(tensor.shape[1:]) != self.input_shape:
+            raise ValueError(f"array shape {tuple(tensor.shape)} is not (C, {self.input_shape})")
+        image = MetaTensor(tensor.float(), affine=torch.as_tensor(self.input_affine))
+        image = Orientation(axcodes=self.orientation, labels=RAS_LABELS)(image)
+        if self.resampled:
+            image = Spacing(pixdim=self.spacing, mode="bilinear")(image)
+        self.model_shape = tuple(int(s) for s in image.shape[1:])
+        self.model_affine = image.affine.numpy().astype(np.float64)
+        return image.as_tensor().float().contiguous()
+
+    def to_oriented(self, array: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """``(C, *model_shape)`` -> float32 ``(C, *oriented_shape)``: the spacing step inverted
+        (identity when :attr:`resampled` is false)."""
+        if not self.resampled:
+            return array
+        from monai.data import MetaTensor
+        from monai.transforms import SpatialResample
+
+        image = MetaTensor(array, affine=torch.as_tensor(self.model_affine))
+        out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
+            image, dst_affine=torch.as_tensor(self.oriented_affine), spatial_size=self.oriented_shape)
+        return out.as_tensor()
+
+    def to_input(self, array: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """``(..., *oriented_shape)`` -> ``(..., *input_shape)``: the exact inverse axis
+        permutation/flip of the orientation step (any leading axes are kept)."""
+        lead = array.ndim - 3
+        ornt = self._ornt
+        # oriented axis ornt[i, 0] holds input axis i, flipped when ornt[i, 1] == -1
+        order = [int(ornt[i, 0]) for i in range(3)]
+        flips = [lead + order[i] for i in range(3) if ornt[i, 1] == -1]
+        if isinstance(array, torch.Tensor):
+            out = torch.flip(array, flips) if flips else array
+            return out.permute(*range(lead), *[lead + o for o in order])
+        out = np.flip(array, flips) if flips else array
+        return np.transpose(out, (*range(lead), *[lead + o for o in order]))
+
+
+def grid_for(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float],
+             orientation: str = "RAS") -> ModelGrid:
+    """The :class:`ModelGrid` from an ``(I, J, K)`` grid to ``spacing`` (mm) in ``orientation``."""
+    return ModelGrid(shape, affine, spacing, orientation)
