@@ -213,3 +213,17 @@ def test_gantry_tilt_is_resampled_onto_a_correct_orthogonal_grid():
                       dtype=float) - np.array(first.ImagePositionPatient, dtype=float))
     assert np.linalg.norm(shear - (shear @ [0, 0.3173047, 0.9483237]) *
                           np.array([0, 0.3173047, 0.9483237])) > 10
+
+
+def test_raw_datasets_without_part10_header_are_read(tmp_path):
+    """Old exports write bare datasets (no preamble, no DICM, no file meta)."""
+    source = shared_path("dicom", "hippocampus_crop_study1")
+    for path in sorted(source.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.preamble = None
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        pydicom.dcmwrite(tmp_path / path.stem, ds, enforce_file_format=False,
+                         implicit_vr=False, little_endian=True)
+    assert (tmp_path / "1").read_bytes()[128:132] != b"DICM"
+    image = read_image(tmp_path)
+    np.testing.assert_array_equal(image.array, read_image(source).array)

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pydicom.errors
+import pydicom.uid
 from pydicom.dataset import Dataset
 
 from medseg.errors import MissingGeometryError, UnreadableFileError, UnsupportedInputError
@@ -301,7 +303,17 @@ def read_instance(path: str | Path) -> Dataset:
         UnreadableFileError: the file is not DICOM, or is corrupt or truncated.
     """
     try:
-        return pydicom.dcmread(str(path))
+        try:
+            return pydicom.dcmread(str(path))
+        except pydicom.errors.InvalidDicomError:
+            # a raw dataset without the Part 10 header (accepted by the scan): pydicom infers
+            # the encoding; record it as the transfer syntax so the pixel data decodes
+            ds = pydicom.dcmread(str(path), force=True)
+            if "TransferSyntaxUID" not in ds.file_meta:
+                ds.file_meta.TransferSyntaxUID = (
+                    pydicom.uid.ImplicitVRLittleEndian if ds.original_encoding[0]
+                    else pydicom.uid.ExplicitVRLittleEndian)
+            return ds
     except Exception as error:  # pydicom raises many types for corrupt input
         raise UnreadableFileError(f"{Path(path).name}: cannot read DICOM "
                                   f"({type(error).__name__})") from None

@@ -55,6 +55,11 @@ NON_IMAGE_MODALITIES = {"SR", "PR", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "KO
                         "FID", "ANN", "RWV", "AU", "ECG", "HD", "PLAN"}
 
 
+#: First two bytes of a DICOM dataset without the Part 10 preamble: group 0002 or 0008, little
+#: or big endian.
+_RAW_DATASET_STARTS = {b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"}
+
+
 @dataclass
 class _Instance:
     path: str
@@ -81,6 +86,8 @@ def read_header(path: str | Path) -> Dataset | None:
     except OSError as error:
         raise UnreadableFileError(f"{path.name}: cannot open ({error.strerror})") from None
     has_marker = len(preamble) == 132 and preamble[128:132] == b"DICM"
+    if not has_marker and preamble[:2] not in _RAW_DATASET_STARTS:
+        return None  # neither Part 10 nor a raw dataset starting with group 0002/0008
     try:
         with path.open("rb") as handle:
             ds = pydicom.dcmread(handle, stop_before_pixels=True, force=not has_marker)
