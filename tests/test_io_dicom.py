@@ -227,3 +227,22 @@ def test_raw_datasets_without_part10_header_are_read(tmp_path):
     assert (tmp_path / "1").read_bytes()[128:132] != b"DICM"
     image = read_image(tmp_path)
     np.testing.assert_array_equal(image.array, read_image(source).array)
+
+
+def test_missing_slice_is_detected_and_interpolated_on_a_regular_grid(tmp_path):
+    source = shared_path("dicom", "hippocampus_crop_study1")
+    reference = read_image(source)
+    missing = reference.dicom_source[10]  # k = 10
+    folder = tmp_path / "gap"
+    folder.mkdir()
+    for path in source.iterdir():
+        if str(path) != missing:
+            (folder / path.name).write_bytes(path.read_bytes())
+    image = read_image(folder)
+    assert any("variable slice gaps 1.00..2.00 mm" in w for w in image.warnings)
+    assert image.shape == reference.shape and image.meta["resampled"]
+    np.testing.assert_allclose(image.affine, reference.affine, atol=1e-6)
+    kept = [k for k in range(32) if k != 10]
+    np.testing.assert_array_equal(image.array[:, :, kept], reference.array[:, :, kept])
+    halfway = (reference.array[:, :, 9].astype(float) + reference.array[:, :, 11]) / 2
+    assert np.abs(image.array[:, :, 10] - halfway).max() <= 0.5
