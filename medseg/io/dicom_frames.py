@@ -126,15 +126,18 @@ def _csa_image_header(ds: Dataset) -> dict | None:
 def mosaic_layout(ds: Dataset, name: str) -> tuple[int, np.ndarray | None]:
     """``(number of images, CSA slice normal or None)`` of a Siemens mosaic.
 
-    NumberOfImagesInMosaic is read from the public-ish private tag (0019,100A) of the
-    ``SIEMENS MR HEADER`` block, else from the CSA image header.
+    NumberOfImagesInMosaic is read from the ``SIEMENS MR HEADER`` private block (usually
+    (0019,100A)), else from the CSA image header (read with nibabel's ``csareader``).
 
     Raises:
         UnsupportedInputError: neither source gives the tile count.
     """
     csa = _csa_image_header(ds)
     count = None
-    tag = ds.get((0x0019, 0x100A))
+    try:  # the element's offset follows the "SIEMENS MR HEADER" private creator
+        tag = ds.private_block(0x0019, "SIEMENS MR HEADER")[0x0A]
+    except (KeyError, ValueError):
+        tag = ds.get((0x0019, 0x100A))
     if tag is not None and tag.value not in (None, b"", ""):
         try:
             count = int(tag.value if not isinstance(tag.value, bytes)
