@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medseg.errors import MedsegError
+from medseg.io.volume_files import describe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,14 +34,8 @@ def series_summary(info) -> dict[str, Any]:
     except MedsegError as error:
         entry.update({"error": str(error), "error_code": error.code})
         return entry
-    entry.update({
-        "shape": list(image.array.shape),
-        "spacing": [round(v, 6) for v in image.spacing],
-        "orientation": image.orientation,
-        "affine": np.round(image.affine, 6).tolist(),
-        "dtype": str(image.array.dtype),
-        "warnings": list(image.warnings),
-    })
+    entry.update(describe(image))
+    entry["warnings"] = list(image.warnings)
     return entry
 
 
