@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import REPO, shared_path
 from medseg.cli import main
 from medseg.metrics import label_map_metrics
 
@@ -66,3 +66,17 @@ def test_hd95_in_mm_uses_spacing():
     millimetres = label_map_metrics(shifted, label, 2, spacing=(1.5, 1.0, 1.0))[1]["hd95"]
     assert voxels == pytest.approx(2.0)
     assert millimetres == pytest.approx(3.0)
+
+
+def test_bundled_sample_matches_its_source_case():
+    """The shipped DICOM sample holds exactly MSD hippocampus_001, on the same grid."""
+    from medseg.data_cards import load_data_card
+    from medseg.io import read_image
+
+    source = nib.load(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz"))
+    sample = read_image(REPO / "medseg" / "samples" / "hippocampus_mr")
+    assert sample.meta["modality"] == "MR"
+    np.testing.assert_allclose(sample.affine, source.affine, atol=1e-6)
+    np.testing.assert_array_equal(sample.array, np.asarray(source.dataobj))
+    card = load_data_card("sample_hippocampus_mr")
+    assert card.licence == "CC-BY-SA-4.0" and [label.id for label in card.labels] == [1, 2]
