@@ -16,7 +16,7 @@ from tests.test_service_support import (Server, assert_problem, build_tiny_model
                                         dicom_files, wait_for, zip_bytes)
 
 MAX_UPLOAD = 24 * 1024**2
-MAX_INSTANCES = 64
+MAX_INSTANCES = 100
 
 
 @pytest.fixture(scope="module")
