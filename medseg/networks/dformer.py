@@ -345,7 +345,7 @@ class DFormer(SegmentationNetwork):
             PretrainedWeightsError: unreadable file, no tensors, or a shape mismatch.
         """
         from medseg.networks.pretrained import load_state_dict_report
-        from medseg.networks.stunet import read_checkpoint
+        from medseg.networks.pretrained import read_checkpoint
 
         name = Path(path).name
         state = read_checkpoint(path)

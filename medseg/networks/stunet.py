@@ -33,7 +33,6 @@ Pretrained weights (:meth:`STUNet.load_pretrained`) are read from a local nnU-Ne
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -45,6 +44,7 @@ from torch import nn
 
 from medseg.errors import ConfigError, InputShapeError, PretrainedWeightsError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
+from medseg.networks.pretrained import load_state_dict_report, read_checkpoint
 from medseg.networks.registry import register_network
 
 #: Depth per stage and channels per stage (finest first) of the four published sizes.
@@ -242,7 +242,6 @@ class STUNet(SegmentationNetwork):
             PretrainedWeightsError: the file cannot be read as a checkpoint, holds no tensors, or a
                 tensor's shape differs from the network's.
         """
-        from medseg.networks.pretrained import load_state_dict_report
 
         name = Path(path).name
         checkpoint = read_checkpoint(path)
@@ -305,31 +304,6 @@ def medseg_to_upstream_key(key: str) -> str:
     ]:
         key = re.sub(pattern, replacement, key)
     return key
-
-
-def read_checkpoint(path: str | Path):
-    """Read a local ``torch.save`` file with ``weights_only=True`` (no arbitrary code is run).
-
-    nnU-Net v1 checkpoints also pickle numpy scalars in their training curves; those types are
-    allow-listed.
-
-    Raises:
-        PretrainedWeightsError: the file is missing or not a readable torch checkpoint.
-    """
-    name = Path(path).name
-    if not Path(path).is_file():
-        raise PretrainedWeightsError(f"{name}: pretrained weight file not found")
-    numpy_globals = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)), type(np.dtype(np.int64))]
-    try:
-        numpy_globals.append(np._core.multiarray.scalar)  # numpy >= 2
-    except AttributeError:  # pragma: no cover - numpy 1.x
-        numpy_globals.append(np.core.multiarray.scalar)
-    try:
-        with torch.serialization.safe_globals(numpy_globals):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PretrainedWeightsError(f"{name}: cannot read as a torch checkpoint ({first})") from None
 
 
 def _reference(size: str, out_channels: int = 105) -> dict:
