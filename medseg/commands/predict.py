@@ -1,0 +1,195 @@
+"""``medseg predict INPUT... --model NAME_OR_PATH --output DIR``: segment every fitting series.
+
+Inputs are image files (NIfTI, NRRD, MetaImage, DICOM), folders of scanner exports (searched
+recursively; DICOM grouped by SeriesInstanceUID) or ZIP archives. Each series found is checked
+against the model (:mod:`medseg.inference.matching`: modality, channels, training field of view);
+non-fitting series are skipped with the reason. The model is loaded once; the next series is
+read in a background thread while the current one is segmented. Per series the outputs of
+:func:`medseg.outputs.write_outputs` are written (NIfTI label map, DICOM SEG for DICOM input, JSON
+report, preview PNG). A failing series is reported and the batch goes on.
+
+Exit code: 0 when every fitting series was segmented (or already was, with ``--skip-existing``);
+1 when any series or input failed, or when no series fitted the model; 2 for bad arguments or an
+unknown model (handled by :mod:`medseg.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medseg.errors import ConfigError, MedsegError
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict", help="segment images, scanner exports and archives with a model package",
+        description="Segment every series of the inputs that fits the model; write a NIfTI label "
+                    "map, a DICOM SEG (DICOM input), a JSON report and a preview PNG per series.")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image file, folder of scanner exports (recursive) or ZIP archive")
+    parser.add_argument("--model", "-m", required=True, help="model package name or path")
+    parser.add_argument("--output", "-o", required=True, help="output folder")
+    parser.add_argument("--formats", default="nifti,seg,json,png",
+                        help="comma-separated outputs among nifti,seg,json,png (default: all; seg "
+                             "only for DICOM input)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="sliding-window overlap in [0, 1) (default: the model card's)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="skip series whose report is already in the output folder (resume)")
+    parser.add_argument("--runtime", default="auto", help="auto, eager, channels_last or compile")
+    parser.add_argument("--sw-batch-size", type=int, default=None,
+                        help="windows per network call (default: automatic)")
+    parser.set_defaults(func=run)
+
+
+@dataclass
+class _Outcome:
+    name: str
+    status: str  # "done", "skipped", "exists", "failed"
+    reason: str = ""
+    outputs: dict = field(default_factory=dict)
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    from medseg.outputs import FORMATS
+
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"--formats: unknown {', '.join(unknown) or 'empty list'} "
+                          f"(choose from {', '.join(FORMATS)})")
+    return formats
+
+
+def _device(text: str) -> str:
+    import torch
+
+    if text == "cpu":
+        return text
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: no CUDA device is available")
+        index = int(text[5:]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+        return text
+    raise ConfigError(f"--device {text}: use cpu, cuda or cuda:N")
+
+
+def _label(info) -> str:
+    """How a series is named on the console: description and UID (no patient data)."""
+    description = info.description or "series"
+    return f"{description} ({info.uid})" if info.format == "dicom" else description
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from medseg.inference import Predictor
+    from medseg.inference.matching import image_mismatch, modality_mismatch
+    from medseg.io import find_series
+    from medseg.outputs import output_paths, stem_for, write_outputs
+    from medseg.package import resolve_model
+
+    formats = _formats(args.formats)
+    device = _device(args.device)
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise ConfigError(f"--overlap {args.overlap}: must be in [0, 1)")
+    package = resolve_model(args.model)
+    card = package.card
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    outcomes: list[_Outcome] = []
+    candidates = []
+    for path in args.inputs:
+        try:
+            found = find_series(path)
+        except MedsegError as error:
+            outcomes.append(_Outcome(Path(path).name, "failed", str(error)))
+            continue
+        for info in found:
+            reason = modality_mismatch(info.modality, card)
+            if reason:
+                outcomes.append(_Outcome(_label(info), "skipped", reason))
+            else:
+                candidates.append(info)
+
+    todo = []
+    used: set[str] = set()
+    for info in candidates:
+        meta = {"series_uid": info.uid, "series_number": info.series_number,
+                "series_description": info.description, "source": info.source}
+        stem = stem_for(meta, dicom=info.format == "dicom")
+        while stem in used:  # two volume files of the same name in different folders
+            stem += "_"
+        used.add(stem)
+        if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
+            outcomes.append(_Outcome(_label(info), "exists", stem))
+            continue
+        todo.append((info, stem))
+
+    predictor = Predictor(package, device=device, tta=args.tta, overlap=args.overlap,
+                          sw_batch_size=args.sw_batch_size, runtime=args.runtime) if todo else None
+    voxels, compute = 0, 0.0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as reader, \
+            tqdm(total=len(todo), unit="series", file=sys.stderr, disable=None) as bar:
+        pending: Future | None = reader.submit(todo[0][0].read) if todo else None
+        for index, (info, stem) in enumerate(todo):
+            current, pending = pending, (reader.submit(todo[index + 1][0].read)
+                                         if index + 1 < len(todo) else None)
+            name = _label(info)
+            try:
+                image = current.result()
+                reason = image_mismatch(image, card)
+                if reason:
+                    outcomes.append(_Outcome(name, "skipped", reason))
+                    continue
+                started = time.perf_counter()
+                prediction = predictor.predict(image)
+                paths = write_outputs(prediction, image, card, out_dir, formats, stem=stem)
+                compute += time.perf_counter() - started
+                voxels += int(image.array.size)
+                outcomes.append(_Outcome(name, "done", outputs={k: str(v) for k, v in paths.items()}))
+            except MedsegError as error:
+                outcomes.append(_Outcome(name, "failed", str(error)))
+            except Exception as error:  # one bad series never stops the batch
+                log.debug("series %s failed", info.uid, exc_info=True)
+                outcomes.append(_Outcome(name, "failed", f"{type(error).__name__}: {error}"))
+            finally:
+                del current
+                bar.update(1)
+                if compute:
+                    bar.set_postfix_str(f"{voxels / compute / 1e6:.2f} Mvoxel/s")
+
+    return _report(outcomes, out_dir)
+
+
+def _report(outcomes: list[_Outcome], out_dir: Path) -> int:
+    """Print one line per series and return the exit code."""
+    for outcome in outcomes:
+        if outcome.status == "done":
+            print(f"done     {outcome.name} -> {', '.join(Path(p).name for p in outcome.outputs.values())}")
+        elif outcome.status == "exists":
+            print(f"exists   {outcome.name} ({outcome.reason}.json in {out_dir})")
+        else:
+            print(f"{outcome.status:<8} {outcome.name}: {outcome.reason}")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "exists", "skipped", "failed")}
+    print(f"{counts['done']} segmented, {counts['exists']} already done, {counts['skipped']} skipped, "
+          f"{counts['failed']} failed; outputs in {out_dir}")
+    if counts["failed"]:
+        return 1
+    if counts["done"] + counts["exists"] == 0:
+        print("no series fits the model", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,288 @@
+"""The Predictor: a model package applied to an image, label map back on the image's own grid.
+
+Steps (one implementation each, shared with training where training has them):
+
+1. the image ``(I, J, K[, C])`` to the model grid: :class:`medseg.preprocess.ModelGrid` (MONAI
+   ``Orientation`` to the card's orientation, MONAI ``Spacing`` to the card's spacing, bilinear);
+2. intensity normalisation: :func:`medseg.preprocess.normalize_intensity` per channel with the
+   card's scheme;
+3. logits by :func:`medseg.inference.engine.sliding_window_inference` (Gaussian blending, the
+   card's patch size and overlap), with mirroring test-time augmentation and several folds
+   averaged per window (:class:`~medseg.inference.engine.MirrorEnsemble`), the network run by a
+   :class:`~medseg.inference.runtime.NetworkRuntime`;
+4. softmax in place, then the probabilities resampled back onto the input grid (MONAI
+   ``SpatialResample``, bilinear) a few channels at a time while a running maximum keeps the
+   argmax — so host memory holds one ``K x model voxels`` buffer, never a second one on the
+   input grid;
+5. post-processing (:func:`medseg.inference.postprocess.clean_label_map`) and per-label
+   statistics (:func:`medseg.inference.statistics.label_statistics`).
+
+The label map's affine is the input affine (a copy, bit for bit), its shape the input shape.
+Channel ``c`` of the network is label ``labels[c - 1]`` of the card sorted by id (channel 0 is
+background).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.errors import InputShapeError, ModalityMismatchError
+from medseg.inference.engine import MirrorEnsemble, grid_windows, sliding_window_inference
+from medseg.inference.matching import modality_mismatch
+from medseg.inference.postprocess import clean_label_map
+from medseg.inference.runtime import NetworkRuntime, auto_sw_batch_size
+from medseg.inference.statistics import label_statistics
+from medseg.io.image import Image
+from medseg.package import ModelPackage, resolve_model
+from medseg.preprocess import ModelGrid, normalize_intensity
+
+log = logging.getLogger(__name__)
+
+#: probability channels resampled per step of the inverse resampling
+CHANNEL_CHUNK = 8
+
+
+@dataclass
+class Prediction:
+    """What :meth:`Predictor.predict` returns.
+
+    Attributes:
+        label_map: integer label map on the input image's grid (same shape, same affine).
+        statistics: per label of the card: ``id``, ``name``, ``voxels``, ``volume_ml``,
+            ``mean_intensity`` (input units, e.g. HU).
+        timings: seconds per step (``preprocess``, ``inference``, ``resample``, ``postprocess``,
+            ``statistics``, ``total``).
+        probabilities: ``(K, I, J, K)`` float32 on the input grid when asked for, else ``None``.
+        settings: what was run (runtime, device, window batch size, overlap, TTA passes, windows).
+    """
+
+    label_map: Image
+    statistics: list[dict]
+    timings: dict[str, float]
+    probabilities: np.ndarray | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Predictor:
+    """A model package ready to segment images.
+
+    Args:
+        package: a :class:`~medseg.package.ModelPackage`, or a name/path for
+            :func:`~medseg.package.resolve_model`.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        tta: mirroring test-time augmentation over ``mirror_axes`` (2**n passes per window).
+        overlap: window overlap in ``[0, 1)`` (default: the card's).
+        sw_batch_size: windows per network call (default: automatic, see
+            :func:`~medseg.inference.runtime.auto_sw_batch_size`).
+        runtime: see :mod:`medseg.inference.runtime` (default ``"auto"``).
+        mirror_axes: spatial axes mirrored for TTA (default: all).
+        folds: further packages (names or paths) of the same card whose networks are averaged
+            with this one (cross-validation folds).
+        accumulator_dtype: dtype of the stitched logits (``torch.float16`` halves host memory).
+        half_precision: float16 autocast on CUDA (default: on for CUDA).
+        threads: CPU threads for PyTorch (default: leave PyTorch's setting).
+
+    Raises:
+        ModelNotFoundError, UnreadableFileError: the package cannot be resolved or read.
+        ValueError: a fold's card does not match (labels, classes, spacing, patch size).
+    """
+
+    def __init__(self, package: ModelPackage | str | os.PathLike, device: str | torch.device = "cpu",
+                 tta: bool = False, overlap: float | None = None, sw_batch_size: int | None = None,
+                 runtime: str = "auto", mirror_axes: Sequence[int] | None = None,
+                 folds: Sequence[ModelPackage | str | os.PathLike] = (),
+                 accumulator_dtype: torch.dtype | None = None, half_precision: bool | None = None,
+                 threads: int | None = None):
+        self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
+        self.card = self.package.card
+        self.device = torch.device(device)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.spatial_dims = len(self.card.patch_size)
+        self.overlap = float(self.card.overlap if overlap is None else overlap)
+        if not 0 <= self.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        self.in_channels = int(self.card.network.config.get("in_channels", 1))
+        self.labels = sorted(self.card.labels, key=lambda label: label.id)
+        if self.card.num_classes != len(self.labels) + 1:
+            raise ValueError(f"model {self.card.name}: {self.card.num_classes} output channels but "
+                             f"{len(self.labels)} labels")
+        self.accumulator_dtype = accumulator_dtype
+        self.half_precision = self.device.type == "cuda" if half_precision is None else half_precision
+        packages = [self.package] + [f if isinstance(f, ModelPackage) else resolve_model(f) for f in folds]
+        for other in packages[1:]:
+            self._check_fold(other)
+        batch = sw_batch_size or 1
+        self.runtimes = [NetworkRuntime(p.load_network(self.device), runtime, self.spatial_dims, batch)
+                         for p in packages]
+        self.runtime = self.runtimes[0].name
+        if tta:
+            axes = tuple(range(self.spatial_dims)) if mirror_axes is None else tuple(mirror_axes)
+        else:
+            axes = ()
+        self.network = MirrorEnsemble(self.runtimes, mirror_axes=axes)
+        self.sw_batch_size = sw_batch_size
+        self.label_lut = np.array([0] + [label.id for label in self.labels],
+                                  dtype=np.uint8 if self.labels[-1].id < 256 else np.uint16)
+
+    def _check_fold(self, other: ModelPackage) -> None:
+        a, b = self.card, other.card
+        if ([l.id for l in a.labels] != [l.id for l in b.labels] or a.num_classes != b.num_classes
+                or tuple(a.spacing) != tuple(b.spacing) or tuple(a.patch_size) != tuple(b.patch_size)
+                or a.orientation != b.orientation or a.normalization != b.normalization):
+            raise ValueError(f"fold {other.path} does not match model {a.name} (labels, spacing, "
+                             "patch size, orientation and normalisation must be equal)")
+
+    # ----------------------------------------------------------------------------------------
+    def check_image(self, image: Image) -> None:
+        """Raise if the image cannot go through this model.
+
+        Raises:
+            ModalityMismatchError: the image's ``meta["modality"]`` is set and not the card's.
+            InputShapeError: wrong number of channels (4th axis) or not a 3D grid.
+        """
+        reason = modality_mismatch(str(image.meta.get("modality") or ""), self.card)
+        if reason:
+            raise ModalityMismatchError(f"{_series_name(image)}: {reason}")
+        channels = image.array.shape[3] if image.array.ndim == 4 else 1
+        if image.array.ndim not in (3, 4) or channels != self.in_channels:
+            raise InputShapeError(
+                f"{_series_name(image)}: array {tuple(image.array.shape)} has {channels} channel(s), "
+                f"model {self.card.name} expects {self.in_channels}")
+
+    def predict(self, image: Image, progress: Callable[[int, int], None] | None = None,
+                return_probabilities: bool = False) -> Prediction:
+        """Segment ``image``.
+
+        Args:
+            image: ``array`` ``(I, J, K)`` (or ``(I, J, K, C)`` for multi-channel models) with its
+                voxel -> RAS+ affine.
+            progress: ``callback(windows_done, windows_total)`` while the windows run.
+            return_probabilities: also return the ``(K, I, J, K)`` probabilities on the input grid
+                (costs one more ``K x input voxels`` float32 buffer).
+
+        Returns:
+            :class:`Prediction` whose ``label_map`` has ``image``'s shape and affine exactly.
+
+        Raises:
+            ModalityMismatchError, InputShapeError: see :meth:`check_image`.
+        """
+        self.check_image(image)
+        timings: dict[str, float] = {}
+        start = clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[name] = round(now - clock, 4)
+            clock = now
+
+        array = np.asarray(image.array)
+        channels = array[None] if array.ndim == 3 else np.moveaxis(array, 3, 0)
+        grid = ModelGrid(image.shape, image.affine, self.card.spacing, self.card.orientation)
+        model_input = grid.to_model(torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32)))
+        for c in range(model_input.shape[0]):
+            model_input[c] = normalize_intensity(model_input[c], self.card.normalization)
+        lap("preprocess")
+
+        logits, settings = self._logits(model_input, progress)
+        lap("inference")
+
+        _softmax_(logits)
+        labels, probabilities = self._argmax_on_input_grid(logits, grid, return_probabilities)
+        del logits
+        lap("resample")
+
+        labels = self.label_lut[labels]
+        clean_label_map(labels, image.spacing, self.card.postprocessing)
+        lap("postprocess")
+
+        intensities = array if array.ndim == 3 else array[..., 0]
+        statistics = label_statistics(labels, image.affine, self.labels, intensities)
+        lap("statistics")
+        timings["total"] = round(time.perf_counter() - start, 4)
+
+        label_map = Image(array=labels, affine=image.affine.copy(),
+                          meta={k: v for k, v in image.meta.items()}, dicom_source=image.dicom_source)
+        label_map.meta["label_map"] = True
+        settings.update(model_grid={"shape": list(grid.model_shape),
+                                    "spacing": [round(s, 6) for s in self.card.spacing],
+                                    "resampled": grid.resampled})
+        return Prediction(label_map=label_map, statistics=statistics, timings=timings,
+                          probabilities=probabilities, settings=settings)
+
+    # ----------------------------------------------------------------------------------------
+    def _logits(self, model_input: torch.Tensor,
+                progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, dict]:
+        """``(C, *model_shape)`` -> logits ``(K, *model_shape)`` on the CPU."""
+        roi = tuple(int(p) for p in self.card.patch_size)
+        if self.spatial_dims == 3:
+            batch = model_input[None]  # (1, C, I, J, K)
+        else:  # 2D model: the slices along the last axis are the batch
+            batch = model_input.permute(3, 0, 1, 2)  # (K, C, I, J)
+        windows = grid_windows(batch.shape[2:], roi, self.overlap) * batch.shape[0]
+        sw_batch_size = self.sw_batch_size or auto_sw_batch_size(
+            self.runtimes[0], roi, self.in_channels, self.device, windows)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        logits = sliding_window_inference(
+            batch, roi, sw_batch_size, self.network, overlap=self.overlap, mode="gaussian",
+            sw_device=self.device, device="cpu", progress=progress or False,
+            accumulator_dtype=self.accumulator_dtype or torch.float32,
+            half_precision=self.half_precision)
+        logits = logits[0] if self.spatial_dims == 3 else logits.permute(1, 2, 3, 0)
+        settings = {"runtime": self.runtime, "device": str(self.device), "sw_batch_size": sw_batch_size,
+                    "overlap": self.overlap, "windows": windows, "passes": self.network.passes,
+                    "half_precision": self.half_precision and self.device.type == "cuda"}
+        return logits, settings
+
+    def _argmax_on_input_grid(self, probabilities: torch.Tensor, grid: ModelGrid,
+                              keep: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Resample ``(K, *model_shape)`` probabilities to the input grid a few channels at a
+        time, keeping a running argmax; returns class indices ``(I, J, K)`` (uint8/uint16)."""
+        classes = probabilities.shape[0]
+        index_dtype = torch.uint8 if classes <= 256 else torch.int16
+        if not grid.resampled:
+            labels = probabilities.argmax(0).to(index_dtype)
+            kept = probabilities.float().numpy() if keep else None
+        else:
+            best = torch.full(grid.oriented_shape, -1.0, dtype=torch.float32)
+            labels = torch.zeros(grid.oriented_shape, dtype=index_dtype)
+            kept = np.empty((classes, *grid.oriented_shape), dtype=np.float32) if keep else None
+            for first in range(0, classes, CHANNEL_CHUNK):
+                chunk = grid.to_oriented(probabilities[first:first + CHANNEL_CHUNK].float())
+                for offset, channel in enumerate(chunk):
+                    better = channel > best
+                    best = torch.where(better, channel, best)
+                    labels[better] = first + offset
+                if kept is not None:
+                    kept[first:first + chunk.shape[0]] = chunk.numpy()
+        labels_np = np.ascontiguousarray(grid.to_input(labels.numpy()))
+        if kept is not None:
+            kept = np.ascontiguousarray(grid.to_input(kept))
+        return labels_np, kept
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over axis 0 of ``(K, *spatial)`` in place (no second ``K x voxels`` buffer)."""
+    logits.sub_(logits.amax(0, keepdim=True))
+    logits.exp_()
+    logits.div_(logits.sum(0, keepdim=True, dtype=torch.float32).to(logits.dtype))
+    return logits
+
+
+def _series_name(image: Image) -> str:
+    """A name for messages: the series UID or the file name, never patient data."""
+    uid = image.meta.get("series_uid")
+    if uid:
+        return f"series {uid}" if image.dicom_source else os.path.basename(str(uid))
+    source = image.meta.get("source")
+    return os.path.basename(str(source)) if source else "image"
