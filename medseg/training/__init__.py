@@ -1,0 +1,6 @@
+"""Training: config (:mod:`medseg.training.config`), the loop and export (:mod:`medseg.training.trainer`)."""
+
+from medseg.training.config import TrainConfig, load_config
+from medseg.training.trainer import Trainer, TrainResult
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "load_config"]

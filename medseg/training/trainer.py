@@ -1,0 +1,511 @@
+"""The training loop behind ``medseg train``.
+
+A small explicit loop rather than MONAI's Ignite workflows or PyTorch Lightning: the loss needs the
+network's full :class:`~medseg.networks.base.NetworkOutput` (deep supervision, dual
+self-distillation side heads that the optimiser also trains), resume must restore RNG states and a
+per-iteration LR schedule exactly, and DDP needs only a wrapper module — each of which would mean
+overriding most of a workflow engine. Everything the loop calls is a library piece: MONAI
+transforms, ``CacheDataset``, losses and metrics; ``torch.distributed`` for DDP (``torchrun``),
+``torch.utils.tensorboard`` and ``tqdm`` for logging.
+
+Per run (``OUTPUT``): ``config.yaml`` (resolved), ``plan.json``, ``log.csv`` (one row per epoch),
+``tensorboard/``, ``checkpoints/{last,best}.pt``, ``model/`` (the exported model package, see
+:mod:`medseg.package`) and ``summary.json``.
+
+Reproducibility: seeds are set once (``monai.utils.set_determinism``) and, at every epoch, the
+random transforms and the sampler are re-seeded from ``(seed, epoch, rank)``, so ``--resume``
+from an epoch's checkpoint continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import platform
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from monai.data import CacheDataset, DataLoader
+from monai.utils import set_determinism
+from torch import nn
+from torch.utils.data import DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+from medseg.data.cases import find_cases
+from medseg.data.plan import Plan, make_plan, write_json_atomic
+from medseg.data.transforms import training_transforms, validation_transforms
+from medseg.errors import ConfigError, DatasetError
+from medseg.losses import build_loss
+from medseg.metrics import label_map_metrics, summarize
+from medseg.networks import create_network
+from medseg.package import ModelCard, ModelPackage, NetworkSpec
+from medseg.training.cards import TrainingDataCard, load_training_data_card
+from medseg.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainStep(nn.Module):
+    """Network plus loss in one module, so DDP synchronises the loss's own parameters (DSD side heads)
+    too. ``forward(image (B, C, *patch), label (B, 1, *patch)) -> scalar loss``."""
+
+    def __init__(self, network: nn.Module, loss: nn.Module, channels_last: bool = False):
+        super().__init__()
+        self.network, self.loss = network, loss
+        self.memory_format = _memory_format(channels_last)
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.network(image.contiguous(memory_format=self.memory_format), features=True), label)
+
+
+def _memory_format(channels_last: bool, ndim: int = 5) -> torch.memory_format:
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+def sliding_window():
+    """``medseg.inference.sliding_window_inference`` when present (same signature as MONAI's), else MONAI's."""
+    try:
+        from medseg.inference import sliding_window_inference
+    except ImportError:
+        from monai.inferers import sliding_window_inference
+    return sliding_window_inference
+
+
+def lr_lambda(total_iterations: int, name: str, power: float, warmup: int, min_ratio: float):
+    """Multiplier of the base LR at iteration ``it``: linear warm-up, then poly ``(1 - t) ** power`` or
+    cosine to ``min_ratio``, or constant."""
+
+    def factor(it: int) -> float:
+        if warmup and it < warmup:
+            return (it + 1) / warmup
+        t = min(1.0, (it - warmup) / max(1, total_iterations - warmup))
+        if name == "poly":
+            f = (1.0 - t) ** power
+        elif name == "cosine":
+            f = 0.5 * (1.0 + math.cos(math.pi * t))
+        else:
+            f = 1.0
+        return min_ratio + (1.0 - min_ratio) * f
+
+    return factor
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the random transforms and sampler for one epoch on one process."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % 2**32
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    output_dir: Path
+    epochs: int
+    best_epoch: int | None
+    best_metrics: dict[str, Any]
+    train_seconds: float
+    package: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Train ``config`` on fold ``fold`` into ``output_dir``; :meth:`fit` runs it.
+
+    Raises (before training starts): :class:`ConfigError` for bad configs (unknown network, loss,
+    keys), :class:`DatasetError` for bad data (unpaired files, label values outside the data card,
+    image/label grid mismatch, empty dataset).
+    """
+
+    def __init__(self, config: TrainConfig, output_dir: str | os.PathLike | None = None, fold: int | None = None,
+                 resume: bool = False, show_progress: bool = True):
+        self.config = config
+        self.fold = config.data.fold if fold is None else fold
+        self.output_dir = Path(output_dir or Path("runs") / config.name / f"fold_{self.fold}")
+        self.resume = resume
+        self.show_progress = show_progress
+        self._setup_distributed()
+        self._setup()
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _setup_distributed(self) -> None:
+        t = self.config.training
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if t.device:
+            device = torch.device(t.device)
+        else:
+            device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda" and self.world_size > 1:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+
+    def _setup(self) -> None:
+        c = self.config
+        if c.training.num_threads:
+            torch.set_num_threads(c.training.num_threads)
+        set_determinism(seed=c.training.seed) if c.training.deterministic else set_determinism(None)
+        torch.manual_seed(c.training.seed)
+        if self.fold < 0 or self.fold >= c.data.num_folds:
+            raise ConfigError(f"data.fold: {self.fold} is outside 0..{c.data.num_folds - 1}")
+
+        self.card = load_training_data_card(c.data.data_card, c.data.dataset_dir)
+        self.plan = self._plan()
+        fold = self.plan.folds[self.fold]
+        self.spacing = tuple(c.data.spacing or self.plan.spacing)
+        self.patch_size = tuple(c.data.patch_size or self.plan.patch_size)
+        self.normalization = c.data.normalization or self.plan.normalization
+        self.modality = c.data.modality or self.card.modality or self.plan.modality
+        self.inference_patch_size = tuple(c.validation.patch_size or self.patch_size)
+        self.batch_size = c.training.batch_size or self.plan.batch_size
+        self.num_classes = max(label.id for label in self.card.labels) + 1
+
+        torch.manual_seed(c.training.seed)
+        net_config = {"spatial_dims": 3, "in_channels": len(self.modality), "out_channels": self.num_classes,
+                      **c.network.config}
+        self.network_spec = NetworkSpec(name=c.network.name, config=net_config)
+        self.network = create_network(c.network.name, pretrained=c.network.pretrained, **net_config).to(self.device)
+        divisor = getattr(self.network, "input_divisor", (1, 1, 1))
+        for key, size in (("data.patch_size", self.patch_size), ("validation.patch_size", self.inference_patch_size)):
+            if any(p % d for p, d in zip(size, divisor)):
+                raise ConfigError(f"{key}: {size} is not divisible by the network's input divisor {tuple(divisor)}")
+        self.loss = build_loss(
+            c.loss.name, self.network, self.patch_size, c.loss.kwargs, c.loss.deep_supervision,
+            c.loss.deep_supervision_weights, c.loss.dsd.model_dump() if c.loss.dsd else None).to(self.device)
+        if c.training.channels_last:
+            self.network.to(memory_format=_memory_format(True, len(self.patch_size) + 2))
+            self.loss.to(memory_format=_memory_format(True, len(self.patch_size) + 2))
+        self.step_module: nn.Module = TrainStep(self.network, self.loss, c.training.channels_last)
+        if self.world_size > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+
+        self.cases = {case.case_id: case for case in self._cases()}
+        self.train_cases = [self.cases[i].as_dict() for i in fold.train if i in self.cases]
+        self.val_cases = [self.cases[i].as_dict() for i in fold.val if i in self.cases]
+        if c.validation.max_cases:
+            self.val_cases = self.val_cases[: c.validation.max_cases]
+        if len(self.train_cases) < self.batch_size * self.world_size or not self.val_cases:
+            raise DatasetError(f"fold {self.fold}: {len(self.train_cases)} training / {len(self.val_cases)} validation "
+                               f"cases are too few for batch size {self.batch_size} x {self.world_size} processes")
+        self.train_ds = CacheDataset(
+            self.train_cases, training_transforms(self.spacing, self.normalization, self.patch_size,
+                                                  c.data.foreground_oversample, c.augmentation),
+            cache_rate=c.data.cache_rate, num_workers=max(1, c.data.num_workers) if c.data.num_workers else None,
+            progress=False)
+        self.val_ds = CacheDataset(self.val_cases, validation_transforms(self.spacing, self.normalization),
+                                   cache_rate=c.data.cache_rate, progress=False) if self.is_main else None
+        self.iterations = c.training.iterations_per_epoch or len(self.train_cases) // (self.batch_size * self.world_size)
+        self.total_iterations = self.iterations * c.training.epochs
+
+        params = [p for p in self.step_module.parameters() if p.requires_grad]
+        o = c.optimizer
+        if o.name == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                             nesterov=o.nesterov and o.momentum > 0)
+        s = c.scheduler
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_iterations, s.name, s.power, s.warmup_iterations, s.min_lr / o.lr))
+
+        self.start_epoch, self.global_step, self.elapsed = 0, 0, 0.0
+        self.best_metric, self.best_epoch, self.best_summary = -math.inf, None, {}
+        self.history: list[dict[str, Any]] = []
+        if self.resume:
+            self._load_checkpoint(self.output_dir / "checkpoints" / "last.pt")
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
+            self.plan.save(self.output_dir / "plan.json")
+
+    def _cases(self):
+        cases = find_cases(self.config.data.dataset_dir)
+        return cases[: self.config.data.max_cases] if self.config.data.max_cases else cases
+
+    def _plan(self) -> Plan:
+        c = self.config.data
+        if c.plan:
+            plan = Plan.load(c.plan)
+            if len(plan.folds) != c.num_folds:
+                raise ConfigError(f"data.num_folds: {c.num_folds} but the plan {c.plan} has {len(plan.folds)} folds")
+            return plan
+        divisor = tuple(int(d) for d in _network_divisor(self.config))
+        return make_plan(c.dataset_dir, label_ids=[label.id for label in self.card.labels], modality=self.card.modality,
+                         divisor=divisor, num_folds=c.num_folds, seed=self.config.training.seed, cases=self._cases())
+
+    # ----------------------------------------------------------------------------------- loop
+    def fit(self) -> TrainResult:
+        """Train the remaining epochs, validate every ``validation.every`` epochs and after the last,
+        keep the best and last checkpoints, and export the model package from the best one."""
+        c = self.config
+        started = time.perf_counter() - self.elapsed
+        writer = self._tensorboard()
+        stopped_early = False
+        epoch = self.start_epoch - 1
+        try:
+            for epoch in range(self.start_epoch, c.training.epochs):
+                row = self._train_epoch(epoch)
+                time_up = bool(c.training.max_minutes and time.perf_counter() - started > 60 * c.training.max_minutes)
+                if (epoch + 1) % c.validation.every == 0 or epoch + 1 == c.training.epochs or time_up:
+                    row.update(self._validate(epoch))
+                self.elapsed = time.perf_counter() - started
+                row["elapsed_s"] = round(self.elapsed, 1)
+                self.history.append(row)
+                if self.is_main:
+                    self._log_row(row, writer)
+                    self._save_checkpoint(epoch, "last.pt")
+                if time_up and epoch + 1 < c.training.epochs:
+                    log.warning("training.max_minutes reached after epoch %d; stopping early", epoch + 1)
+                    stopped_early = True
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+        package = None
+        if self.is_main and c.export.enabled:
+            package = self.export(epochs_trained=epoch + 1, stopped_early=stopped_early)
+        result = TrainResult(self.output_dir, epoch + 1, self.best_epoch, self.best_summary, self.elapsed, package,
+                             self.history)
+        if self.is_main:
+            write_json_atomic(self.output_dir / "summary.json", {
+                "epochs": result.epochs, "best_epoch": result.best_epoch, "best": result.best_metrics,
+                "train_seconds": round(result.train_seconds, 1), "package": str(package) if package else None,
+                "stopped_early": stopped_early, "seconds_per_epoch": round(result.train_seconds / max(1, epoch + 1), 1),
+                "peak_memory_mb": round(_peak_memory_mb(self.device), 1)})
+        if self.world_size > 1:
+            dist.barrier()
+        return result
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        c = self.config
+        seed = epoch_seed(c.training.seed, epoch, self.rank)
+        self.train_ds.transform.set_random_state(seed=seed)
+        if self.world_size > 1:
+            sampler = DistributedSampler(self.train_ds, self.world_size, self.rank, shuffle=True,
+                                         seed=c.training.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(self.train_ds, generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(self.train_ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=c.data.num_workers,
+                            generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+        self.step_module.train()
+        amp = c.training.amp and self.device.type == "cuda"
+        losses, samples, t0 = [], 0, time.perf_counter()
+        bar = tqdm(total=self.iterations, desc=f"epoch {epoch + 1}/{c.training.epochs}", unit="it",
+                   disable=not (self.is_main and self.show_progress), mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                   dynamic_ncols=True, leave=sys.stderr.isatty())
+        batches = _cycle(loader)
+        for _ in range(self.iterations):
+            batch = next(batches)
+            image = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
+            label = torch.as_tensor(batch["label"]).to(self.device, non_blocking=True).float()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = self.step_module(image, label)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {self.global_step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.training.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.step_module.parameters(), c.training.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+            losses.append(loss.item())
+            samples += image.shape[0] * self.world_size
+            rate = samples / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", samples_per_s=f"{rate:.2f}", refresh=False)
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return {"epoch": epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
+                "train_loss": float(np.mean(losses)), "epoch_s": round(seconds, 2),
+                "samples_per_s": round(samples / seconds, 3), "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
+
+    @torch.no_grad()
+    def _validate(self, epoch: int) -> dict[str, Any]:
+        """Sliding-window inference on the fold's validation cases; Dice/HD95 per class (rank 0 only)."""
+        if not self.is_main:
+            return {}
+        c = self.config
+        infer = sliding_window()
+        self.network.eval()
+        per_case, t0 = [], time.perf_counter()
+        for item in self.val_ds:
+            image = torch.as_tensor(item["image"])[None].to(self.device).contiguous(
+                memory_format=_memory_format(c.training.channels_last, len(self.patch_size) + 2))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.training.amp and self.device.type == "cuda"):
+                logits = infer(image, self.inference_patch_size, c.validation.sw_batch_size, self.network,
+                               overlap=c.validation.overlap, mode="gaussian")
+            prediction = torch.as_tensor(logits).float().argmax(1)[0].cpu()
+            label = torch.as_tensor(item["label"])[0].long()
+            metrics = label_map_metrics(prediction, label, self.num_classes, self.spacing)
+            if not c.validation.hd95:
+                for values in metrics.values():
+                    values["hd95"] = float("nan")
+            per_case.append(metrics)
+        self.network.train()
+        summary = summarize(per_case)
+        names = {str(label.id): label.name for label in self.card.labels}
+        row: dict[str, Any] = {"val_s": round(time.perf_counter() - t0, 2)}
+        for key, values in summary.items():
+            name = _column(names.get(key, key))
+            row[f"val_dice_{name}"] = round(values["dice"], 4)
+            row[f"val_hd95_{name}"] = round(values["hd95"], 3)
+        mean_dice = summary.get("mean", {}).get("dice", float("nan"))
+        if math.isfinite(mean_dice) and mean_dice > self.best_metric:
+            self.best_metric, self.best_epoch = mean_dice, epoch + 1
+            self.best_summary = {"epoch": epoch + 1, "num_cases": len(per_case), "fold": self.fold,
+                                 "dice": {names.get(k, k): v["dice"] for k, v in summary.items()},
+                                 "hd95_mm": {names.get(k, k): v["hd95"] for k, v in summary.items()}}
+            self._save_checkpoint(epoch, "best.pt")
+        return row
+
+    # ----------------------------------------------------------------------------------- logging
+    def _tensorboard(self):
+        if not self.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=self.global_step or None)
+
+    def _log_row(self, row: dict[str, Any], writer) -> None:
+        names = [_column(label.name) for label in self.card.labels] + ["mean"]
+        columns = ["epoch", "step", "lr", "train_loss", "epoch_s", "samples_per_s", "peak_memory_mb", "val_s",
+                   *[f"val_dice_{n}" for n in names], *[f"val_hd95_{n}" for n in names], "elapsed_s"]
+        path = self.output_dir / "log.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            out = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            if new:
+                out.writeheader()
+            out.writerow(row)
+        for key, value in row.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["step"])
+        writer.flush()
+        val = {k: v for k, v in row.items() if k.startswith("val_dice")}
+        log.info("epoch %d loss %.4f %s", row["epoch"], row["train_loss"], val)
+        if self.show_progress:
+            text = " ".join(f"{k}={v}" for k, v in row.items())
+            print(text, file=sys.stderr, flush=True)
+
+    # ----------------------------------------------------------------------------------- state
+    def _save_checkpoint(self, epoch: int, name: str) -> None:
+        state = {
+            "epoch": epoch + 1, "global_step": self.global_step, "elapsed_s": self.elapsed,
+            "network": self.network.state_dict(), "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "best": {"metric": self.best_metric, "epoch": self.best_epoch, "summary": self.best_summary},
+            "history": self.history, "config": self.config.model_dump(mode="json"), "fold": self.fold,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        _save_atomic(state, self.output_dir / "checkpoints" / name)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        if not path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("fold") != self.fold:
+            raise ConfigError(f"--resume: {path} is fold {state.get('fold')}, not fold {self.fold}")
+        self.network.load_state_dict(state["network"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.global_step, self.elapsed = state["epoch"], state["global_step"], state["elapsed_s"]
+        best = state["best"]
+        self.best_metric, self.best_epoch, self.best_summary = best["metric"], best["epoch"], best["summary"]
+        self.history = state["history"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def export(self, epochs_trained: int, stopped_early: bool = False) -> Path:
+        """Write the model package (best checkpoint's weights) to ``OUTPUT/model``."""
+        c = self.config
+        best = self.output_dir / "checkpoints" / "best.pt"
+        weights = (torch.load(best, map_location="cpu", weights_only=False)["network"] if best.is_file()
+                   else self.network.state_dict())
+        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        card = ModelCard(
+            name=c.export.name or c.name, version=c.export.version,
+            description=c.export.description or f"{c.network.name} trained on {self.plan.dataset} (fold {self.fold})",
+            network=self.network_spec, modality=list(self.modality), labels=list(self.card.labels),
+            spacing=self.spacing, orientation="RAS", normalization=self.normalization,
+            patch_size=self.inference_patch_size,
+            overlap=c.validation.overlap, postprocessing=c.export.postprocessing,
+            training={
+                "config": c.model_dump(mode="json"), "fold": self.fold, "epochs": epochs_trained,
+                "stopped_early": stopped_early, "best_epoch": self.best_epoch, "train_seconds": round(self.elapsed, 1),
+                "num_training_cases": len(self.train_cases), "num_validation_cases": len(self.val_cases),
+                "batch_size": self.batch_size, "training_patch_size": list(self.patch_size), "world_size": self.world_size, "hardware": _hardware(self.device),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__},
+            },
+            metrics={"validation": self.best_summary},
+            data_card=self.card.as_dict(),
+        )
+        return ModelPackage.save(self.output_dir / "model", card, weights).path
+
+
+def _column(name: str) -> str:
+    """A label name as a CSV / TensorBoard key: ``anterior hippocampus`` -> ``anterior_hippocampus``."""
+    return "_".join(name.split())
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _network_divisor(config: TrainConfig) -> tuple[int, ...]:
+    """The network's input divisor, from a build on the meta device (nothing allocated)."""
+    net_config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, **config.network.config}
+    with torch.device("meta"):
+        network = create_network(config.network.name, **net_config)
+    divisor = getattr(network, "input_divisor", 1)
+    return tuple(divisor) if isinstance(divisor, (tuple, list)) else (int(divisor),) * 3
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    info = {"device": str(device), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
