@@ -84,23 +84,27 @@ def sliding_window():
     return sliding_window_inference
 
 
-def lr_lambda(total_iterations: int, name: str, power: float, warmup: int, min_ratio: float):
-    """Multiplier of the base LR at iteration ``it``: linear warm-up, then poly ``(1 - t) ** power`` or
-    cosine to ``min_ratio``, or constant."""
+class LRSchedule:
+    """Multiplier of the base LR at iteration ``it`` (for ``LambdaLR``): linear warm-up, then poly
+    ``(1 - t) ** power`` or cosine to ``min_ratio``, or constant. ``t`` is the fraction of the
+    iterations done, or ``time_fraction`` (the trainer's share of a wall-clock budget spent) when
+    that is larger."""
 
-    def factor(it: int) -> float:
-        if warmup and it < warmup:
-            return (it + 1) / warmup
-        t = min(1.0, (it - warmup) / max(1, total_iterations - warmup))
-        if name == "poly":
-            f = (1.0 - t) ** power
-        elif name == "cosine":
+    def __init__(self, total_iterations: int, name: str, power: float, warmup: int, min_ratio: float):
+        self.total, self.name, self.power, self.warmup, self.min_ratio = total_iterations, name, power, warmup, min_ratio
+        self.time_fraction = 0.0
+
+    def __call__(self, it: int) -> float:
+        if self.warmup and it < self.warmup:
+            return (it + 1) / self.warmup
+        t = min(1.0, max((it - self.warmup) / max(1, self.total - self.warmup), self.time_fraction))
+        if self.name == "poly":
+            f = (1.0 - t) ** self.power
+        elif self.name == "cosine":
             f = 0.5 * (1.0 + math.cos(math.pi * t))
         else:
             f = 1.0
-        return min_ratio + (1.0 - min_ratio) * f
-
-    return factor
+        return self.min_ratio + (1.0 - self.min_ratio) * f
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -237,8 +241,10 @@ class Trainer:
             self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
                                              nesterov=o.nesterov and o.momentum > 0)
         s = c.scheduler
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.total_iterations, s.name, s.power, s.warmup_iterations, s.min_lr / o.lr))
+        if s.time_based and not c.training.max_minutes:
+            raise ConfigError("scheduler.time_based: needs training.max_minutes")
+        self.schedule = LRSchedule(self.total_iterations, s.name, s.power, s.warmup_iterations, s.min_lr / o.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
 
         self.start_epoch, self.global_step, self.elapsed = 0, 0, 0.0
         self.best_metric, self.best_epoch, self.best_summary = -math.inf, None, {}
@@ -276,8 +282,9 @@ class Trainer:
         epoch = self.start_epoch - 1
         try:
             for epoch in range(self.start_epoch, c.training.epochs):
-                row = self._train_epoch(epoch)
+                row = self._train_epoch(epoch, started)
                 time_up = bool(c.training.max_minutes and time.perf_counter() - started > 60 * c.training.max_minutes)
+                time_up = time_up or row.pop("budget_spent", False)
                 if (epoch + 1) % c.validation.every == 0 or epoch + 1 == c.training.epochs or time_up:
                     row.update(self._validate(epoch))
                 self.elapsed = time.perf_counter() - started
@@ -308,8 +315,17 @@ class Trainer:
             dist.barrier()
         return result
 
-    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+    def _budget_fraction(self, started: float) -> float:
+        """Share of ``training.max_minutes`` spent (rank 0's clock, broadcast so all ranks agree)."""
+        fraction = torch.tensor([(time.perf_counter() - started) / (60 * self.config.training.max_minutes)])
+        if self.world_size > 1:
+            dist.broadcast(fraction, 0)
+        return float(fraction)
+
+    def _train_epoch(self, epoch: int, started: float) -> dict[str, Any]:
         c = self.config
+        time_based = c.scheduler.time_based
+        budget_spent = False
         seed = epoch_seed(c.training.seed, epoch, self.rank)
         self.train_ds.transform.set_random_state(seed=seed)
         if self.world_size > 1:
@@ -329,6 +345,11 @@ class Trainer:
                    dynamic_ncols=True, leave=sys.stderr.isatty())
         batches = _cycle(loader)
         for _ in range(self.iterations):
+            if time_based:
+                self.schedule.time_fraction = self._budget_fraction(started)
+                if self.schedule.time_fraction >= 1.0:
+                    budget_spent = True
+                    break
             batch = next(batches)
             image = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
             label = torch.as_tensor(batch["label"]).to(self.device, non_blocking=True).float()
@@ -351,8 +372,8 @@ class Trainer:
         bar.close()
         seconds = time.perf_counter() - t0
         return {"epoch": epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
-                "train_loss": float(np.mean(losses)), "epoch_s": round(seconds, 2),
-                "samples_per_s": round(samples / seconds, 3), "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
+                "train_loss": float(np.mean(losses)) if losses else float("nan"), "budget_spent": budget_spent, "epoch_s": round(seconds, 2),
+                "samples_per_s": round(samples / max(seconds, 1e-9), 3), "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
 
     @torch.no_grad()
     def _validate(self, epoch: int) -> dict[str, Any]:
