@@ -276,7 +276,13 @@ class CellVTA(SegmentationNetwork):
         return load_state_dict_report(self.vit, state, source=path)
 
 
-_PANNUKE = dict(spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=19)
+# everything but the ViT size, spelled out so a reference never depends on a default
+_PANNUKE = dict(
+    spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=19, mlp_ratio=4.0, layer_scale=1e-5,
+    patch_size=16, pretrain_img_size=224, spm_channels=64, deform_heads=8, deform_points=4, deform_ratio=0.5,
+    injector_init=1e-5, cffn_ratio=0.25, extra_extractors=2, drop_path_rate=0.4, decoder_channels=(64, 128, 256, 512),
+    dropout=0.0, freeze_encoder=True,
+)
 
 CELLVTA_REFERENCES = {
     # CellVTA as published: UNI ViT-L/16, PanNuke (5 types + background, 19 tissues), 256 x 256
