@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config, output_dir=args.output, fold=args.fold, resume=args.resume,
                       show_progress=not args.no_progress)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
     if trainer.is_main:
         print(json.dumps({"output": str(result.output_dir), "epochs": result.epochs, "best_epoch": result.best_epoch,
                           "validation": result.best_metrics, "train_seconds": round(result.train_seconds, 1),

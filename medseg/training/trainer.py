@@ -271,6 +271,11 @@ class Trainer:
         return make_plan(c.dataset_dir, label_ids=[label.id for label in self.card.labels], modality=self.card.modality,
                          divisor=divisor, num_folds=c.num_folds, seed=self.config.training.seed, cases=self._cases())
 
+    def close(self) -> None:
+        """Leave the DDP process group (if this trainer joined one)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     # ----------------------------------------------------------------------------------- loop
     def fit(self) -> TrainResult:
         """Train the remaining epochs, validate every ``validation.every`` epochs and after the last,
