@@ -47,4 +47,5 @@ def configure(level: int = logging.INFO) -> None:
         logger.handlers[:] = []
         logger.propagate = True
         logger.setLevel(level)
+    logging.captureWarnings(True)  # library warnings become JSON records too
     logging.getLogger("uvicorn.access").disabled = True  # replaced by the request log middleware

@@ -132,7 +132,7 @@ class WorkerPool:
             log.exception("job failed", extra={"job_id": job.id, "error_type": type(error).__name__})
             self._finish(job, FAILED, error=problem_of(error), queued_s=queued_s)
             return
-        timings = {"queued_s": queued_s, **outcome["timings"]}
+        timings = {**(job.timings or {}), "queued_s": queued_s, **outcome["timings"]}
         if not self._finish(job, SUCCEEDED, results=outcome["results"], timings=timings,
                             statistics=outcome["statistics"], progress=1.0):
             shutil.rmtree(job_dir, ignore_errors=True)  # cancelled at the last moment
@@ -143,7 +143,7 @@ class WorkerPool:
     def _finish(self, job: Job, state: str, queued_s: float | None = None, **values: Any) -> bool:
         now = time.time()
         if "timings" not in values and queued_s is not None:
-            values["timings"] = {"queued_s": queued_s}
+            values["timings"] = {**(job.timings or {}), "queued_s": queued_s}
         changed = self.store.update_job(job.id, where_state=RUNNING, state=state, finished_at=now,
                                         heartbeat_at=now, **values)
         if changed:
