@@ -36,12 +36,14 @@ HIPPOCAMPUS_FOV = {"min": [31, 40, 24], "max": [43, 59, 47]}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(tmp_path_factory):
     """One intra-op thread: the tests' windows are tiny, and on a shared CPU OpenMP threads
     spinning against other processes cost more than they give."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:  # converted-model cache inside the test's tmp
+        patch.setenv("MEDSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
     torch.set_num_threads(threads)
 
 
@@ -80,7 +82,7 @@ def _lps(image: Image) -> Image:
     return Image(image.array[::-1, ::-1].copy(), image.affine @ flip, dict(image.meta))
 
 
-@pytest.mark.parametrize("runtime", ["eager", "channels_last"])
+@pytest.mark.parametrize("runtime", ["eager", "channels_last", "openvino"])
 @pytest.mark.parametrize("which", ["same_spacing", "resampled"])
 @pytest.mark.parametrize("lps", [False, True])
 def test_matches_monai_reference_on_input_grid(runtime, which, lps, package, resampling_package, hippocampus):

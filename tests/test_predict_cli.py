@@ -21,10 +21,12 @@ from tests.test_inference_predictor import make_package
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:  # converted-model cache inside the test's tmp
+        patch.setenv("MEDSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
     torch.set_num_threads(threads)
 
 

@@ -121,7 +121,8 @@ class Predictor:
         for other in packages[1:]:
             self._check_fold(other)
         batch = sw_batch_size or 1
-        self.runtimes = [NetworkRuntime(p.load_network(self.device), runtime, self.spatial_dims, batch)
+        self.runtimes = [NetworkRuntime(p.load_network(self.device), runtime, self.spatial_dims, batch,
+                                        device=self.device, cache_key=_weights_key(p))
                          for p in packages]
         self.runtime = self.runtimes[0].name
         if tta:
@@ -269,6 +270,19 @@ class Predictor:
         if kept is not None:
             kept = np.ascontiguousarray(grid.to_input(kept))
         return labels_np, kept
+
+
+def _weights_key(package: ModelPackage) -> str:
+    """sha256 of the package's weight file (identifies converted models in caches)."""
+    import hashlib
+
+    from medseg.package import WEIGHTS
+
+    digest = hashlib.sha256()
+    with open(package.path / WEIGHTS, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""Network runtimes compute the same function as the eager network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medseg.inference.runtime import GroupInstanceNorm, NetworkRuntime, auto_sw_batch_size
+from medseg.networks import create_network
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def network():
+    torch.manual_seed(0)
+    return create_network("unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16),
+                          deep_supervision=1).eval()
+
+
+def test_group_norm_is_instance_norm():
+    norm = torch.nn.InstanceNorm3d(6, affine=True)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 6, 5, 7, 9) * 3 + 1
+    torch.testing.assert_close(GroupInstanceNorm(norm)(x), norm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["channels_last", "openvino"])
+def test_runtime_matches_eager(runtime, network, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path))
+    x = torch.randn(3, 1, 16, 24, 16)
+    with torch.inference_mode():
+        reference = network(x)
+        fast = NetworkRuntime(network, runtime, batch_size=4, cache_key="test-weights")
+        out = fast(x)  # 3 windows padded to the fixed batch of 4
+    assert out.shape == reference.shape
+    torch.testing.assert_close(out.float(), reference, atol=1e-4, rtol=1e-4)
+    assert network.net.input_block.norm1.__class__.__name__ == "InstanceNorm3d"  # original untouched
+    if runtime == "openvino":
+        assert list(tmp_path.glob("openvino/*/model.xml"))  # converted once, cached
+        again = NetworkRuntime(network, runtime, batch_size=4, cache_key="test-weights")
+        with torch.inference_mode():
+            torch.testing.assert_close(again(x), out)
+
+
+def test_auto_runtime_and_batch_size_on_cpu(network):
+    runtime = NetworkRuntime(network, "auto")
+    assert runtime.name in ("openvino", "channels_last")
+    assert auto_sw_batch_size(runtime, (16, 16, 16), 1, torch.device("cpu"), 10) == 1
+    with pytest.raises(ValueError, match="unknown runtime"):
+        NetworkRuntime(network, "tensorrt")
