@@ -1,7 +1,8 @@
 """The service next to a real PACS: Debian's Orthanc with its DICOMweb plugin, on loopback.
 
-The real series is uploaded to Orthanc; Orthanc forwards the study to the service over STOW-RS
-(its DICOMweb client, with the service's API key); the service groups the instances into a series
+The real series is uploaded to Orthanc; once stable, Orthanc forwards it to the service over
+STOW-RS (the deployment's Lua script ``deploy/orthanc/forward-to-medseg.lua`` calling Orthanc's
+DICOMweb client, with the service's API key); the service groups the instances into a series
 after the quiet period, segments it, and pushes the DICOM SEG back to Orthanc over STOW-RS. The
 SEG is then read back from Orthanc and checked against the source series.
 """
@@ -21,7 +22,7 @@ import pydicom
 import pytest
 
 from tests.conftest import shared_path
-from tests.test_service_support import Server, build_tiny_model, create_key, free_port
+from tests.test_service_support import REPO, Server, build_tiny_model, create_key, free_port
 
 ORTHANC = shutil.which("Orthanc")
 PLUGIN_DIRS = [Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc")]
@@ -54,6 +55,8 @@ def orthanc_and_service(tmp_path_factory):
         "HttpPort": orthanc_port, "DicomPort": free_port(), "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": False,
         "Plugins": [str(_dicomweb_plugin())],
+        "LuaScripts": [str(REPO / "deploy" / "orthanc" / "forward-to-medseg.lua")],
+        "StableAge": 1,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"medseg": {
             "Url": f"{service.url}/dicomweb/",
             "HttpHeaders": {"Authorization": f"Bearer {key}"}}}},
@@ -92,14 +95,9 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         sources[ds.SOPInstanceUID] = ds
     series_uid = next(iter(sources.values())).SeriesInstanceUID
-    [study] = httpx.get(pacs + "/studies", timeout=30).json()
 
-    # Orthanc -> service over STOW-RS (Orthanc's own DICOMweb client, with our key)
-    response = httpx.post(pacs + "/dicom-web/servers/medseg/stow", json={"Resources": [study]},
-                          timeout=120)
-    assert response.status_code == 200, response.text
-
-    # the service makes one job of the series, segments it and pushes the SEG back
+    # Orthanc -> service over STOW-RS when the series is stable (Lua script, Orthanc's DICOMweb
+    # client, with our key); the service makes one job of the series, segments it and pushes the SEG back
     with service.client(admin) as client:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -114,6 +112,9 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
         assert job["input"]["series_uid"] == series_uid and job["input"]["instances"] == len(sources)
         assert job["push"]["state"] == "done", job["push"]
         local_seg = client.get(f"/v1/jobs/{job['id']}/result/seg").content
+        # the SEG pushed back is a new stable series in Orthanc: it must not start another job
+        time.sleep(4)
+        assert client.get("/v1/jobs").json()["total"] == 1
 
     found = httpx.post(pacs + "/tools/find", json={"Level": "Instance", "Query": {"Modality": "SEG"}},
                        timeout=30).json()
