@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, __file__, "--one", name, "--repeats", str(args.repeats),
                    "--device", args.device, "--threads", str(args.threads)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:
             rows.append({"network": name, "error": f"timeout after {args.timeout:.0f} s"})
             continue

@@ -18,7 +18,12 @@ import pytest
 import torch
 
 from medseg.errors import ConfigError, InputShapeError
-from medseg.networks import count_parameters, create_network, list_networks, network_entry
+from medseg.networks import (
+    count_parameters,
+    create_network,
+    list_networks,
+    network_entry,
+)
 
 # The spec: parameter counts of the reference configurations (issue 3 / docs/architectures.md),
 # keyed by (network, reference label). Entries of networks not registered yet are skipped.
@@ -183,11 +188,11 @@ def test_tiny_bad_input_raises_input_shape_error(name):
         net(torch.zeros(1, net.in_channels + 1, *x.shape[2:]))
     with pytest.raises(InputShapeError):  # missing batch axis
         net(x[0])
-    divisor = spatial_size(net)  # any axis with divisor > 1, one voxel too long
-    per_axis = net.input_divisor if not isinstance(net.input_divisor, int) else (net.input_divisor,) * net.spatial_dims
-    axes = [a for a, d in enumerate(per_axis) if d > 1]
-    if axes:
-        size = list(divisor)
+    divisor = net.input_divisor
+    divisor = (divisor,) * net.spatial_dims if isinstance(divisor, int) else tuple(divisor)
+    axes = [a for a, d in enumerate(divisor) if d > 1]
+    if axes:  # the first axis with a divisor > 1, one voxel too long
+        size = list(spatial_size(net))
         size[axes[0]] += 1
         with pytest.raises(InputShapeError):
             net(torch.zeros(1, net.in_channels, *size))

@@ -9,7 +9,11 @@ import torch.nn.functional as F
 
 from medseg.errors import ConfigError, PretrainedWeightsError
 from medseg.networks import count_parameters, create_network, network_entry
-from medseg.networks.transunet import TransUNet, resize_position_embedding, transunet_to_npz
+from medseg.networks.transunet import (
+    TransUNet,
+    resize_position_embedding,
+    transunet_to_npz,
+)
 
 TINY = network_entry("transunet").references["tiny"]
 TINY3D = network_entry("transunet3d").references["tiny"]
@@ -241,7 +245,7 @@ def test_transunet3d_layer_scale_init_and_taps():
     size = (16, 24, 32)  # divisor 8; not the reference 32^3, so the position embedding is resized
     with torch.no_grad():
         out = net(torch.randn(2, 1, *size), features=True)
-    scales = lambda taps: [tuple(s // t for s, t in zip(size, tap.shape[2:])) for tap in taps]  # noqa: E731
+    scales = lambda taps: [tuple(s // t for s, t in zip(size, tap.shape[2:])) for tap in taps]
     assert out.logits.shape == (2, 3, *size)
     assert scales(out.encoder) == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8), (8, 8, 8)]
     assert [t.shape[1] for t in out.encoder] == [8, 16, 32, 32, 32]  # last: ViT map (hidden 32)

@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-from medseg.networks import count_parameters, create_network, list_networks, network_entry
+from medseg.networks import (
+    count_parameters,
+    create_network,
+    list_networks,
+    network_entry,
+)
 
 
 def count_reference_parameters(name: str, config: dict[str, Any]) -> int:

@@ -22,8 +22,8 @@ Reference (3D, in 1, out 14, feature_size 48, BTCV 96^3): 62,187,296 parameters;
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR

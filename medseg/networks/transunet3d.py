@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,8 +47,13 @@ from medseg.errors import ConfigError, PretrainedWeightsError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
 from medseg.networks.pretrained import load_state_dict_report
 from medseg.networks.registry import register_network
-from medseg.networks.transunet import (ViTEncoder, convert_npz, resize_position_embedding,
-                                       vit_attention_from_npz, vit_block_keys)
+from medseg.networks.transunet import (
+    ViTEncoder,
+    convert_npz,
+    resize_position_embedding,
+    vit_attention_from_npz,
+    vit_block_keys,
+)
 from medseg.networks.unet import UNet
 
 
