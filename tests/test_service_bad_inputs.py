@@ -17,6 +17,7 @@ from tests.test_service_support import (Server, assert_problem, build_tiny_model
 
 MAX_UPLOAD = 24 * 1024**2
 MAX_INSTANCES = 100
+BODY_TIMEOUT = 8
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def service(tmp_path_factory):
     revoke_key(store, keys["revoked"].split("_")[1])
     store.dispose()
     server = Server(data, models, env={"MEDSEG_SERVICE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-                                       "MEDSEG_SERVICE_MAX_INSTANCES": str(MAX_INSTANCES)}).start()
+                                       "MEDSEG_SERVICE_MAX_INSTANCES": str(MAX_INSTANCES),
+                                       "MEDSEG_SERVICE_REQUEST_TIMEOUT_S": str(BODY_TIMEOUT)}).start()
     yield server, keys
     server.stop()
 
@@ -139,6 +141,27 @@ def test_oversize_chunked_body_is_cut_off_while_streaming(service):
         "Content-Type": "multipart/form-data; boundary=x", "Transfer-Encoding": "chunked"}, chunks)
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert not any((server.data_dir / "incoming").iterdir())  # the partial upload is gone
+
+
+def test_a_body_sent_too_slowly_times_out_with_408(service):
+    """A client that stops sending mid-body gets 408 after the request time limit."""
+    import socket
+
+    server, keys = service
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {keys['submit']}\r\n"
+            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+            "--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.dcm\"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BODY_TIMEOUT + 60) as sock:
+        sock.sendall(head.encode() + b"\0" * 1000)  # ... and then nothing more
+        answer = sock.recv(65536)
+        while answer and not answer.rstrip().endswith(b"}"):
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"https://medseg.dev/problems/request-timeout" in answer
+    assert not any((server.data_dir / "incoming").iterdir())
 
 
 def _raw_request(server: Server, key: str, headers: dict[str, str], chunks: list[bytes]) -> bytes:
