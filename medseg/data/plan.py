@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -28,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from medseg.data.cases import Case, find_cases, read_manifest
 from medseg.errors import DatasetError, UnreadableFileError
+from medseg.io.atomic import atomic_write
 from medseg.package import Normalization
 
 # nnU-Net samples 10e7 foreground voxels over the whole dataset for its intensity statistics
@@ -104,17 +104,8 @@ class Plan(BaseModel):
 
 
 def write_json_atomic(path: str | os.PathLike, payload: object) -> None:
-    """``json.dump`` to a temporary file beside ``path``, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON to a temporary name beside ``path``, then renamed (:func:`medseg.io.atomic.atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
 
 def modality_from_manifest(manifest: dict) -> list[str]:

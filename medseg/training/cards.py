@@ -8,7 +8,6 @@ adapts its result to what the trainer uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError, MedsegError
@@ -34,7 +33,7 @@ def _as_dict(card: Any) -> dict[str, Any]:
     raise ConfigError(f"data card of unexpected type {type(card).__name__}")
 
 
-def load_training_data_card(name_or_path: str | None, dataset_dir: str | Path | None = None) -> TrainingDataCard:
+def load_training_data_card(name_or_path: str | None) -> TrainingDataCard:
     """Load a data card by name or path.
 
     Raises:

@@ -46,6 +46,7 @@ from medseg.data.cases import find_cases
 from medseg.data.plan import Plan, make_plan, write_json_atomic
 from medseg.data.transforms import training_transforms, validation_transforms
 from medseg.errors import ConfigError, DatasetError
+from medseg.io.atomic import atomic_write
 from medseg.losses import build_loss
 from medseg.metrics import label_map_metrics, summarize
 from medseg.networks import create_network
@@ -113,10 +114,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -183,7 +181,7 @@ class Trainer:
         if self.fold < 0 or self.fold >= c.data.num_folds:
             raise ConfigError(f"data.fold: {self.fold} is outside 0..{c.data.num_folds - 1}")
 
-        self.card = load_training_data_card(c.data.data_card, c.data.dataset_dir)
+        self.card = load_training_data_card(c.data.data_card)
         self.plan = self._plan()
         fold = self.plan.folds[self.fold]
         self.spacing = tuple(c.data.spacing or self.plan.spacing)
@@ -216,8 +214,12 @@ class Trainer:
                 find_unused_parameters=True)
 
         self.cases = {case.case_id: case for case in self._cases()}
-        self.train_cases = [self.cases[i].as_dict() for i in fold.train if i in self.cases]
-        self.val_cases = [self.cases[i].as_dict() for i in fold.val if i in self.cases]
+        missing = sorted(set(fold.train + fold.val) - set(self.cases))
+        if missing:
+            raise DatasetError(f"fold {self.fold}: case {missing[0]} of the plan is not in {c.data.dataset_dir}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        self.train_cases = [self.cases[i].as_dict() for i in fold.train]
+        self.val_cases = [self.cases[i].as_dict() for i in fold.val]
         if c.validation.max_cases:
             self.val_cases = self.val_cases[: c.validation.max_cases]
         if len(self.train_cases) < self.batch_size * self.world_size or not self.val_cases:
@@ -253,7 +255,8 @@ class Trainer:
             self._load_checkpoint(self.output_dir / "checkpoints" / "last.pt")
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False))
+            text = yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False)
+            atomic_write(self.output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
             self.plan.save(self.output_dir / "plan.json")
 
     def _cases(self):
@@ -266,6 +269,9 @@ class Trainer:
             plan = Plan.load(c.plan)
             if len(plan.folds) != c.num_folds:
                 raise ConfigError(f"data.num_folds: {c.num_folds} but the plan {c.plan} has {len(plan.folds)} folds")
+            unknown = sorted(set(plan.fingerprint.label_ids) - {label.id for label in self.card.labels})
+            if unknown:
+                raise DatasetError(f"{c.plan}: label values {unknown} are not in the data card {c.data_card}")
             return plan
         divisor = tuple(int(d) for d in _network_divisor(self.config))
         return make_plan(c.dataset_dir, label_ids=[label.id for label in self.card.labels], modality=self.card.modality,
@@ -322,7 +328,8 @@ class Trainer:
 
     def _budget_fraction(self, started: float) -> float:
         """Share of ``training.max_minutes`` spent (rank 0's clock, broadcast so all ranks agree)."""
-        fraction = torch.tensor([(time.perf_counter() - started) / (60 * self.config.training.max_minutes)])
+        fraction = torch.tensor([(time.perf_counter() - started) / (60 * self.config.training.max_minutes)],
+                                device=self.device)  # NCCL broadcasts CUDA tensors
         if self.world_size > 1:
             dist.broadcast(fraction, 0)
         return float(fraction)
