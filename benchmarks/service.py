@@ -147,7 +147,7 @@ def main() -> int:
     print(f"medseg service benchmark: {SERIES.name} (32 DICOM slices, 35x51x32), model {model}{note}")
     print(f"{cpu}, {args.workers} worker(s)\n")
     median = statistics.median
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     print(f"| upload -> 202 accepted (median of {len(sequential)}) | {median(r['accepted_s'] for r in sequential):.2f} s |")
     print(f"| upload -> SEG available, idle service (median of {len(sequential)}) | {median(r['seg_s'] for r in sequential):.2f} s |")
     print(f"| of which predict / write outputs (median) | {median(r['predict_s'] for r in sequential):.2f} s / {median(r['write_s'] for r in sequential):.2f} s |")

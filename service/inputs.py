@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medseg.errors import (InputTooLargeError, MedsegError, ModalityMismatchError,
+from medseg.errors import (InputTooLargeError, ModalityMismatchError,
                            NoImageDataError, UnreadableFileError, UnsafeArchiveError,
                            UnsupportedInputError)
 from medseg.package import ModelCard
@@ -201,5 +201,4 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
     }
 
 
-__all__ = ["JobOptions", "parse_options", "prepare_input", "sniff", "check_zip_limits",
-           "MedsegError"]
+__all__ = ["JobOptions", "parse_options", "prepare_input", "sniff", "check_zip_limits"]

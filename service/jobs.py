@@ -21,8 +21,7 @@ from sqlalchemy import func, select
 
 from service.auth import Principal
 from service.config import Settings
-from service.store import (CANCELLED, EXPIRED, FAILED, QUEUED, RUNNING, STATES, SUCCEEDED, Job,
-                           Store)
+from service.store import EXPIRED, FAILED, QUEUED, STATES, SUCCEEDED, Job, Store
 
 log = logging.getLogger("medseg.service.jobs")
 
@@ -62,9 +61,9 @@ def visible(job: Job | None, principal: Principal) -> bool:
 def cancel_job(store: Store, settings: Settings, job: Job) -> None:
     """Cancel (if queued or running) and delete a job: its row and all its files.
 
-    A running job's worker notices at its next progress check and stops.
+    A running job's worker notices the missing row at its next progress check (or when it
+    finishes) and stops and cleans up.
     """
-    store.update_job(job.id, state=CANCELLED, cancel_requested=True, finished_at=time.time())
     with store.session() as session:
         row = session.get(Job, job.id)
         if row is not None:
@@ -158,4 +157,4 @@ def result_path(settings: Settings, job: Job, name: str) -> Path | None:
 
 
 __all__ = ["create_job", "cancel_job", "expire_jobs", "list_jobs", "job_view", "JobView", "JobPage",
-           "visible", "result_path", "new_job_id", "RUNNING"]
+           "visible", "result_path", "new_job_id"]

@@ -4,9 +4,9 @@ SQLite in write-ahead-log mode is the embedded default (one file in the data dir
 the worker threads of one process); any SQLAlchemy URL (e.g. ``postgresql+psycopg://...``) works
 for several machines sharing one store. Times are POSIX seconds (UTC).
 
-Job states: ``queued`` -> ``running`` -> ``succeeded`` | ``failed``; ``queued``/``running`` ->
-``cancelled`` (by ``DELETE``); ``succeeded``/``failed`` -> ``expired`` when the retention period
-has passed and the data has been deleted. A job interrupted by a crash goes back to ``queued``.
+Job states: ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` -> ``expired`` (retention
+period passed, files deleted). A job interrupted by a crash goes back to ``queued``. ``DELETE``
+removes a job (row and files) in any state; its worker, if any, notices and stops.
 """
 
 from __future__ import annotations
@@ -15,15 +15,13 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from sqlalchemy import (JSON, Boolean, Float, Integer, String, create_engine, event, func, select,
+from sqlalchemy import (JSON, Float, Integer, String, create_engine, event, func, select,
                         update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED = (
-    "queued", "running", "succeeded", "failed", "cancelled", "expired")
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, EXPIRED)
-FINISHED = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+QUEUED, RUNNING, SUCCEEDED, FAILED, EXPIRED = "queued", "running", "succeeded", "failed", "expired"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, EXPIRED)
 
 
 class Base(DeclarativeBase):
@@ -49,7 +47,6 @@ class Job(Base):
     node: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     results: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path relative to job dir
     timings: Mapped[dict] = mapped_column(JSON, default=dict)

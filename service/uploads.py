@@ -45,11 +45,6 @@ class Received:
     fields: dict[str, list[str]] = field(default_factory=dict)
     size: int = 0
 
-    def field(self, name: str) -> str | None:
-        """The last value of a form field, or None."""
-        values = self.fields.get(name)
-        return values[-1] if values else None
-
 
 def suffix_of(filename: str) -> str:
     """The known image suffix of a client file name ('' if none), lower case."""

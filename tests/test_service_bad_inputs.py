@@ -169,7 +169,7 @@ def _raw_request(server: Server, key: str, headers: dict[str, str], chunks: list
     import socket
 
     chunked = headers.get("Transfer-Encoding") == "chunked"
-    lines = [f"POST /v1/jobs HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
+    lines = ["POST /v1/jobs HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
              f"Authorization: Bearer {key}", *(f"{k}: {v}" for k, v in headers.items())]
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
