@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import time
 
 import httpx
 import nibabel as nib
@@ -31,7 +32,8 @@ def service(tmp_path_factory):
     data = root / "data"
     keys = {role: create_key(data, role, role) for role in ("read", "submit", "admin")}
     server = Server(data, build_tiny_model(root / "models"),
-                    env={"MEDSEG_SERVICE_CORS_ORIGINS": ORIGIN}).start()
+                    env={"MEDSEG_SERVICE_CORS_ORIGINS": ORIGIN,
+                         "MEDSEG_SERVICE_STOW_QUIET_S": "1"}).start()
     yield server, keys
     server.stop()
 
@@ -119,6 +121,45 @@ def test_nifti_upload_gives_a_label_map_on_the_input_grid(service):
     label_map = _nifti(nifti)
     assert label_map.shape == source.shape[:3]
     assert np.allclose(label_map.affine, source.affine, atol=1e-4)
+
+
+def test_stow_rs_from_a_dicomweb_client_makes_one_job_per_matching_series(service):
+    """dicomweb-client stores the MR series and three CT instances: all acknowledged; only the
+    MR series (the model's modality) becomes a job. An undecodable part, or an instance without
+    UIDs (the anonymised JPEG 2000 CT), is a failed SOP with reason 0xC000 (202)."""
+    from dicomweb_client.api import DICOMwebClient
+
+    server, keys = service
+    mr = sorted(shared_path("dicom", "hippocampus_crop_study1").iterdir())
+    ct = sorted(shared_path("dicom", "dcm_qa_ct_gantry_tilt", "In", "GE").glob("*.dcm"))[:3]
+    datasets = [pydicom.dcmread(p) for p in mr + ct]
+    stow = DICOMwebClient(f"{server.url}/dicomweb", headers={"Authorization": f"Bearer {keys['submit']}"})
+    result = stow.store_instances(datasets)
+    assert len(result.ReferencedSOPSequence) == len(datasets)
+    assert "FailedSOPSequence" not in result
+    no_uids = sorted(shared_path("dicom", "ct_jpeg2000_series").iterdir())[0]
+    body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + ct[0].read_bytes() + b"\r\n"
+            b"--b\r\nContent-Type: application/dicom\r\n\r\nnot dicom at all\r\n"
+            b"--b\r\nContent-Type: application/dicom\r\n\r\n" + no_uids.read_bytes() + b"\r\n--b--\r\n")
+    with server.client(keys["submit"]) as client:
+        partial = client.post("/dicomweb/studies", content=body, headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+        assert partial.status_code == 202, partial.text
+        assert partial.headers["content-type"] == "application/dicom+json"
+        failed = partial.json()["00081198"]["Value"]
+        assert [item["00081197"]["Value"] for item in failed] == [[0xC000], [0xC000]]
+        assert len(partial.json()["00081199"]["Value"]) == 1
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            stowed = [j for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"]
+                      if j["source"] == "stow"]
+            if stowed and stowed[0]["state"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.2)
+    assert len(stowed) == 1, stowed
+    assert stowed[0]["state"] == "succeeded", stowed[0]
+    assert stowed[0]["input"]["series_uid"] == datasets[0].SeriesInstanceUID
+    assert stowed[0]["input"]["instances"] == len(mr)
 
 
 def test_cancel_a_running_job_and_delete_a_finished_one(service, dicom_job):
