@@ -69,8 +69,7 @@ class UNet(SegmentationNetwork):
             deep_supervision=deep_supervision > 0, deep_supr_num=max(deep_supervision, 1),
             res_block=res_block, trans_bias=False,
         )
-        if deep_supervision == 0:
-            del self.net.deep_supervision_heads
+        if deep_supervision == 0:  # DynUNet has no heads attribute then; keep forward_features uniform
             self.net.deep_supervision_heads = torch.nn.ModuleList()
         self.num_deep_supervision = deep_supervision
 
@@ -104,6 +103,9 @@ class UNet(SegmentationNetwork):
         "3d_fullres": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320)),
         "3d_resenc": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320), res_block=True),
         "2d": dict(spatial_dims=2, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512, 512, 512)),
+        "hippocampus": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(16, 32, 64, 128),
+                            strides=(1, 2, 2, 2), deep_supervision=2),
+        "tiny": dict(spatial_dims=3, in_channels=1, out_channels=2, filters=(8, 16, 32), deep_supervision=1),
     },
     description="nnU-Net-style plain/residual U-Net (MONAI DynUNet), 2D/3D",
 )
