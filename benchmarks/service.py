@@ -10,8 +10,9 @@ Usage::
 
     python benchmarks/service.py [--model hippocampus] [--workers 1] [--jobs 8] [--sequential 3]
 
-Without ``--model`` the bundled ``hippocampus`` model is used if installed, else a tiny untrained
-U-Net of the same card (says so in the table): compare rows only with the same model.
+Without ``--model`` the bundled ``hippocampus`` model is used if installed, else an untrained
+stand-in with the same architecture and window (``configs/hippocampus/unet.yaml``: network and
+validation patch size) - speed does not depend on the weights. The table says which was used.
 """
 
 from __future__ import annotations
@@ -42,12 +43,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _tiny_model(root: Path) -> str:
-    sys.path.insert(0, str(REPO))
-    from tests.test_service_support import TINY_MODEL, build_tiny_model
+def _stand_in_model(root: Path) -> str:
+    """An untrained package with the bundled hippocampus model's planned architecture and window."""
+    import torch
+    import yaml
 
-    build_tiny_model(root)
-    return TINY_MODEL
+    from medseg.labels import Code, Label
+    from medseg.networks import create_network
+    from medseg.package import ModelCard, ModelPackage, NetworkSpec
+
+    plan = yaml.safe_load((REPO / "configs" / "hippocampus" / "unet.yaml").read_text())
+    config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, **plan["network"]["config"]}
+    torch.manual_seed(0)
+    network = create_network(plan["network"]["name"], **config)
+    hippocampus = Code(value="5976003", meaning="Hippocampus")
+    card = ModelCard(
+        name="hippocampus-stand-in", network=NetworkSpec(name=plan["network"]["name"], config=config),
+        modality=["MR"], spacing=(1.0, 1.0, 1.0), patch_size=tuple(plan["validation"]["patch_size"]),
+        labels=[Label(id=1, name="anterior", type=hippocampus),
+                Label(id=2, name="posterior", type=hippocampus, color=(0, 0, 255))])
+    ModelPackage.save(root / card.name, card, network.state_dict())
+    return card.name
 
 
 def _files() -> list:
@@ -96,9 +112,10 @@ def main() -> int:
         model = "hippocampus" if "hippocampus" in list_models() else None
     note = ""
     if model is None:
-        model = _tiny_model(root / "models")
+        model = _stand_in_model(root / "models")
         env["MEDSEG_MODEL_PATH"] = str(root / "models")
-        note = " (tiny untrained stand-in: the bundled hippocampus model is not installed)"
+        note = (" (untrained, same architecture and window as configs/hippocampus/unet.yaml: "
+                "the bundled hippocampus model is not installed yet)")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     env["MEDSEG_SERVICE_DEFAULT_MODEL"] = model
