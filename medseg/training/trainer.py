@@ -291,11 +291,19 @@ class Trainer:
         writer = self._tensorboard()
         stopped_early = False
         epoch = self.start_epoch - 1
+        if self.resume and self._finished():
+            # a finished run resumed (e.g. with other validation settings): re-validate the final
+            # weights with the current settings, keep them as best, and re-export
+            self.best_metric = -math.inf
+            row = {"epoch": epoch + 1, "step": self.global_step, **self._validate(epoch)}
+            if self.is_main:
+                self._log_row(row, writer)
         try:
-            for epoch in range(self.start_epoch, c.training.epochs):
+            for epoch in range(self.start_epoch, c.training.epochs if not self._finished() else 0):
                 row = self._train_epoch(epoch, started)
-                time_up = bool(c.training.max_minutes and time.perf_counter() - started > 60 * c.training.max_minutes)
-                time_up = time_up or row.pop("budget_spent", False)
+                budget_spent = row.pop("budget_spent", False)
+                time_up = budget_spent or bool(
+                    c.training.max_minutes and time.perf_counter() - started > 60 * c.training.max_minutes)
                 if (epoch + 1) % c.validation.every == 0 or epoch + 1 == c.training.epochs or time_up:
                     row.update(self._validate(epoch))
                 self.elapsed = time.perf_counter() - started
@@ -325,6 +333,12 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
         return result
+
+    def _finished(self) -> bool:
+        """All epochs done, or (``scheduler.time_based``) the time budget spent."""
+        t = self.config.training
+        budget_spent = self.config.scheduler.time_based and self.elapsed >= 60 * (t.max_minutes or math.inf)
+        return self.start_epoch >= t.epochs or budget_spent
 
     def _budget_fraction(self, started: float) -> float:
         """Share of ``training.max_minutes`` spent (rank 0's clock, broadcast so all ranks agree)."""
@@ -450,7 +464,7 @@ class Trainer:
                 writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["step"])
         writer.flush()
         val = {k: v for k, v in row.items() if k.startswith("val_dice")}
-        log.info("epoch %d loss %.4f %s", row["epoch"], row["train_loss"], val)
+        log.info("epoch %d loss %s %s", row["epoch"], row.get("train_loss"), val)
         if self.show_progress:
             text = " ".join(f"{k}={v}" for k, v in row.items())
             print(text, file=sys.stderr, flush=True)
