@@ -509,7 +509,7 @@ class Trainer:
         best = self.output_dir / "checkpoints" / "best.pt"
         weights = (torch.load(best, map_location="cpu", weights_only=False)["network"] if best.is_file()
                    else self.network.state_dict())
-        weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        weights = _contiguous_state(weights)
         card = ModelCard(
             name=c.export.name or c.name, version=c.export.version,
             description=c.export.description or f"{c.network.name} trained on {self.plan.dataset} (fold {self.fold})",
@@ -529,6 +529,29 @@ class Trainer:
             data_card=self.card.as_dict(),
         )
         return ModelPackage.save(self.output_dir / "model", card, weights).path
+
+
+def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous (not channels-last) copies, keeping tensors that are shared between keys shared
+    (MONAI's DynUNet lists each skip layer twice; copying them apart would double the file)."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, value in state.items():
+        ident = (value.device, value.data_ptr(), tuple(value.shape), value.stride())
+        if ident not in copies:
+            copies[ident] = value.detach().cpu().contiguous()
+        out[key] = copies[ident]
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _column(name: str) -> str:
@@ -551,7 +574,7 @@ def _network_divisor(config: TrainConfig) -> tuple[int, ...]:
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    info = {"device": str(device), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
