@@ -89,8 +89,9 @@ class ModelGrid:
         self.model_affine: np.ndarray = self.oriented_affine
 
     def to_model(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """``(C, I, J, K)`` on the input grid -> float32 ``(C, *model_shape)`` on the model grid;
-        sets :attr:`model_shape` / :attr:`model_affine`."""
+        """``(C, I, J, K)`` on the input grid -> a new float32 ``(C, *model_shape)`` tensor on the
+        model grid (never sharing memory with ``array``); sets :attr:`model_shape` /
+        :attr:`model_affine`."""
         from monai.data import MetaTensor
         from monai.transforms import Orientation, Spacing
 
@@ -103,7 +104,9 @@ class ModelGrid:
             image = Spacing(pixdim=self.spacing, mode="bilinear")(image)
         self.model_shape = tuple(int(s) for s in image.shape[1:])
         self.model_affine = image.affine.numpy().astype(np.float64)
-        return image.as_tensor().float().contiguous()
+        out = image.as_tensor().float().contiguous()
+        # never a view of the caller's array (it is normalised in place next)
+        return out.clone() if out.data_ptr() == tensor.data_ptr() else out
 
     def to_oriented(self, array: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """``(C, *model_shape)`` -> float32 ``(C, *oriented_shape)``: the spacing step inverted

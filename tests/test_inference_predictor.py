@@ -99,6 +99,14 @@ def test_matches_monai_reference_on_input_grid(runtime, which, lps, package, res
     assert prediction.settings["model_grid"]["resampled"] == (which == "resampled")
 
 
+def test_input_image_is_left_untouched(package):
+    image = read_image(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz"))
+    image.array = np.ascontiguousarray(image.array, dtype=np.float32)  # the no-copy case
+    before = image.array.copy()
+    Predictor(package, runtime="eager").predict(image)
+    assert np.array_equal(image.array, before)
+
+
 def test_orientation_does_not_change_the_segmentation(package, hippocampus):
     predictor = Predictor(package, runtime="eager")
     ras = predictor.predict(hippocampus).label_map.array

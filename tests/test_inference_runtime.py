@@ -56,3 +56,18 @@ def test_auto_runtime_and_batch_size_on_cpu(network):
     assert auto_sw_batch_size(runtime, (16, 16, 16), 1, torch.device("cpu"), 10) == 1
     with pytest.raises(ValueError, match="unknown runtime"):
         NetworkRuntime(network, "tensorrt")
+
+
+def test_openvino_conversion_is_verified_with_fallback(network, tmp_path, monkeypatch, caplog):
+    import medseg.inference.runtime as runtime_module
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path))
+    monkeypatch.setattr(runtime_module, "VERIFY_TOLERANCE", -1.0)  # reject every conversion
+    x = torch.randn(1, 1, 16, 16, 16)
+    fast = NetworkRuntime(network, "openvino", cache_key="rejected")
+    with torch.inference_mode():
+        out = fast(x)
+        torch.testing.assert_close(out, network(x), atol=1e-4, rtol=1e-4)
+    assert fast.name == "channels_last"
+    assert "differs from the network" in caplog.text
+    assert not list(tmp_path.glob("openvino/*/model.xml"))  # nothing unverified is cached

@@ -133,11 +133,12 @@ class _Stitcher:
         return tuple(slice(int(s.start * z), int(s.stop * z)) for s, z in zip(window, self.zoom))
 
     def add_weighted(self, values: torch.Tensor, windows: list[tuple[int, int]]) -> None:
-        """``values`` (N, K, *window) unweighted, on the output device: out += values * weight."""
-        weight = self.weight_sw if self.weight_sw.device == values.device else \
-            self.weight_sw.to(values.device)
+        """``values`` (N, K, *window) unweighted, on the output device: out += values * weight.
+        A lower-precision accumulator gets the window cast first (no promoted temporaries)."""
+        dtype = self.output.dtype
+        weight = self.weight_sw.to(device=values.device, dtype=dtype)
         for value, (b, w) in zip(values, windows):
-            self.output[(b, slice(None), *self.slices[w])].addcmul_(value, weight)
+            self.output[(b, slice(None), *self.slices[w])].addcmul_(value.to(dtype), weight)
 
     def add(self, values: torch.Tensor, windows: list[tuple[int, int]]) -> None:
         """``values`` (N, K, *window) already weighted, on the output device: out += values."""
@@ -145,7 +146,12 @@ class _Stitcher:
             self.output[(b, slice(None), *self.slices[w])].add_(value)
 
     def finish(self) -> torch.Tensor:
-        self.output.div_(self.count)
+        if self.output.dtype == self.count.dtype:
+            self.output.div_(self.count)
+        else:  # one channel at a time: no full-size temporary in the promoted dtype
+            reciprocal = self.count[0].reciprocal()
+            for c in range(self.output.shape[1]):
+                self.output[:, c].mul_(reciprocal)
         return self.output
 
 

@@ -189,7 +189,8 @@ class Predictor:
         array = np.asarray(image.array)
         channels = array[None] if array.ndim == 3 else np.moveaxis(array, 3, 0)
         grid = ModelGrid(image.shape, image.affine, self.card.spacing, self.card.orientation)
-        model_input = grid.to_model(torch.from_numpy(np.ascontiguousarray(channels, dtype=np.float32)))
+        # a copy: normalisation below works in place and must never reach the caller's array
+        model_input = grid.to_model(torch.tensor(channels, dtype=torch.float32))
         for c in range(model_input.shape[0]):
             model_input[c] = normalize_intensity(model_input[c], self.card.normalization)
         lap("preprocess")
@@ -240,6 +241,7 @@ class Predictor:
             accumulator_dtype=self.accumulator_dtype or torch.float32,
             half_precision=self.half_precision)
         logits = logits[0] if self.spatial_dims == 3 else logits.permute(1, 2, 3, 0)
+        self.runtime = self.runtimes[0].name  # may have fallen back on first use
         settings = {"runtime": self.runtime, "device": str(self.device), "sw_batch_size": sw_batch_size,
                     "overlap": self.overlap, "windows": windows, "passes": self.network.passes,
                     "half_precision": self.half_precision and self.device.type == "cuda"}

@@ -144,10 +144,23 @@ class NetworkRuntime:
         n = x.shape[0]
         if self.memory_format is not None:
             x = x.contiguous(memory_format=self.memory_format)
-        if self.name in ("compile", "openvino") and n < self.batch_size:  # one compiled shape
+        padded = self.name in ("compile", "openvino") and n < self.batch_size
+        if padded:  # one compiled shape
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
-            return self._forward(x)[:n]
-        return self._forward(x)
+        try:
+            out = self._forward(x)
+        except ConversionMismatchError as error:
+            log.warning("%s; running the network with the channels_last runtime instead", error)
+            self._fall_back()
+            out = self._forward(x)
+        return out[:n] if padded else out
+
+    def _fall_back(self) -> None:
+        """Switch an ``openvino`` runtime that failed verification to ``channels_last``."""
+        self.name = "channels_last"
+        self.memory_format = _memory_format(self.spatial_dims)
+        self.network = _swap_instance_norms(copy.deepcopy(self.network)).to(memory_format=self.memory_format)
+        self._forward = self.network
 
 
 def openvino_available() -> bool:
@@ -162,8 +175,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDSEG_CACHE") or Path.home() / ".cache" / "medseg")
 
 
+class ConversionMismatchError(RuntimeError):
+    """A converted model does not compute the network's function (checked on first use)."""
+
+
+#: largest max |converted - eager| / range(eager) accepted when verifying a conversion
+VERIFY_TOLERANCE = 1e-3
+
+
 class _OpenVINOForward:
-    """``x (N, C, *window) -> logits`` through an OpenVINO CPU model compiled per input shape."""
+    """``x (N, C, *window) -> logits`` through an OpenVINO CPU model compiled per input shape.
+
+    Each shape is converted with a static input shape (dynamic shapes mis-convert some networks,
+    e.g. Swin UNETR's padding logic) and verified once against the eager network on a seeded
+    random input: max |openvino - eager| must be within :data:`VERIFY_TOLERANCE` of the eager
+    output range, else :class:`ConversionMismatchError`. Verified conversions are cached.
+    """
 
     def __init__(self, network: nn.Module, cache_key: str | None):
         import openvino as ov
@@ -174,40 +201,61 @@ class _OpenVINOForward:
         self.core = ov.Core()
         self.compiled: dict[tuple[int, ...], Any] = {}
 
-    def _model(self, shape: tuple[int, ...]):
+    def _cache_path(self, shape: tuple[int, ...]) -> Path | None:
+        if not self.cache_key:
+            return None
+        tag = hashlib.sha256(f"{self.cache_key}|{shape}|{self.ov.__version__}".encode()).hexdigest()[:24]
+        return cache_dir() / "openvino" / tag / "model.xml"
+
+    def _compile(self, model):
+        return self.core.compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, whatever the CPU supports
+        })
+
+    def _convert_and_verify(self, shape: tuple[int, ...]):
         ov = self.ov
-        path = None
-        if self.cache_key:
-            tag = hashlib.sha256(f"{self.cache_key}|{shape}|{ov.__version__}".encode()).hexdigest()[:24]
-            path = cache_dir() / "openvino" / tag / "model.xml"
-            if path.is_file():
-                return self.core.read_model(str(path))
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about the networks' shape checks
-            model = ov.convert_model(self.network, example_input=torch.zeros(shape))
+            model = ov.convert_model(self.network, example_input=torch.zeros(shape),
+                                     input=[ov.PartialShape(list(shape))])
+        compiled = self._compile(model)
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = self.network(probe).float()
+        got = torch.from_numpy(np.array(compiled({0: probe.numpy()})[0]))
+        span = float(expected.max() - expected.min()) or 1.0
+        error = float((got - expected).abs().max()) / span if got.shape == expected.shape else float("inf")
+        if not error <= VERIFY_TOLERANCE:
+            raise ConversionMismatchError(
+                f"OpenVINO conversion for input {shape} differs from the network "
+                f"(max error {error:.1e} of the output range, shape {tuple(got.shape)})")
+        return model, compiled
+
+    def _load(self, shape: tuple[int, ...]):
+        path = self._cache_path(shape)
+        if path is not None and path.is_file():
+            return self._compile(self.core.read_model(str(path)))
+        model, compiled = self._convert_and_verify(shape)
         if path is not None:
             tmp = None
             try:
                 path.parent.parent.mkdir(parents=True, exist_ok=True)
                 tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=path.parent.parent))
-                ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+                self.ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
                 os.replace(tmp, path.parent)
             except OSError as error:  # another process won the race, or a read-only home
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
                 log.debug("OpenVINO cache not written: %s", error)
-        return model
+        return compiled
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(int(s) for s in x.shape)
         compiled = self.compiled.get(shape)
         if compiled is None:
-            compiled = self.core.compile_model(self._model(shape), "CPU", {
-                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_PRECISION_HINT": "f32",
-            })
-            self.compiled[shape] = compiled
+            compiled = self.compiled[shape] = self._load(shape)
         data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         result = compiled({0: data})[0]
         return torch.from_numpy(np.array(result, copy=True))
