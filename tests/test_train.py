@@ -20,6 +20,7 @@ from medseg.package import resolve_model
 from medseg.preprocess import normalize_intensity
 from medseg.training import Trainer, load_config
 from medseg.training.config import apply_overrides
+from medseg.training.trainer import LRSchedule
 from conftest import shared_path
 
 TINY = {
@@ -63,6 +64,16 @@ def test_config_errors_name_the_bad_key(tmp_path):
         Trainer(load_config(path, ["data.data_card=nosuchcard"]), output_dir=tmp_path / "x")
     with pytest.raises(ConfigError, match="validation.patch_size"):
         Trainer(load_config(path, ["validation.patch_size=[40,54,40]"]), output_dir=tmp_path / "x")
+
+
+def test_lr_schedule_poly_warmup_and_time_budget():
+    schedule = LRSchedule(total_iterations=110, name="poly", power=0.9, warmup=10, min_ratio=0.0)
+    assert schedule(0) == pytest.approx(0.1) and schedule(9) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.5**0.9)  # half of the 100 post-warm-up iterations
+    schedule.time_fraction = 0.75  # the wall-clock budget is ahead of the iteration count
+    assert schedule(60) == pytest.approx(0.25**0.9)
+    cosine = LRSchedule(100, "cosine", 0.9, 0, min_ratio=0.1)
+    assert cosine(50) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(100) == pytest.approx(0.1)
 
 
 def test_overrides_parse_yaml_values():
@@ -140,6 +151,12 @@ def test_plan_train_resume_export(tmp_path):
     assert card.training["epochs"] == 2 and card.training["hardware"]["device"] == "cpu"
     assert set(card.metrics["validation"]["dice"]) == {"anterior hippocampus", "posterior hippocampus", "mean"}
     assert card.data_card["name"] == "hippocampus" and card.data_card["licence"]
+
+    # resuming a finished run re-validates its final weights with the current settings and re-exports
+    assert train(config, straight, "--resume", "validation.overlap=0.25") == 0
+    rows = list(csv.DictReader((straight / "log.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2", "2"] and rows[-1]["train_loss"] == ""
+    assert resolve_model(straight / "model").card.overlap == 0.25
 
     # inference needs nothing but the package: a real case through the loaded network
     network = package.load_network()
