@@ -11,8 +11,16 @@ from monai.losses import DiceCELoss
 
 from medseg.errors import ConfigError
 from medseg.losses import (
-    DeepSupervisionLoss, DualSelfDistillationLoss, FocalTverskyLoss, FocalTverskyMIPLoss, MIPLoss, SideHead,
-    build_loss, kl_distillation, nnunet_deep_supervision_weights, segmentation_loss,
+    DeepSupervisionLoss,
+    DualSelfDistillationLoss,
+    FocalTverskyLoss,
+    FocalTverskyMIPLoss,
+    MIPLoss,
+    SideHead,
+    build_loss,
+    kl_distillation,
+    nnunet_deep_supervision_weights,
+    segmentation_loss,
 )
 from medseg.networks import NetworkOutput, create_network, network_entry
 

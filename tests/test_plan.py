@@ -9,12 +9,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from medseg.cli import main
 from medseg.data.cases import find_cases
 from medseg.data.plan import Plan, make_folds, make_plan, plan_patch_size
 from medseg.errors import DatasetError
-from conftest import shared_path
 
 CASES = ["hippocampus_001", "hippocampus_004", "hippocampus_006", "hippocampus_007", "hippocampus_008",
          "hippocampus_011"]
@@ -65,7 +65,7 @@ def test_plan_on_real_cases(tmp_path):
     all_cases = sorted(CASES)
     for fold in plan.folds:
         assert sorted(fold.train + fold.val) == all_cases and not set(fold.train) & set(fold.val)
-    assert sorted(sum((f.val for f in plan.folds), [])) == all_cases
+    assert sorted(case for f in plan.folds for case in f.val) == all_cases
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
 

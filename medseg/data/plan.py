@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -95,7 +95,7 @@ class Plan(BaseModel):
         write_json_atomic(path, self.model_dump(mode="json"))
 
     @staticmethod
-    def load(path: str | os.PathLike) -> "Plan":
+    def load(path: str | os.PathLike) -> Plan:
         """Read a plan written by :meth:`save`. Raises :class:`UnreadableFileError`."""
         try:
             return Plan.model_validate_json(Path(path).read_text())
@@ -130,7 +130,7 @@ def fingerprint_case(case: Case, label_ids: set[int], samples: int, seed: int) -
         image_nii, label_nii = nib.load(case.image), nib.load(case.label)
         image = np.asarray(image_nii.dataobj, dtype=np.float32)
         label = np.asarray(label_nii.dataobj)
-    except Exception as error:  # nibabel raises many types for corrupt files
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for corrupt files
         raise UnreadableFileError(f"case {case.case_id}: cannot read image/label ({error})") from None
     if image.ndim == 4:
         image = image[..., 0]

@@ -13,14 +13,28 @@ and blur, brightness, gamma, mirroring.
 from __future__ import annotations
 
 import math
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import (
-    CastToTyped, Compose, DeleteItemsd, EnsureTyped, FgBgToIndicesd, LoadImaged, MapTransform, Orientationd,
-    RandAdjustContrastd, RandAffined, RandCropByPosNegLabeld, RandFlipd, RandGaussianNoised,
-    RandGaussianSmoothd, RandScaleIntensityd, Spacingd, SpatialPadd,
+    CastToTyped,
+    Compose,
+    DeleteItemsd,
+    EnsureTyped,
+    FgBgToIndicesd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    Spacingd,
+    SpatialPadd,
 )
 
 from medseg.package import Normalization

@@ -2,7 +2,11 @@
 supervision and dual self-distillation, all applied to a network's
 :class:`~medseg.networks.base.NetworkOutput` through :func:`build_loss`."""
 
-from medseg.losses.deep_supervision import DeepSupervisionLoss, LogitsLoss, nnunet_deep_supervision_weights
+from medseg.losses.deep_supervision import (
+    DeepSupervisionLoss,
+    LogitsLoss,
+    nnunet_deep_supervision_weights,
+)
 from medseg.losses.dsd import DualSelfDistillationLoss, SideHead, kl_distillation
 from medseg.losses.factory import FocalTverskyMIPLoss, build_loss, segmentation_loss
 from medseg.losses.mip import MIPLoss

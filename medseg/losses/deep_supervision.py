@@ -9,7 +9,7 @@ with nearest-neighbour interpolation. The weighting and target resizing are MONA
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.losses import DeepSupervisionLoss as MonaiDeepSupervisionLoss

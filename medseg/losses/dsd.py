@@ -25,7 +25,8 @@ per-network code.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ class SideHead(nn.Module):
         if mode == "deconv":
             exponents = []
             for s in scale:
-                e = int(round(math.log2(s))) if s >= 1 else -1
+                e = round(math.log2(s)) if s >= 1 else -1
                 if e < 0 or 2**e != s:
                     raise ConfigError(f"DSD deconv side heads need power-of-two scales, got {tuple(scale)}; "
                                       "use upsample: trilinear")

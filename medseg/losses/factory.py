@@ -7,7 +7,8 @@ map ``(B, 1, *spatial)``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss

@@ -15,7 +15,8 @@ data is, after ``Orientationd("RAS")``) they run along world ``x`` (left -> righ
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from monai.networks.utils import one_hot

@@ -3,4 +3,4 @@
 from medseg.training.config import TrainConfig, load_config
 from medseg.training.trainer import Trainer, TrainResult
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "load_config"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "load_config"]

@@ -51,7 +51,7 @@ from medseg.losses import build_loss
 from medseg.metrics import label_map_metrics, summarize
 from medseg.networks import create_network
 from medseg.package import ModelCard, ModelPackage, NetworkSpec
-from medseg.training.cards import TrainingDataCard, load_training_data_card
+from medseg.training.cards import load_training_data_card
 from medseg.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
