@@ -14,6 +14,10 @@ Tables:
    ``nnUNetPredictor.predict_single_npy_array`` (``--nnunet-site``, optional). Probabilities
    max difference and label agreement are against MONAI; nnU-Net places its windows and Gaussian
    differently, so only its throughput is comparable.
+4. **trained model** (``--trained hippocampus``) — the bundled trained U-Net on real MSD
+   hippocampus images, every Predictor runtime vs the MONAI pipeline. Random-weight networks
+   are ill-conditioned (near-uniform softmax, instance norms of near-constant deep features), so
+   tables 1-2 overstate runtime differences that a trained network does not show.
 3. **memory** (``--memory``) — stitching 100 classes with a cheap predictor: peak RSS growth of
    MONAI vs medseg (float32 and float16 accumulators) against the formula
    :func:`medseg.inference.engine.stitching_bytes`, and that formula for a 512 x 512 x 300 CT.
@@ -23,6 +27,7 @@ Defaults follow the issue: 160 x 160 x 96 input, 96^3 window, overlap 0.5, Gauss
 
     python benchmarks/sliding_window.py                    # both networks, tables 1-2
     python benchmarks/sliding_window.py --networks unet --memory --threads 1
+    python benchmarks/sliding_window.py --tables none --trained hippocampus --threads 1
     python benchmarks/sliding_window.py --nnunet-site /tmp/nnunet_site   # add nnU-Net v2
 
 nnU-Net v2 is not a project dependency. To include it without touching the environment:
@@ -59,6 +64,15 @@ NETWORKS = {
     "unet": ("unet", "3d_fullres", {"deep_supervision": 1}),
     "swin_unetr": ("swin_unetr", "BTCV", {}),
 }
+
+
+def _vm_hwm() -> int:
+    """Peak resident set size of this process (VmHWM, bytes)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _malloc_trim() -> None:
@@ -290,13 +304,57 @@ def predictor_table(package: ModelPackage, image: Image, repeats: int, name: str
            "labels equal", "peak RSS +MiB"], rows)
 
 
+def trained_table(name: str, cases: int) -> None:
+    """The bundled trained model on real MSD hippocampus images: medseg Predictor runtimes vs the
+    MONAI pipeline (CPU seconds summed over ``cases`` images, worst-case agreement)."""
+    from medseg.io import read_image
+    from medseg.package import resolve_model
+
+    package = resolve_model(name)
+    data = Path(os.environ.get("MEDSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    files = sorted((data / "hippocampus" / "imagesTr").glob("*.nii.gz"))[:cases]
+    if not files:
+        print("4. skipped: no hippocampus images")
+        return
+    network = package.load_network()
+    predictors = {runtime: Predictor(package, runtime=runtime) for runtime in ("eager", "channels_last", "openvino")}
+    for predictor in predictors.values():
+        predictor.predict(read_image(files[0]))  # conversion / warm-up outside the timing
+    cpu = dict.fromkeys([*predictors, "monai"], 0.0)
+    wall = dict.fromkeys([*predictors, "monai"], 0.0)
+    worst = {runtime: [0.0, 1.0] for runtime in predictors}
+    voxels = 0
+    for path in files:
+        image = read_image(path)
+        voxels += int(np.prod(image.shape))
+        w, c, _, (labels, probabilities) = timed(lambda: monai_reference(network, package.card, image), 1)
+        wall["monai"] += w
+        cpu["monai"] += c
+        for runtime, predictor in predictors.items():
+            w, c, _, prediction = timed(lambda: predictor.predict(image, return_probabilities=True), 1)
+            wall[runtime] += w
+            cpu[runtime] += c
+            worst[runtime][0] = max(worst[runtime][0], float(np.abs(prediction.probabilities - probabilities).max()))
+            worst[runtime][1] = min(worst[runtime][1], float((prediction.label_map.array == labels).mean()))
+    rows = [["MONAI (eager)", f"{voxels / wall['monai'] / 1e3:.0f}", f"{voxels / cpu['monai'] / 1e3:.0f}", "1.00",
+             "1.00", "-", "-"]]
+    for runtime in predictors:
+        rows.append([f"medseg Predictor ({runtime})", f"{voxels / wall[runtime] / 1e3:.0f}",
+                     f"{voxels / cpu[runtime] / 1e3:.0f}", f"{wall['monai'] / wall[runtime]:.2f}",
+                     f"{cpu['monai'] / cpu[runtime]:.2f}", f"{worst[runtime][0]:.1e}", f"{100 * worst[runtime][1]:.3f} %"])
+    card = package.card
+    table(f"4. bundled trained model '{name}' ({card.network.name} {card.network.config.get('filters')}, window "
+          f"{tuple(card.patch_size)}), {len(files)} real MSD hippocampus images, end to end, "
+          f"{torch.get_num_threads()} thread(s)",
+          ["pipeline", "kvox/s wall", "kvox/s cpu", "x MONAI (wall)", "x (cpu)", "prob max diff (worst)",
+           "labels equal (worst)"], rows)
+
+
 MEMORY_VARIANTS = ("MONAI", "medseg float32", "medseg float16")
 
 
 def memory_child(variant: str, shape: tuple[int, int, int], roi: int, classes: int = 100) -> None:
     """Run one stitching variant in this (fresh) process; print its peak RSS growth in bytes."""
-    import resource
-
     from monai.inferers import sliding_window_inference as monai_swi
 
     torch.manual_seed(0)
@@ -315,7 +373,7 @@ def memory_child(variant: str, shape: tuple[int, int, int], roi: int, classes: i
             dtype = torch.float16 if variant.endswith("16") else torch.float32
             out = sliding_window_inference(x, (roi,) * 3, 1, head, 0.5, "gaussian", accumulator_dtype=dtype)
     wall = time.perf_counter() - wall
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    peak = _vm_hwm()  # this process's own high-water mark (ru_maxrss survives exec)
     print(f"{peak - base} {wall:.3f} {out.dtype}")
 
 
@@ -351,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--tables", default="engine,predictor", help="engine,predictor")
     parser.add_argument("--memory", action="store_true", help="add the stitching memory table")
+    parser.add_argument("--trained", default=None, metavar="MODEL",
+                        help="add table 4 for a trained model package (e.g. the bundled 'hippocampus')")
+    parser.add_argument("--cases", type=int, default=6, help="images for table 4 (default 6)")
     parser.add_argument("--memory-shape", type=int, nargs=3, default=(192, 192, 96),
                         help="input of the memory table (default 192 192 96, window 64^3)")
     parser.add_argument("--nnunet-site", default=None, help="folder with nnunetv2 installed (--target)")
@@ -376,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                 engine_table(network, x, args.roi, args.repeats, name)
             if "predictor" in tables:
                 predictor_table(package, image, args.repeats, name, args.nnunet_site)
+        if args.trained:
+            trained_table(args.trained, args.cases)
         if args.memory:
             memory_table(tuple(args.memory_shape), 64)
     return 0

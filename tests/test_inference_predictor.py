@@ -217,3 +217,42 @@ def test_statistics_on_real_labels():
     empty = label_statistics(np.zeros_like(labels), affine, LABELS, intensities)
     assert [entry["volume_ml"] for entry in empty] == [0, 0]
     assert empty[0]["mean_intensity"] is None
+
+
+def test_2d_model_runs_slice_by_slice(tmp_path, hippocampus):
+    torch.manual_seed(0)
+    config = dict(spatial_dims=2, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1)
+    card = ModelCard(name="hippocampus-2d", network=NetworkSpec(name="unet", config=config), modality=["MR"],
+                     labels=LABELS, spacing=(1.0, 1.0, 1.0), patch_size=(32, 32), overlap=0.25)
+    package = ModelPackage.save(tmp_path / "2d", card, create_network("unet", **config).state_dict())
+    prediction = Predictor(package, runtime="eager").predict(hippocampus)
+    assert prediction.label_map.shape == hippocampus.shape
+    # slice k of the label map is the 2D network's argmax on slice k alone
+    network = package.load_network()
+    k = hippocampus.shape[2] // 2
+    from monai.inferers import sliding_window_inference as monai_sliding_window_inference
+
+    from medseg.preprocess import normalize_intensity
+    volume = normalize_intensity(np.asarray(hippocampus.array, dtype=np.float32), card.normalization)
+    with torch.no_grad():
+        logits = monai_sliding_window_inference(torch.from_numpy(volume[None, None, :, :, k]), (32, 32), 1,
+                                                network, 0.25, "gaussian")
+    agree = (logits[0].argmax(0).numpy() == prediction.label_map.array[:, :, k]).mean()
+    assert agree >= 0.999
+
+
+def test_bundled_trained_model_default_runtime_matches_monai():
+    from medseg.package import BUNDLED_MODELS, ModelPackage as Package
+
+    if not (BUNDLED_MODELS / "hippocampus" / "configs" / "metadata.json").is_file():
+        pytest.skip("no bundled hippocampus model")
+    trained = Package(BUNDLED_MODELS / "hippocampus")
+    predictor = Predictor(trained)  # runtime auto: OpenVINO on the CPU when installed
+    network = trained.load_network()
+    for case in ("hippocampus_001.nii.gz", "hippocampus_004.nii.gz"):
+        image = read_image(shared_path("hippocampus", "imagesTr", case))
+        prediction = predictor.predict(image, return_probabilities=True)
+        labels, probabilities = monai_reference(network, trained.card, image)
+        assert np.abs(prediction.probabilities - probabilities).max() <= 1e-3
+        assert (prediction.label_map.array == labels).mean() >= 0.999
+        assert prediction.statistics[0]["voxels"] > 0  # a trained model finds the hippocampus

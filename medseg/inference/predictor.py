@@ -17,6 +17,13 @@ Steps (one implementation each, shared with training where training has them):
 5. post-processing (:func:`medseg.inference.postprocess.clean_label_map`) and per-label
    statistics (:func:`medseg.inference.statistics.label_statistics`).
 
+Host memory for K classes, ``V`` model-grid voxels and ``U`` input voxels: the stitched logits
+``K * V * 4`` bytes (2 with ``accumulator_dtype=torch.float16``) plus a ``V * 4`` weight map, turned
+into probabilities in place; then ``8 * U * 4`` for a chunk of resampled channels and ``U * 5`` for
+the running maximum and argmax. A 512 x 512 x 300 CT (``U = V`` = 78.6 M voxels) with 100 classes:
+31.5 GB (float32) or 15.7 GB (float16) of logits + 0.3 GB weights + 2.9 GB, never a second
+``K x voxels`` buffer (MONAI's softmax + ``Invertd`` chain holds two or three).
+
 The label map's affine is the input affine (a copy, bit for bit), its shape the input shape.
 Channel ``c`` of the network is label ``labels[c - 1]`` of the card sorted by id (channel 0 is
 background).
