@@ -31,6 +31,10 @@ class DataCard(BaseModel):
         modality: DICOM modalities of the images (``["MR"]``).
         labels: foreground labels of the label maps (ids, names, SNOMED CT codes, colours).
         spacing: typical voxel spacing (mm) along i, j, k, if uniform.
+        field_of_view_mm: ``{"min": [x, y, z], "max": [x, y, z]}``, the smallest and largest image
+            extent (voxels x spacing, mm, per RAS axis) in the data set; models trained on it
+            record it, and ``medseg predict`` skips series far outside it (e.g. a whole brain for
+            a hippocampus-crop model).
         quirks: things a user of the data will trip over.
     """
 
@@ -42,6 +46,7 @@ class DataCard(BaseModel):
     modality: list[str]
     labels: list[Label]
     spacing: tuple[float, float, float] | None = None
+    field_of_view_mm: dict[str, tuple[float, float, float]] | None = None
     quirks: list[str] = Field(default_factory=list)
 
     @field_validator("labels")

@@ -66,3 +66,16 @@ def test_bundled_model_card_is_complete():
     assert card.metrics and card.training
     weights = REPO / "medseg" / "models" / "hippocampus" / "models" / "model.pt"
     assert weights.stat().st_size < 30 * 2**20
+
+
+def test_study_export_segments_the_crop_and_skips_whole_brain_series(tmp_path, capsys):
+    """The bundled card's field of view (from the data card) decides which MR series fit."""
+    from medseg.cli import main
+
+    export = shared_path("dicom", "mr_brain_study3_export")
+    assert main(["predict", str(export), "--model", "hippocampus", "--output", str(tmp_path), "--formats", "json"]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "1 segmented" in text and "4 skipped" in text
+    assert text.count("field of view") == 4
+    assert len(list(tmp_path.glob("*.json"))) == 1
