@@ -205,8 +205,10 @@ def test_models_health_metrics(service, dicom_job):
     ready = httpx.get(server.url + "/readyz").json()
     assert ready["status"] == "ready" and set(ready["checks"].values()) == {"ok"}
     with server.client(keys["read"]) as client:
-        [model] = client.get("/v1/models").json()
-        assert model["name"] == "tiny-hippocampus" and model["default"] and model["modality"] == ["MR"]
+        models = {model["name"]: model for model in client.get("/v1/models").json()}
+        assert {"tiny-hippocampus", "hippocampus"} <= set(models)  # the test's package and the bundled one
+        model = models["tiny-hippocampus"]
+        assert model["default"] and model["modality"] == ["MR"] and not models["hippocampus"]["default"]
         metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
