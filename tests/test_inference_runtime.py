@@ -71,3 +71,22 @@ def test_openvino_conversion_is_verified_with_fallback(network, tmp_path, monkey
     assert fast.name == "channels_last"
     assert "differs from the network" in caplog.text
     assert not list(tmp_path.glob("openvino/*/model.xml"))  # nothing unverified is cached
+
+
+def test_openvino_conversion_sends_no_telemetry():
+    """Privacy: converting a network never reaches OpenVINO's Google Analytics telemetry."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sys\n"
+        "from medseg.inference.runtime import _OpenVINOForward\n"
+        "forward = _OpenVINOForward(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), cache_key=None)\n"
+        "forward._convert_and_verify((1, 1, 8, 8, 8))\n"
+        "from openvino.tools.ovc import convert_impl, telemetry_utils\n"
+        "assert convert_impl.tm.__name__.endswith('telemetry_stub'), convert_impl.tm\n"
+        "assert telemetry_utils.tm.__name__.endswith('telemetry_stub'), telemetry_utils.tm\n"
+        "assert sys.modules.get('openvino_telemetry') is None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

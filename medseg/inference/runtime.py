@@ -183,6 +183,25 @@ class ConversionMismatchError(RuntimeError):
 VERIFY_TOLERANCE = 1e-3
 
 
+def _block_openvino_telemetry() -> None:
+    """Keep ``openvino.convert_model`` from sending usage events to Google Analytics.
+
+    OpenVINO's converter reports each conversion through ``openvino_telemetry`` unless the user
+    opted out in a consent file, a network call the user never configured. Marking the module as
+    unimportable (before OpenVINO is imported) makes the converter fall back to its own no-op
+    ``openvino.tools.ovc.telemetry_stub``.
+    """
+    import sys
+
+    if "openvino.tools.ovc.telemetry_utils" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+        sys.modules.setdefault("openvino_telemetry.backend", None)  # type: ignore[arg-type]
+        return
+    from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils  # already loaded
+
+    telemetry_utils.tm = convert_impl.tm = telemetry_stub
+
+
 class _OpenVINOForward:
     """``x (N, C, *window) -> logits`` through an OpenVINO CPU model compiled per input shape.
 
@@ -193,6 +212,7 @@ class _OpenVINOForward:
     """
 
     def __init__(self, network: nn.Module, cache_key: str | None):
+        _block_openvino_telemetry()
         import openvino as ov
 
         self.ov = ov
