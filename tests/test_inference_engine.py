@@ -16,15 +16,6 @@ from tests.conftest import shared_path
 TOLERANCE = 1e-4  # max abs difference relative to the output range
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the tests' windows are tiny, and on a shared CPU OpenMP threads
-    spinning against other processes cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _close(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert ours.shape == reference.shape

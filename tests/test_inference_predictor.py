@@ -35,17 +35,6 @@ LABELS = [
 HIPPOCAMPUS_FOV = {"min": [31, 40, 24], "max": [43, 59, 47]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(tmp_path_factory):
-    """One intra-op thread: the tests' windows are tiny, and on a shared CPU OpenMP threads
-    spinning against other processes cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:  # converted-model cache inside the test's tmp
-        patch.setenv("MEDSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-    torch.set_num_threads(threads)
-
 
 def make_package(path: Path, spacing=(1.0, 1.0, 1.0), seed: int = 0, **card_fields) -> ModelPackage:
     """A small untrained 3D U-Net package with the hippocampus label card."""

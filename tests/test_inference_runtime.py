@@ -9,13 +9,6 @@ from medseg.inference.runtime import GroupInstanceNorm, NetworkRuntime, auto_sw_
 from medseg.networks import create_network
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def network():

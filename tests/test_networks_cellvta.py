@@ -22,14 +22,6 @@ from medseg.networks.vit_adapter import VisionTransformer, resample_position_emb
 REFERENCES = network_entry("cellvta").references
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared, oversubscribed CPU run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(**overrides) -> CellVTA:
     return create_network("cellvta", **{**REFERENCES["tiny"], **overrides})

@@ -43,14 +43,6 @@ TOLERANCE = 0.005
 TINY = "tiny"
 NETWORKS = list_networks()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops on a shared, oversubscribed CPU run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 ALL_REFERENCES = [(n, label) for n in NETWORKS for label in network_entry(n).references]
 
 

@@ -15,13 +15,6 @@ SMALL3D = dict(spatial_dims=3, in_channels=1, out_channels=3, feature_size=12, d
 MONAI_KEYS = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("label,expected", [("BTCV", 62_187_296), ("BTCV_v2", 72_762_656), ("2d", 25_138_323)])
 def test_reference_counts_on_meta_equal_monai(label, expected):

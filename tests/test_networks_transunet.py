@@ -19,13 +19,6 @@ TINY = network_entry("transunet").references["tiny"]
 TINY3D = network_entry("transunet3d").references["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def meta(name: str, **config):
     with torch.device("meta"):

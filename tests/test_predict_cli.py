@@ -12,22 +12,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 
 from medseg.cli import main
 from medseg.io import read_image, read_seg
 from tests.conftest import shared_path
 from tests.test_inference_predictor import make_package
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:  # converted-model cache inside the test's tmp
-        patch.setenv("MEDSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
