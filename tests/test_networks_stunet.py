@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from medseg.errors import ConfigError, InputShapeError, PretrainedWeightsError
+from medseg.losses import nnunet_deep_supervision_weights
 from medseg.networks import count_parameters, create_network, network_entry
 from medseg.networks.stunet import (
-    NNUNET_DEEP_SUPERVISION_WEIGHTS, medseg_to_upstream_key, nnunet_deep_supervision_weights,
+    NNUNET_DEEP_SUPERVISION_WEIGHTS,
+    medseg_to_upstream_key,
     upstream_to_medseg_key,
 )
 

@@ -21,7 +21,8 @@ based). Built here on PyTorch/MONAI from the facts in ``docs/architectures.md`` 
   final output, the others are the native deep-supervision outputs. nnU-Net v1
   (``nnUNetTrainerV2``) weights them ``1 / 2**i`` (finest first), masks the coarsest to 0 and
   normalises: ``[8/15, 4/15, 2/15, 1/15, 0]`` for ``[logits, ds_1, ds_2, ds_3, ds_4]``
-  (:data:`NNUNET_DEEP_SUPERVISION_WEIGHTS`).
+  (:data:`NNUNET_DEEP_SUPERVISION_WEIGHTS`, as computed by
+  :func:`medseg.losses.nnunet_deep_supervision_weights`).
 
 Parameter counts (in 1, 105 classes, all 5 heads) equal the upstream README:
 S 14,596,941 / B 58,262,669 / L 440,302,605 / H 1,457,326,221 (``tests/test_networks_stunet.py``).
@@ -58,15 +59,6 @@ STUNET_SIZES: dict[str, dict[str, tuple[int, ...]]] = {
 #: nnU-Net v1 deep-supervision loss weights for ``[logits, *deep_supervision]`` (finest first) of
 #: a 6-stage STU-Net: ``1 / 2**i``, coarsest masked to 0, normalised to sum 1.
 NNUNET_DEEP_SUPERVISION_WEIGHTS: tuple[float, ...] = (8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0)
-
-
-def nnunet_deep_supervision_weights(num_outputs: int) -> list[float]:
-    """nnU-Net v1 weights for ``num_outputs`` outputs, finest first: ``1/2**i``, last one 0, sum 1."""
-    weights = [1 / 2**i for i in range(num_outputs)]
-    if num_outputs > 1:
-        weights[-1] = 0.0
-    total = sum(weights)
-    return [w / total for w in weights]
 
 
 class BasicResBlock(nn.Module):
