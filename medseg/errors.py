@@ -8,16 +8,35 @@ but never patient identifiers.
 
 from __future__ import annotations
 
+import re
+
+# an absolute POSIX path inside a message: everything from a leading "/" to the next separator
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.~-])/[^\s'"(),;]*""")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute path reduced to its last component (``/srv/a/b.mha`` ->
+    ``b.mha``), so messages name files but never reveal server folders."""
+
+    def last(match: re.Match) -> str:
+        parts = [p for p in match.group(0).split("/") if p]
+        return parts[-1] if parts else "/"
+
+    return _ABSOLUTE_PATH.sub(last, text)
+
 
 class MedsegError(Exception):
-    """Base class of every error caused by the user's input or configuration."""
+    """Base class of every error caused by the user's input or configuration.
+
+    The message is one line, and absolute paths in it are reduced to their file names
+    (:func:`redact_paths`): errors reach service clients, which must never learn server paths.
+    """
 
     code = "invalid-input"
     http_status = 400
 
     def __init__(self, message: str):
-        # one line, always
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(redact_paths(" ".join(str(message).split())))
 
 
 class UnreadableFileError(MedsegError):
@@ -62,11 +81,26 @@ class UnsafeArchiveError(MedsegError):
     http_status = 422
 
 
+class UnsafeInputError(MedsegError):
+    """An input file points outside itself (detached pixel data of a MetaImage/NRRD header, a
+    NIfTI pair) where that is not allowed; refused before anything is read."""
+
+    code = "unsafe-input"
+    http_status = 422
+
+
 class InputTooLargeError(MedsegError):
     """An input exceeds a configured size limit."""
 
     code = "too-large"
     http_status = 413
+
+
+class WorkBudgetError(MedsegError):
+    """A prediction would need more sliding-window evaluations than the configured budget."""
+
+    code = "too-much-work"
+    http_status = 422
 
 
 class ModalityMismatchError(MedsegError):

@@ -173,7 +173,8 @@ def _json_default(value: Any) -> Any:
 
 
 def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_dir: str | Path,
-                  formats: Sequence[str] = FORMATS, stem: str | None = None) -> dict[str, Path]:
+                  formats: Sequence[str] = FORMATS, stem: str | None = None,
+                  warnings: list[str] | None = None) -> dict[str, Path]:
     """Write the outputs of ``prediction`` for ``image`` and return ``{format: path}``.
 
     Args:
@@ -184,6 +185,9 @@ def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_d
         formats: any of ``nifti``, ``seg``, ``json``, ``png``; ``seg`` is skipped (not an error)
             when the input was not DICOM.
         stem: file-name stem (default: :func:`series_stem`).
+        warnings: if given, receives the writers' warnings (e.g. the SEG's repaired or emptied
+            patient/study attributes, by keyword); they are also added to the report's
+            ``input.warnings``.
 
     Raises:
         ValueError: unknown format.
@@ -200,15 +204,20 @@ def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_d
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     labels = sorted(card.labels, key=lambda label: label.id)
     written: dict[str, Path] = {}
+    notes: list[str] = []
     if "nifti" in paths:
         written["nifti"] = write_nifti(prediction.label_map, paths["nifti"], label_map=True)
     if "seg" in paths:
         written["seg"] = write_seg(prediction.label_map, image, labels, paths["seg"],
                                    series_description=f"{card.name} segmentation"[:64],
-                                   algorithm_name=card.name, algorithm_version=card.version)
+                                   algorithm_name=card.name, algorithm_version=card.version,
+                                   warnings=notes)
     if "png" in paths:
         written["png"] = write_preview(prediction.label_map.array, image, labels, paths["png"])
     if "json" in paths:
         report = build_report(prediction, image, card, {**written, "json": paths["json"]})
+        report["input"]["warnings"] = [*report["input"]["warnings"], *notes]
         written["json"] = write_report(report, paths["json"])
+    if warnings is not None:
+        warnings.extend(notes)
     return written

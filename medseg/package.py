@@ -164,21 +164,39 @@ def model_search_path() -> list[Path]:
     return [*extra, BUNDLED_MODELS]
 
 
-def resolve_model(name_or_path: str | os.PathLike) -> ModelPackage:
+def resolve_model(name_or_path: str | os.PathLike, *, allow_path: bool = True) -> ModelPackage:
     """A package by directory path, or by name in :func:`model_search_path`.
+
+    Args:
+        name_or_path: a registered package name, or (with ``allow_path``) a package folder.
+        allow_path: ``False`` for untrusted callers (the service): only a plain registered name
+            (letters, digits, ``.``, ``_``, ``-``; no folder part) is looked up, never a path.
 
     Raises:
         ModelNotFoundError: nothing of that name or path holds ``configs/metadata.json``.
     """
-    candidate = Path(name_or_path)
-    if (candidate / METADATA).is_file():
-        return ModelPackage(candidate)
-    if candidate.name == str(name_or_path):
+    text = str(name_or_path)
+    if allow_path:
+        candidate = Path(name_or_path)
+        if (candidate / METADATA).is_file():
+            return ModelPackage(candidate)
+    if is_model_name(text):
         for folder in model_search_path():
-            if (folder / str(name_or_path) / METADATA).is_file():
-                return ModelPackage(folder / str(name_or_path))
+            if (folder / text / METADATA).is_file():
+                return ModelPackage(folder / text)
     known = ", ".join(list_models()) or "none"
-    raise ModelNotFoundError(f"model '{name_or_path}' not found (known: {known})")
+    shown = text if is_model_name(text) else Path(text).name[:80]
+    raise ModelNotFoundError(f"model '{shown}' not found (known: {known})")
+
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+def is_model_name(text: str) -> bool:
+    """Whether ``text`` is a plain package name (no path separator, no ``..``)."""
+    import re
+
+    return re.fullmatch(MODEL_NAME_PATTERN, text) is not None and ".." not in text
 
 
 def list_models() -> list[str]:

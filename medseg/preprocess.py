@@ -88,6 +88,16 @@ class ModelGrid:
         self.model_shape: tuple[int, ...] = self.oriented_shape
         self.model_affine: np.ndarray = self.oriented_affine
 
+    @property
+    def planned_model_shape(self) -> tuple[int, ...]:
+        """The model grid's shape as the spacing step will make it (to within a voxel), known
+        before any resampling: ``oriented_shape * current spacing / target spacing``."""
+        if not self.resampled:
+            return self.oriented_shape
+        current = np.linalg.norm(self.oriented_affine[:3, :3], axis=0)
+        return tuple(max(1, int(round(n * c / t)))
+                     for n, c, t in zip(self.oriented_shape, current, self.spacing))
+
     def to_model(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``(C, I, J, K)`` on the input grid -> a new float32 ``(C, *model_shape)`` tensor on the
         model grid (never sharing memory with ``array``); sets :attr:`model_shape` /

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from medseg.errors import MedsegError
-from medseg.package import list_models, resolve_model
+from medseg.package import MODEL_NAME_PATTERN, list_models, resolve_model
 from service import jobs as job_ops
 from service.auth import Principal, require
 from service.inputs import parse_options, prepare_input
@@ -23,6 +23,15 @@ from service.store import EXPIRED, STATES, SUCCEEDED
 from service.uploads import receive_multipart
 
 router = APIRouter()
+
+
+def _validation_limiter(state) -> anyio.CapacityLimiter:
+    """At most ``settings.max_validations`` uploads are read and checked at the same time (each
+    may hold a whole series in memory); the others wait their turn."""
+    limiter = getattr(state, "validation_limiter", None)
+    if limiter is None:
+        limiter = state.validation_limiter = anyio.CapacityLimiter(state.settings.max_validations)
+    return limiter
 ResultName = Literal["seg", "nifti", "report", "preview"]
 
 UPLOAD_BODY = {
@@ -30,12 +39,13 @@ UPLOAD_BODY = {
     "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
         "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+            "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
                      "description": "one NIfTI/NRRD/MHA file, one ZIP of DICOM files, or DICOM files"},
-            "model": {"type": "string", "description": "model name (GET /v1/models)"},
+            "model": {"type": "string", "pattern": MODEL_NAME_PATTERN,
+                      "description": "a registered model name (GET /v1/models)"},
             "series_uid": {"type": "string", "description": "series to segment if several"},
             "tta": {"type": "boolean", "description": "test-time augmentation"},
-            "overlap": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+            "overlap": {"type": "number", "minimum": 0, "maximum": 0.9},
             "formats": {"type": "string", "description": "comma-separated: seg,nifti,report,preview"},
         }}}},
 }
@@ -62,27 +72,40 @@ def readyz(request: Request) -> dict[str, Any]:
     state = request.app.state
     checks: dict[str, str] = {}
     try:
-        state.store.ping()
+        state.store.check_writable()
         checks["database"] = "ok"
     except Exception as error:
         checks["database"] = f"unavailable ({type(error).__name__})"
     try:
-        resolve_model(state.settings.default_model)
+        resolve_model(state.settings.default_model, allow_path=False)
         checks["default_model"] = "ok"
     except MedsegError:
         checks["default_model"] = f"'{state.settings.default_model}' not found"
     alive, wanted = state.pool.alive, state.settings.workers
     checks["workers"] = "ok" if alive == wanted else f"{alive} of {wanted} running"
-    checks["data_dir"] = "ok" if os.access(state.settings.data_dir, os.W_OK) else "not writable"
+    for name in ("incoming_dir", "jobs_dir", "stow_dir"):
+        checks[name] = "ok" if _writable(getattr(state.settings, name)) else "not writable"
     if any(v != "ok" for v in checks.values()):
         raise Problem(503, "unavailable", "service not ready: " + ", ".join(
             f"{k} {v}" for k, v in checks.items() if v != "ok"), checks=checks)
     return {"status": "ready", "checks": checks}
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics",
-            response_class=Response, responses=problem_responses(401, 403))
-def metrics(request: Request, _: Principal = Depends(require("read"))) -> Response:
+def _writable(folder) -> bool:
+    """A file can be created in ``folder`` now (``os.access`` is not enough: root, read-only
+    mounts, a full disk)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ready-"):
+            return True
+    except OSError:
+        return False
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics (admin keys only: the "
+            "counts cover every tenant)", response_class=Response, responses=problem_responses(401, 403))
+def metrics(request: Request, _: Principal = Depends(require("admin"))) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry),
                     media_type=CONTENT_TYPE_LATEST)
 
@@ -94,7 +117,7 @@ def models(request: Request, _: Principal = Depends(require("read"))) -> list[Mo
     views = []
     for name in dict.fromkeys(list_models()):
         try:
-            card = resolve_model(name).card
+            card = resolve_model(name, allow_path=False).card
         except MedsegError:
             continue
         views.append(ModelView(
@@ -122,9 +145,10 @@ async def submit_job(request: Request, response: Response,
     try:
         options = parse_options(received.fields)
         model = options.model or settings.default_model
-        package = resolve_model(model)
-        job_input = await run_in_threadpool(prepare_input, received, upload_dir, settings,
-                                            package.card, options)
+        package = resolve_model(model, allow_path=False)
+        job_input = await anyio.to_thread.run_sync(
+            prepare_input, received, upload_dir, settings, package.card, options,
+            limiter=_validation_limiter(state))
         job = await run_in_threadpool(
             job_ops.create_job, store, settings, job_id=job_id, owner=principal.key_id,
             source="upload", model=model, job_input=job_input, input_dir=upload_dir,

@@ -38,6 +38,14 @@ class Settings(BaseModel):
     max_uncompressed_bytes: int = Field(8 * GiB, gt=0, description="zip: total uncompressed size")
     max_zip_ratio: float = Field(200.0, gt=1, description="zip: uncompressed / compressed size")
     max_form_fields: int = Field(32, gt=0)
+    max_voxels: int = Field(
+        2**29, gt=0, description="most voxels a series may declare (all channels), checked on the "
+        "headers before pixels are decoded; the default holds a 512 x 512 x 2048 CT")
+    max_windows: int = Field(
+        500_000, gt=0, description="most network evaluations (sliding windows x TTA passes) per "
+        "job; the default holds a 410 x 410 x 1500 mm whole-body CT at 1 mm, overlap 0.5 and "
+        "8-pass TTA with a 32 x 48 x 32 patch")
+    max_validations: int = Field(2, gt=0, description="uploads validated at the same time")
     request_timeout_s: float = Field(600.0, gt=0, description="time to receive one request body")
     retention_s: float = Field(72 * 3600.0, gt=0, description="finished jobs' data kept this long")
     max_attempts: int = Field(3, ge=1, description="a job interrupted this often is failed")
@@ -46,6 +54,19 @@ class Settings(BaseModel):
     maintenance_interval_s: float = Field(2.0, gt=0)
     # HTTP
     cors_origins: list[str] = Field(default_factory=list)
+    max_connections: int = Field(
+        256, gt=0, description="open HTTP connections (and requests in progress) served at once; "
+        "past it uvicorn answers 503 (keep it well above the expected concurrent uploads)")
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this many seconds")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a client has to send a request's complete line and "
+        "headers, from the connection (or the previous response); then the connection is closed")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request line + headers, in bytes (bigger: 400)")
+    retry_after_s: int = Field(
+        5, ge=1, description="seconds sent in Retry-After with a 503 for a storage fault "
+        "(database locked, data folder unwritable or full)")
     # DICOMweb
     stow_quiet_s: float = Field(10.0, ge=0, description="series complete after this long quiet")
     stow_model: str | None = Field(None, description="model for STOW-RS series; default_model if unset")
@@ -58,6 +79,13 @@ class Settings(BaseModel):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return Path(value).expanduser().resolve()
+
+    @property
+    def read_policy(self):
+        """What reading an upload may touch: self-contained files only, ``max_voxels``."""
+        from medseg.io.safety import ReadPolicy
+
+        return ReadPolicy(detached_data="refuse", max_voxels=self.max_voxels)
 
     @property
     def db_url(self) -> str:

@@ -89,7 +89,7 @@ async def _stow(request: Request, principal: Principal, study_uid: str | None) -
                       f"STOW-RS accepts type=\"application/dicom\" parts, not '{part_type[:60]}'")
     model = settings.stow_model or settings.default_model
     try:
-        modalities = [m.upper() for m in resolve_model(model).card.modality]
+        modalities = [m.upper() for m in resolve_model(model, allow_path=False).card.modality]
     except MedsegError:
         raise Problem(503, "unavailable", f"the STOW-RS model '{model}' is not installed") from None
     batch = settings.incoming_dir / f"stow-{uuid.uuid4().hex}"
@@ -166,11 +166,23 @@ def _sop_item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict:
 
 def _file_instance(store: Store, settings: Settings, owner: str, path: Path, sop_uid: str,
                    series_uid: str, study_uid: str, modality: str) -> bool:
-    """Move one instance into its series folder and count it; False past ``max_instances``."""
+    """Move one instance into its series folder and record it; False past ``max_instances``.
+
+    The row is written (and flushed, which takes the store's write lock) before the file moves,
+    and the move is undone if the commit then fails: the instance and its row are stored together
+    or not at all. The count is the number of files in the series folder, so a retried instance
+    (same SOPInstanceUID) counts once.
+
+    Raises:
+        sqlalchemy.exc.OperationalError: the store is locked or down (503, the sender retries).
+    """
     key = _series_key(owner, series_uid)
+    folder = settings.stow_dir / key
+    target = folder / f"{sop_uid}.dcm"
     now = time.time()
     with _lock:
         for _ in range(2):
+            moved = False
             try:
                 with store.session() as session:
                     row = session.get(StowSeries, key)
@@ -180,19 +192,31 @@ def _file_instance(store: Store, settings: Settings, owner: str, path: Path, sop
                                          first_at=now, last_at=now, state="collecting")
                         session.add(row)
                     elif row.state != "collecting":  # sent again after its job was made
-                        row.state, row.instances, row.first_at, row.job_id = "collecting", 0, now, None
-                    target = settings.stow_dir / key / f"{sop_uid}.dcm"
+                        row.state, row.first_at, row.job_id = "collecting", now, None
+                    stored = _stored_instances(folder)
                     is_new = not target.exists()
-                    if is_new and row.instances >= settings.max_instances:
+                    if is_new and stored >= settings.max_instances:
                         return False
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, target)
-                    row.instances += int(is_new)
+                    row.instances = stored + int(is_new)
                     row.last_at = now
+                    session.flush()
+                    folder.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+                    moved = is_new
                 return True
             except IntegrityError:  # another process created the row first: retry as update
+                if moved:
+                    os.replace(target, path)
                 continue
+            except BaseException:
+                if moved:  # the row was not committed: neither is the instance
+                    os.replace(target, path)
+                raise
     return False
+
+
+def _stored_instances(folder: Path) -> int:
+    return sum(1 for _ in folder.glob("*.dcm")) if folder.is_dir() else 0
 
 
 def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list[str]:
@@ -207,10 +231,11 @@ def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list
         for row in rows:
             series_dir = settings.stow_dir / row.key
             job_id = job_ops.new_job_id()
-            if row.instances and series_dir.is_dir():
+            instances = _stored_instances(series_dir)  # what is on disk, not a counter
+            if instances:
                 job_input = {"kind": "dicom", "path": "input", "series_uid": row.series_uid,
                              "study_uid": row.study_uid, "modality": row.modality,
-                             "instances": row.instances}
+                             "instances": instances}
                 job_ops.create_job(store, settings, job_id=job_id, owner=row.owner, source="stow",
                                    model=model, job_input=job_input, input_dir=series_dir,
                                    options={"tta": False, "overlap": None,

@@ -17,16 +17,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medseg.errors import (InputTooLargeError, ModalityMismatchError,
+from medseg.errors import (InputShapeError, InputTooLargeError, MedsegError, ModalityMismatchError,
                            NoImageDataError, UnreadableFileError, UnsafeArchiveError,
                            UnsupportedInputError)
-from medseg.package import ModelCard
+from medseg.package import MODEL_NAME_PATTERN, ModelCard
 from service.config import Settings
 from service.pipeline import RESULT_FORMATS
 from service.problems import Problem
 from service.uploads import Received, display_name
 
 DICOM_ONLY = ("seg",)
+MAX_OVERLAP = 0.9  # the work grows as 1 / (1 - overlap) ** 3: 0.99 is a million times 0.5
 
 
 class JobOptions(BaseModel):
@@ -34,12 +35,15 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, max_length=200, description="model name; default: the service's")
+    model: str | None = Field(None, max_length=100, pattern=MODEL_NAME_PATTERN,
+                              description="a registered model name (GET /v1/models), never a "
+                              "path; default: the service's")
     series_uid: str | None = Field(None, max_length=200, description="series to segment when the "
                                    "upload holds several (SeriesInstanceUID)")
     tta: bool = Field(False, description="test-time augmentation (mirroring)")
-    overlap: float | None = Field(None, ge=0.0, lt=1.0,
-                                  description="sliding-window overlap; default: the model card's")
+    overlap: float | None = Field(None, ge=0.0, le=MAX_OVERLAP,
+                                  description="sliding-window overlap in [0, 0.9]; default: the "
+                                  "model card's")
     formats: list[str] | None = Field(None, description="results to write: seg, nifti, report, "
                                       "preview (default: all that fit the input)")
 
@@ -165,25 +169,40 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
             raise UnreadableFileError(f"{bad[0]}: not a DICOM file")
         target, name = upload_dir, f"{len(files)} uploaded files"
 
+    from medseg.inference.budget import check_work, planned_windows
+    from medseg.inference.matching import image_mismatch, modality_mismatch
     from medseg.io import find_series
     from medseg.io.reader import choose_series
 
-    series_list = find_series(target)
-    if not series_list:
-        raise NoImageDataError(f"{name}: no image series found")
-    series = choose_series(series_list, options.series_uid, name)
-    source_kind = "dicom" if series.format == "dicom" else "volume"
-    if series.instance_count > settings.max_instances:
-        raise InputTooLargeError(f"series {series.uid}: {series.instance_count} instances exceed "
-                                 f"the limit of {settings.max_instances}")
-    if series.modality and card.modality and series.modality.upper() not in card.modality:
-        raise ModalityMismatchError(f"series {series.uid} is {series.modality}; model "
-                                    f"'{card.name}' expects {'/'.join(card.modality)}")
-    formats = options.formats or [f for f in RESULT_FORMATS
-                                  if source_kind == "dicom" or f not in DICOM_ONLY]
-    if source_kind != "dicom" and any(f in DICOM_ONLY for f in formats):
-        raise UnsupportedInputError(f"{name}: a DICOM SEG needs DICOM input")
-    image = series.read()  # pixels too: a truncated or undecodable file is refused now
+    try:
+        series_list = find_series(target, settings.read_policy)
+        if not series_list:
+            raise NoImageDataError(f"{name}: no image series found")
+        series = choose_series(series_list, options.series_uid, name)
+        source_kind = "dicom" if series.format == "dicom" else "volume"
+        if series.instance_count > settings.max_instances:
+            raise InputTooLargeError(f"series {series.uid}: {series.instance_count} instances exceed "
+                                     f"the limit of {settings.max_instances}")
+        reason = modality_mismatch(series.modality, card)  # before any pixel is read
+        if reason:
+            raise ModalityMismatchError(f"series {series.uid}: {reason}")
+        formats = options.formats or [f for f in RESULT_FORMATS
+                                      if source_kind == "dicom" or f not in DICOM_ONLY]
+        if source_kind != "dicom" and any(f in DICOM_ONLY for f in formats):
+            raise UnsupportedInputError(f"{name}: a DICOM SEG needs DICOM input")
+        # pixels too (headers first: detached data, declared size): a truncated, undecodable or
+        # unsafe file is refused now, by the same reader and the same checks the worker uses
+        image = series.read()
+        reason = image_mismatch(image, card)
+        if reason:
+            error = ModalityMismatchError if reason.startswith("modality") else InputShapeError
+            raise error(f"{name}: {reason}")
+        windows = planned_windows(image.shape, image.affine, card, options.overlap, options.tta)
+        check_work(windows, settings.max_windows, name)
+    except MedsegError as error:  # name the client's file, not the server's copy of it
+        if target == upload_dir:
+            raise
+        raise type(error)(str(error).replace(target.name, name)) from None
     return {
         "kind": source_kind,
         "path": str(Path("input") / target.relative_to(upload_dir)) if target != upload_dir

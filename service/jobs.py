@@ -35,17 +35,22 @@ def create_job(store: Store, settings: Settings, *, job_id: str, owner: str, sou
                input_dir: Path) -> Job:
     """Move ``input_dir`` to ``<job>/input`` and store the job as ``queued``; returns the row.
 
-    On failure nothing is left behind: the job folder is removed and no row is stored.
+    On failure nothing is left behind and nothing is lost: no row is stored, ``input_dir`` is
+    moved back where it was (a STOW series is then retried later) and the job folder is removed.
     """
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
+    moved = False
     try:
         os.replace(input_dir, job_dir / "input")
+        moved = True
         job = Job(id=job_id, owner=owner, source=source, model=model, options=options,
                   input=job_input, state=QUEUED, created_at=time.time(), attempts=0, progress=0.0,
                   results={}, timings={"validate_s": job_input.pop("validate_s", 0.0)})
         store.add(job)
     except BaseException:
+        if moved:
+            os.replace(job_dir / "input", input_dir)
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
     log.info("job queued", extra={"job_id": job_id, "source": source, "model": model,

@@ -24,13 +24,13 @@ MEDIA_TYPES = {"seg": "application/dicom", "nifti": "application/gzip",
 class PredictorCache:
     """The predictors of one worker: each model is loaded once and kept (LRU, ``size`` entries)."""
 
-    def __init__(self, device: str = "cpu", size: int = 2):
-        self.device, self.size = device, size
+    def __init__(self, device: str = "cpu", size: int = 2, max_windows: int | None = None):
+        self.device, self.size, self.max_windows = device, size, max_windows
         self._predictors: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, model: str, tta: bool = False, overlap: float | None = None):
-        """A :class:`medseg.inference.Predictor` for ``model`` (name or package path).
+        """A :class:`medseg.inference.Predictor` for ``model`` (a registered name, never a path).
 
         Raises:
             ModelNotFoundError: the model cannot be resolved.
@@ -43,7 +43,8 @@ class PredictorCache:
             if key in self._predictors:
                 self._predictors.move_to_end(key)
                 return self._predictors[key]
-        predictor = Predictor(resolve_model(model), device=self.device, tta=bool(tta), overlap=overlap)
+        predictor = Predictor(resolve_model(model, allow_path=False), device=self.device,
+                              tta=bool(tta), overlap=overlap, max_windows=self.max_windows)
         with self._lock:
             self._predictors[key] = predictor
             while len(self._predictors) > self.size:
@@ -52,18 +53,22 @@ class PredictorCache:
 
 
 def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictors: PredictorCache,
-            progress: Callable[..., None] | None = None) -> dict[str, Any]:
+            progress: Callable[..., None] | None = None, policy=None) -> dict[str, Any]:
     """Segment one job's input; returns ``{"results", "timings", "statistics"}``.
 
     ``results`` maps result names (seg, nifti, report, preview) to paths relative to ``job_dir``.
-    Timings are in seconds. Raises any :class:`medseg.errors.MedsegError` of the steps.
+    Timings are in seconds. ``policy`` (:class:`medseg.io.safety.ReadPolicy`) is what reading the
+    input may touch, as at upload. Raises any :class:`medseg.errors.MedsegError` of the steps.
     """
     from medseg.io import read_image
     from medseg.outputs import write_outputs
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    image = read_image(job_dir / job_input["path"], series_uid=job_input.get("series_uid"))
+    from medseg.io.safety import ReadPolicy
+
+    image = read_image(job_dir / job_input["path"], series_uid=job_input.get("series_uid"),
+                       policy=policy or ReadPolicy(detached_data="refuse"))
     timings["read_s"] = time.perf_counter() - start
 
     mark = time.perf_counter()
@@ -81,7 +86,9 @@ def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictor
     formats = tuple(RESULT_FORMATS[name] for name in options["formats"])
     partial, final = job_dir / "output.partial", job_dir / "output"
     shutil.rmtree(partial, ignore_errors=True)
-    paths = write_outputs(prediction, image, predictor.package.card, partial, formats=formats)
+    warnings: list[str] = []  # e.g. SEG patient/study attributes repaired (keywords, no values)
+    paths = write_outputs(prediction, image, predictor.package.card, partial, formats=formats,
+                          warnings=warnings)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     timings["write_s"] = time.perf_counter() - mark
@@ -93,7 +100,8 @@ def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictor
         if fmt in by_format:
             results[name] = str(Path("output") / by_format[fmt].relative_to(partial))
     statistics = getattr(prediction, "statistics", None)
-    return {"results": results, "timings": timings, "statistics": _jsonable(statistics)}
+    return {"results": results, "timings": timings, "statistics": _jsonable(statistics),
+            "warnings": warnings}
 
 
 def _jsonable(value: Any) -> Any:

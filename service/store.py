@@ -84,6 +84,9 @@ class StowSeries(Base):
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
+LOCK_TIMEOUT_S = 5.0  # SQLite busy timeout (s)
+
+
 class Store:
     """Sessions on the job store, and the few multi-row operations the service needs."""
 
@@ -91,7 +94,8 @@ class Store:
         self.url = url
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            # a locked store answers 503 after this wait, never a request hanging for long
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": LOCK_TIMEOUT_S}
         self.engine: Engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -108,6 +112,28 @@ class Store:
         """Raise if the database cannot be reached."""
         with self.engine.connect() as connection:
             connection.exec_driver_sql("SELECT 1")
+
+    def check_writable(self) -> None:
+        """Raise (``sqlalchemy.exc.OperationalError``) if a write transaction cannot start now,
+        e.g. another process holds SQLite's write lock for longer than the busy timeout."""
+        if not self.url.startswith("sqlite"):
+            self.ping()
+            return
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.driver_connection.cursor()
+            cursor.execute("PRAGMA busy_timeout = 1000")
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                cursor.execute("ROLLBACK")
+            except Exception as error:
+                from sqlalchemy.exc import OperationalError
+
+                raise OperationalError("BEGIN IMMEDIATE", None, error) from None
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout = {int(LOCK_TIMEOUT_S * 1000)}")
+        finally:
+            raw.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

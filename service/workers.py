@@ -70,7 +70,7 @@ class WorkerPool:
             return list(self._running)
 
     def _loop(self, index: int) -> None:
-        predictors = PredictorCache(self.settings.device)
+        predictors = PredictorCache(self.settings.device, max_windows=self.settings.max_windows)
         while not self._stop.is_set():
             try:
                 job = self.queue.claim(self.settings.node_id, timeout=1.0)
@@ -115,7 +115,8 @@ class WorkerPool:
                 raise JobCancelled()
 
         try:
-            outcome = run_job(job_dir, job.input, job.model, job.options, predictors, progress)
+            outcome = run_job(job_dir, job.input, job.model, job.options, predictors, progress,
+                              policy=settings.read_policy)
         except JobCancelled:
             log.info("job cancelled while running", extra={"job_id": job.id})
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -133,8 +134,10 @@ class WorkerPool:
             self._finish(job, FAILED, error=problem_of(error), queued_s=queued_s)
             return
         timings = {**(job.timings or {}), "queued_s": queued_s, **outcome["timings"]}
+        warnings = [*(job.input or {}).get("warnings", []), *outcome.get("warnings", [])]
         if not self._finish(job, SUCCEEDED, results=outcome["results"], timings=timings,
-                            statistics=outcome["statistics"], progress=1.0):
+                            statistics=outcome["statistics"], progress=1.0,
+                            input={**(job.input or {}), "warnings": warnings[:40]}):
             shutil.rmtree(job_dir, ignore_errors=True)  # cancelled at the last moment
             return
         if settings.pacs_url and "seg" in outcome["results"]:

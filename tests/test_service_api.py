@@ -209,6 +209,8 @@ def test_models_health_metrics(service, dicom_job):
         assert {"tiny-hippocampus", "hippocampus"} <= set(models)  # the test's package and the bundled one
         model = models["tiny-hippocampus"]
         assert model["default"] and model["modality"] == ["MR"] and not models["hippocampus"]["default"]
+        assert client.get("/metrics").status_code == 403  # every tenant's counts: admin only
+    with server.client(keys["admin"]) as client:
         metrics = client.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text

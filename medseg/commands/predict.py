@@ -8,6 +8,10 @@ read in a background thread while the current one is segmented. Per series the o
 :func:`medseg.outputs.write_outputs` are written (NIfTI label map, DICOM SEG for DICOM input, JSON
 report, preview PNG). A failing series is reported and the batch goes on.
 
+Outputs never overwrite an input (such a run is refused), files under the output folder are
+never taken as input (so ``--output`` may sit inside an input folder and the run be repeated),
+and a run that writes nothing leaves no empty output folder behind.
+
 Exit code: 0 when every fitting series was segmented (or already was, with ``--skip-existing``);
 1 when any series or input failed, or when no series fitted the model; 2 for bad arguments or an
 unknown model (handled by :mod:`medseg.cli`).
@@ -32,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "predict", help="segment images, scanner exports and archives with a model package",
         description="Segment every series of the inputs that fits the model; write a NIfTI label "
-                    "map, a DICOM SEG (DICOM input), a JSON report and a preview PNG per series.")
+                    "map, a DICOM SEG (DICOM input), a JSON report and a preview PNG per series.",
+        epilog="exit status: 0 every fitting series segmented; 1 a series or input failed, or no "
+               "series fitted the model (per-series errors on stderr); 2 bad arguments, unknown "
+               "model, or an output that would overwrite an input")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image file, folder of scanner exports (recursive) or ZIP archive")
     parser.add_argument("--model", "-m", required=True, help="model package name or path")
@@ -93,32 +100,42 @@ def _label(info) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from medseg.inference import Predictor
-    from medseg.inference.matching import image_mismatch, modality_mismatch
+    from medseg.inference.matching import modality_mismatch
     from medseg.io import find_series
-    from medseg.outputs import output_paths, stem_for, write_outputs
+    from medseg.outputs import output_paths, stem_for
     from medseg.package import resolve_model
 
     formats = _formats(args.formats)
     device = _device(args.device)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap {args.overlap}: must be in [0, 1)")
+    from medseg.inference.runtime import RUNTIMES
+
+    if args.runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime {args.runtime}: choose from {', '.join(RUNTIMES)}")
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--output {out_dir.name}: exists and is not a folder")
     package = resolve_model(args.model)
     card = package.card
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved_out = out_dir.resolve()
 
     outcomes: list[_Outcome] = []
     candidates = []
+    input_files: set[Path] = set()
     for path in args.inputs:
         try:
             found = find_series(path)
         except MedsegError as error:
             outcomes.append(_Outcome(Path(path).name, "failed", str(error)))
             continue
+        scanned = Path(path).resolve()
+        inside = scanned.is_dir() and scanned in resolved_out.parents
         for info in found:
+            files = [Path(f).resolve() for f in info.files]
+            if inside and files and all(resolved_out in f.parents for f in files):
+                continue  # an earlier run's outputs in a folder inside the input folder
+            input_files.update(files)
             reason = modality_mismatch(info.modality, card)
             if reason:
                 outcomes.append(_Outcome(_label(info), "skipped", reason))
@@ -134,10 +151,33 @@ def run(args: argparse.Namespace) -> int:
         while stem in used:  # two volume files of the same name in different folders
             stem += "_"
         used.add(stem)
+        clash = [p for p in output_paths(out_dir, stem, formats).values()
+                 if p.resolve() in input_files]
+        if clash:
+            raise ConfigError(f"--output {out_dir}: {clash[0].name} would overwrite an input; "
+                              "choose another output folder")
         if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
             outcomes.append(_Outcome(_label(info), "exists", stem))
             continue
         todo.append((info, stem))
+
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, todo, outcomes, package, device, formats, out_dir)
+    finally:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # nothing written: leave no empty folder
+
+
+def _run(args, todo, outcomes, package, device, formats, out_dir) -> int:
+    from tqdm import tqdm
+
+    from medseg.inference import Predictor
+    from medseg.inference.matching import image_mismatch
+    from medseg.outputs import write_outputs
+
+    card = package.card
 
     predictor = Predictor(package, device=device, tta=args.tta, overlap=args.overlap,
                           sw_batch_size=args.sw_batch_size, runtime=args.runtime) if todo else None

@@ -68,5 +68,28 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.load(overrides)
     logs.configure()
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=30, server_header=False)
+                access_log=False, timeout_graceful_shutdown=30, server_header=False,
+                **uvicorn_limits(settings))
     return 0
+
+
+def uvicorn_limits(settings) -> dict:
+    """uvicorn options that bound what one client can hold (see :mod:`service.config`).
+
+    - ``http``: uvicorn's h11 protocol with a deadline of ``header_timeout_s`` seconds for each
+      request's line and headers (:mod:`service.http_limits`; uvicorn has none, so a client
+      dribbling its headers would hold the connection forever);
+    - ``limit_concurrency``: at most ``max_connections`` open connections / requests in
+      progress, past which requests get 503;
+    - ``timeout_keep_alive``: an idle keep-alive connection closes after
+      ``keep_alive_timeout_s`` seconds;
+    - ``h11_max_incomplete_event_size``: request line + headers of at most ``max_header_bytes``
+      bytes (larger: 400);
+    - ``ws="none"``: the service has no WebSocket routes, so upgrades are not offered.
+    """
+    from service.http_limits import h11_protocol
+
+    return {"http": h11_protocol(settings.header_timeout_s), "ws": "none",
+            "limit_concurrency": settings.max_connections,
+            "timeout_keep_alive": settings.keep_alive_timeout_s,
+            "h11_max_incomplete_event_size": settings.max_header_bytes}

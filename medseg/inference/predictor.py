@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from medseg.errors import InputShapeError, ModalityMismatchError
+from medseg.inference.budget import check_work, planned_windows
 from medseg.inference.engine import MirrorEnsemble, grid_windows, sliding_window_inference
 from medseg.inference.matching import modality_mismatch
 from medseg.inference.postprocess import clean_label_map
@@ -96,6 +97,8 @@ class Predictor:
         accumulator_dtype: dtype of the stitched logits (``torch.float16`` halves host memory).
         half_precision: float16 autocast on CUDA (default: on for CUDA).
         threads: CPU threads for PyTorch (default: leave PyTorch's setting).
+        max_windows: most network evaluations (windows x mirror passes x folds) one prediction
+            may need (:func:`~medseg.inference.budget.planned_windows`); ``None``: no limit.
 
     Raises:
         ModelNotFoundError, UnreadableFileError: the package cannot be resolved or read.
@@ -107,7 +110,7 @@ class Predictor:
                  runtime: str = "auto", mirror_axes: Sequence[int] | None = None,
                  folds: Sequence[ModelPackage | str | os.PathLike] = (),
                  accumulator_dtype: torch.dtype | None = None, half_precision: bool | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, max_windows: int | None = None):
         self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
         self.card = self.package.card
         self.device = torch.device(device)
@@ -115,6 +118,7 @@ class Predictor:
             torch.set_num_threads(int(threads))
         self.spatial_dims = len(self.card.patch_size)
         self.overlap = float(self.card.overlap if overlap is None else overlap)
+        self.max_windows = max_windows
         if not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         self.in_channels = int(self.card.network.config.get("in_channels", 1))
@@ -180,10 +184,18 @@ class Predictor:
         Returns:
             :class:`Prediction` whose ``label_map`` has ``image``'s shape and affine exactly.
 
+        ``progress`` is also called between the stages (with ``(0, windows)`` before the windows
+        and ``(windows, windows)`` after), so a caller can cancel by raising from it.
+
         Raises:
             ModalityMismatchError, InputShapeError: see :meth:`check_image`.
+            WorkBudgetError: more network evaluations than ``max_windows``.
         """
         self.check_image(image)
+        windows = planned_windows(image.shape, image.affine, self.card, self.overlap,
+                                  tta=self.network.passes > 1, folds=len(self.runtimes))
+        check_work(windows, self.max_windows, _series_name(image))
+        tick = progress or (lambda done, total: None)
         timings: dict[str, float] = {}
         start = clock = time.perf_counter()
 
@@ -196,19 +208,24 @@ class Predictor:
         array = np.asarray(image.array)
         channels = array[None] if array.ndim == 3 else np.moveaxis(array, 3, 0)
         grid = ModelGrid(image.shape, image.affine, self.card.spacing, self.card.orientation)
+        tick(0, windows)
         # a copy: normalisation below works in place and must never reach the caller's array
         model_input = grid.to_model(torch.tensor(channels, dtype=torch.float32))
         for c in range(model_input.shape[0]):
             model_input[c] = normalize_intensity(model_input[c], self.card.normalization)
         lap("preprocess")
+        tick(0, windows)
 
         logits, settings = self._logits(model_input, progress)
         lap("inference")
+        tick(windows, windows)
 
         _softmax_(logits)
-        labels, probabilities = self._argmax_on_input_grid(logits, grid, return_probabilities)
+        labels, probabilities = self._argmax_on_input_grid(logits, grid, return_probabilities,
+                                                           lambda: tick(windows, windows))
         del logits
         lap("resample")
+        tick(windows, windows)
 
         labels = self.label_lut[labels]
         clean_label_map(labels, image.spacing, self.card.postprocessing)
@@ -254,8 +271,9 @@ class Predictor:
                     "half_precision": self.half_precision and self.device.type == "cuda"}
         return logits, settings
 
-    def _argmax_on_input_grid(self, probabilities: torch.Tensor, grid: ModelGrid,
-                              keep: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _argmax_on_input_grid(self, probabilities: torch.Tensor, grid: ModelGrid, keep: bool,
+                              tick: Callable[[], None] = lambda: None
+                              ) -> tuple[np.ndarray, np.ndarray | None]:
         """Resample ``(K, *model_shape)`` probabilities to the input grid a few channels at a
         time, keeping a running argmax; returns class indices ``(I, J, K)`` (uint8/uint16)."""
         classes = probabilities.shape[0]
@@ -268,6 +286,7 @@ class Predictor:
             labels = torch.zeros(grid.oriented_shape, dtype=index_dtype)
             kept = np.empty((classes, *grid.oriented_shape), dtype=np.float32) if keep else None
             for first in range(0, classes, CHANNEL_CHUNK):
+                tick()
                 chunk = grid.to_oriented(probabilities[first:first + CHANNEL_CHUNK].float())
                 for offset, channel in enumerate(chunk):
                     better = channel > best

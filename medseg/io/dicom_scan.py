@@ -29,6 +29,7 @@ from pydicom.errors import InvalidDicomError
 from medseg.errors import MedsegError
 from medseg.io.dicom_frames import ORIENTATION_DECIMALS, is_enhanced_multiframe
 from medseg.io.dicom_volume import read_dicom_volume
+from medseg.io.safety import CLI_POLICY, ReadPolicy
 from medseg.io.series_info import SeriesInfo
 
 log = logging.getLogger(__name__)
@@ -175,12 +176,14 @@ def _series_key(ds: Dataset) -> tuple[str, bool]:
     return "nouid-" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], True
 
 
-def scan_dicom_files(paths: Iterable[str | Path], *, source: str) -> list[SeriesInfo]:
+def scan_dicom_files(paths: Iterable[str | Path], *, source: str,
+                     policy: ReadPolicy = CLI_POLICY) -> list[SeriesInfo]:
     """Group DICOM files into image series (headers only).
 
     Args:
         paths: candidate files (non-DICOM files are ignored).
         source: the user's input path, recorded on each :class:`SeriesInfo`.
+        policy: read limits, recorded on each series and enforced when it is read.
 
     Returns:
         One :class:`SeriesInfo` per image series, sorted by study, SeriesNumber and UID.
@@ -253,6 +256,8 @@ def scan_dicom_files(paths: Iterable[str | Path], *, source: str) -> list[Series
             series_number=number,
             format="dicom",
             source=source,
+            declared_voxels=sum(_declared_voxels(i.ds) for i in instances),
+            policy=policy,
             _reader=_read_series,
         ))
     if not series and unreadable:
@@ -264,6 +269,16 @@ def scan_dicom_files(paths: Iterable[str | Path], *, source: str) -> list[Series
     series.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None
                                else -1, s.uid))
     return series
+
+
+def _declared_voxels(ds: Dataset) -> int:
+    """Rows x Columns x NumberOfFrames x SamplesPerPixel of one instance (header values)."""
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        return int(ds.Rows) * int(ds.Columns) * max(frames, 1) * max(samples, 1)
+    except (TypeError, ValueError, AttributeError):
+        return 0
 
 
 def _read_series(info: SeriesInfo):

@@ -15,23 +15,25 @@ from medseg.errors import (MixedSeriesError, NoImageDataError, UnreadableFileErr
 from medseg.io.archive import extract_zip
 from medseg.io.dicom_scan import scan_dicom_files
 from medseg.io.image import Image
+from medseg.io.safety import CLI_POLICY, ReadPolicy
 from medseg.io.series_info import SeriesInfo
 from medseg.io.volume_files import read_itk, read_nifti, volume_format
 
 
-def _volume_series(path: Path, source: str) -> SeriesInfo:
+def _volume_series(path: Path, source: str, policy: ReadPolicy) -> SeriesInfo:
     fmt = volume_format(path)
     from medseg.io.volume_files import guess_modality
 
     def reader(info: SeriesInfo) -> Image:
-        image = read_nifti(info.files[0]) if info.format == "nifti" else read_itk(info.files[0])
+        read = read_nifti if info.format == "nifti" else read_itk
+        image = read(info.files[0], info.policy)
         image.meta.update({"series_uid": info.uid, "series_description": info.description,
                            "instance_count": 1})
         return image
 
     return SeriesInfo(uid=str(path), modality=guess_modality(path), description=path.name,
                       instance_count=1, files=[str(path)], format=fmt or "", source=source,
-                      _reader=reader)
+                      policy=policy, _reader=reader)
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -48,8 +50,11 @@ def _is_zip(path: Path) -> bool:
     return path.suffix.lower() == ".zip"
 
 
-def find_series(path: str | Path) -> list[SeriesInfo]:
+def find_series(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> list[SeriesInfo]:
     """Every image series in a file, folder tree or ZIP archive, without reading pixel data.
+
+    ``policy`` (:class:`medseg.io.safety.ReadPolicy`) travels with each series and is enforced
+    when it is read: detached MetaImage/NRRD data files, and the declared voxel count.
 
     DICOM instances are grouped by SeriesInstanceUID across the whole tree; each volume file
     (NIfTI/NRRD/MetaImage) is one series whose ``uid`` is its path. For an archive, the files
@@ -66,12 +71,12 @@ def find_series(path: str | Path) -> list[SeriesInfo]:
     if not path.exists():
         raise UnreadableFileError(f"{path.name}: no such file or folder")
     if path.is_dir():
-        return _find_in_folder(path, source)
+        return _find_in_folder(path, source, policy)
     if volume_format(path):
-        return [_volume_series(path, source)]
+        return [_volume_series(path, source, policy)]
     if _is_zip(path) or (zipfile.is_zipfile(path) and not _has_dicm_marker(path)):
         folder = extract_zip(path)
-        series = _find_in_folder(Path(folder.name), source, archive=True)
+        series = _find_in_folder(Path(folder.name), source, policy, archive=True)
         for info in series:
             info._keepalive = folder
             if info.format != "dicom":
@@ -82,7 +87,7 @@ def find_series(path: str | Path) -> list[SeriesInfo]:
     ds = read_header(path)  # raises UnreadableFileError for a corrupt DICOM file
     if ds is None:
         raise UnreadableFileError(f"{path.name}: not a DICOM, NIfTI, NRRD, MetaImage or ZIP file")
-    series = scan_dicom_files([path], source=source)
+    series = scan_dicom_files([path], source=source, policy=policy)
     if not series:
         raise NoImageDataError(f"{path.name}: DICOM file holds no image "
                                f"(Modality {ds.get('Modality') or 'unknown'})")
@@ -98,14 +103,15 @@ def _has_dicm_marker(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _find_in_folder(folder: Path, source: str, *, archive: bool = False) -> list[SeriesInfo]:
+def _find_in_folder(folder: Path, source: str, policy: ReadPolicy, *,
+                    archive: bool = False) -> list[SeriesInfo]:
     files = _walk(folder)
     volumes = [p for p in files if volume_format(p)]
     # .raw/.zraw data files of MetaImage headers are not DICOM candidates
     skip = {p.with_suffix(s) for p in volumes if p.suffix.lower() == ".mhd" for s in (".raw", ".zraw")}
     others = [p for p in files if not volume_format(p) and p not in skip]
-    series = scan_dicom_files(others, source=source) if others else []
-    series += [_volume_series(p, source) for p in volumes]
+    series = scan_dicom_files(others, source=source, policy=policy) if others else []
+    series += [_volume_series(p, source, policy) for p in volumes]
     if not series:
         kind = "archive" if archive else "folder"
         raise NoImageDataError(f"{Path(source).name}: {kind} holds no DICOM image series or "
@@ -134,12 +140,14 @@ def choose_series(series: list[SeriesInfo], series_uid: str | None, name: str) -
     return series[0]
 
 
-def read_image(path: str | Path, series_uid: str | None = None) -> Image:
+def read_image(path: str | Path, series_uid: str | None = None,
+               policy: ReadPolicy = CLI_POLICY) -> Image:
     """Read one volume from a file, DICOM folder tree or ZIP archive.
 
     Args:
         path: NIfTI/NRRD/MetaImage file, DICOM file, folder or ``.zip``.
         series_uid: which series, when the input holds several (see :func:`find_series`).
+        policy: what reading may touch (:class:`medseg.io.safety.ReadPolicy`).
 
     Returns:
         :class:`Image` with ``array`` ``(I, J, K)`` or ``(I, J, K, T)`` and a voxel -> RAS+ mm
@@ -150,8 +158,9 @@ def read_image(path: str | Path, series_uid: str | None = None) -> Image:
     Raises:
         MixedSeriesError: several series and ``series_uid`` not given (UIDs listed).
         NoImageDataError, UnreadableFileError, UnsafeArchiveError, MissingGeometryError,
-        UnsupportedInputError: bad input, one line naming the file or series.
+        UnsupportedInputError, UnsafeInputError, InputTooLargeError: bad input, one line naming
+        the file or series.
     """
     path = Path(path)
-    series = find_series(path)
+    series = find_series(path, policy)
     return choose_series(series, series_uid, path.name).read()

@@ -9,7 +9,9 @@ references every source instance, so viewers and PACS overlay it on the source s
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +45,166 @@ def _coded(code: Code):
     return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def _source_datasets(source: Image) -> list[pydicom.Dataset]:
+#: Patient/study attributes the SEG copies from its source (highdicom copies the root attributes
+#: of the Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+#: modules); used when highdicom's module tables cannot be read.
+_COPIED_FALLBACK = _TYPE2_COPIED + (
+    "IssuerOfPatientID", "TypeOfPatientID", "PatientBirthTime", "PatientAlternativeCalendar",
+    "QualityControlSubject", "OtherPatientNames", "ResponsiblePerson", "ResponsiblePersonRole",
+    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved",
+    "DeidentificationMethod", "PatientSpeciesDescription", "PatientBreedDescription",
+    "ConsultingPhysicianName", "StudyDescription", "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy", "RequestingService", "AdmittingDiagnosesDescription",
+    "PatientAge", "PatientSize", "PatientBodyMassIndex", "MeasuredAPDimension",
+    "MeasuredLateralDimension", "PatientWeight", "MedicalAlerts", "Allergies", "Occupation",
+    "SmokingStatus", "AdditionalPatientHistory", "LastMenstrualDate", "PatientSexNeutered",
+    "AdmissionID", "ServiceEpisodeID", "ServiceEpisodeDescription", "PatientState",
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription", "LongitudinalTemporalEventType")
+#: VRs whose values are checked (text VRs with a grammar or a length limit, PS3.5 6.2)
+_CHECKED_VRS = {"AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM"}
+_SEX = {"m": "M", "male": "M", "man": "M", "f": "F", "female": "F", "woman": "F",
+        "o": "O", "other": "O"}
+
+
+@functools.lru_cache(maxsize=32)
+def _copied_keywords(sop_class_uid: str) -> tuple[str, ...]:
+    """Keywords of the patient/study attributes highdicom copies into the SEG from a source
+    instance of this SOP class."""
+    try:
+        from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_map,
+                                               get_sop_class_iod_map)
+
+        modules = get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]
+        attributes = get_module_attribute_map()
+        found = [str(item["keyword"]) for module in modules if module["ie"] in ("Patient", "Study")
+                 for item in attributes[module["key"]] if len(item["path"]) == 0]
+    except Exception:  # private highdicom tables moved, or an unknown SOP class
+        found = []
+    return tuple(dict.fromkeys([*_TYPE2_COPIED, *found, *_COPIED_FALLBACK]))
+
+
+def _valid(vr: str, text: str) -> bool:
+    """One value (not a multi-value) is valid for ``vr`` (PS3.5 6.2, Table 6.2-1)."""
+    from pydicom import valuerep
+
+    if not text:
+        return True
+    if vr == "PN":  # up to 3 component groups of <= 64 chars, each <= 5 components
+        groups = text.split("=")
+        return len(groups) <= 3 and all(len(g) <= 64 and g.count("^") <= 4 for g in groups)
+    validator = valuerep.VALIDATORS.get(vr)
+    if validator is not None and not validator(vr, text)[0]:
+        return False
+    if vr in ("DA", "TM", "DT"):  # the grammar allows ranges and impossible dates
+        try:
+            getattr(valuerep, vr)(text)
+        except Exception:
+            return False
+    return True
+
+
+def _needs_repair(keyword: str, vr: str, text: str) -> bool:
+    if keyword == "PatientSex":
+        return text not in ("", "M", "F", "O")
+    if keyword == "PatientName" and text and not set("^=") & set(text):
+        return True
+    return not _valid(vr, text)
+
+
+def _repaired(keyword: str, vr: str, text: str) -> str | None:
+    """``text`` made valid for ``vr`` (or ``None`` when it cannot be)."""
+    value = text.strip()
+    if keyword == "PatientSex":  # enumerated M, F, O (PS3.3 C.7.1.1)
+        return _SEX.get(value.lower()) if value else ""
+    if vr == "DA":  # 1970-03-21, 1970.03.21 (ACR-NEMA), 1970/03/21 -> 19700321
+        match = re.fullmatch(r"(\d{4})[-./](\d{2})[-./](\d{2})", value)
+        value = "".join(match.groups()) if match else value
+    elif vr == "TM":  # 01:03:13 (ACR-NEMA) -> 010313
+        if re.fullmatch(r"\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?", value):
+            value = value.replace(":", "")
+    elif vr == "AS":  # 45Y, 45 y -> 045Y
+        match = re.fullmatch(r"(\d{1,3})\s*([DWMYdwmy])", value)
+        value = f"{int(match.group(1)):03d}{match.group(2).upper()}" if match else value
+    elif vr == "CS":
+        value = value.upper()
+    elif vr == "PN" and keyword == "PatientName" and value and not set("^=") & set(value):
+        # a name without separators is a family name alone (PS3.5 6.2.1.2); the trailing '^'
+        # says so explicitly (highdicom warns about such names otherwise)
+        value += "^"
+    return value if _valid(vr, value) else None
+
+
+def repair_patient_study(dataset: pydicom.Dataset,
+                         keywords: Sequence[str] | None = None) -> list[str]:
+    """Make the patient/study attributes of ``dataset`` valid for their VR, in place.
+
+    Real PACS exports often carry values that break the value representations of PS3.5 6.2
+    (Table 6.2-1): ``PatientBirthDate=1970-03-21`` (DA is ``YYYYMMDD``), ``PatientSex=female``
+    (CS is upper case; PS3.3 C.7.1.1 enumerates ``M``, ``F``, ``O``), ``PatientAge=45Y`` (AS is
+    ``nnnD|W|M|Y``). highdicom refuses to write a SEG from them. Each attribute in ``keywords``
+    (default: those highdicom copies into the SEG, see :func:`_copied_keywords`) with a text VR
+    is checked (DA, TM, DT, AS, CS, PN component groups and lengths, DS, IS, LO, SH, LT, ST);
+    an invalid value is repaired where its meaning is clear (dates ``1970-03-21``/``1970.03.21``
+    -> ``19700321``, times ``01:03:13`` -> ``010313``, ages ``45Y`` -> ``045Y``, CS to upper
+    case, ``female``/``f``/``woman`` -> ``F``, ``male``/``m``/``man`` -> ``M``,
+    ``other``/``o`` -> ``O``; a PatientName without ``^`` gets a trailing ``^``, its meaning
+    unchanged) and is emptied otherwise. Never raises for a value.
+
+    Use it on a copy of a header (e.g. a fresh ``pydicom.dcmread``): the files are not touched.
+
+    Returns:
+        one message per repaired or emptied attribute, naming its keyword, never its value.
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import DataElement
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import PersonName
+
+    messages = []
+    if keywords is None:
+        keywords = _copied_keywords(str(dataset.get("SOPClassUID") or ""))
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag not in dataset:
+            continue
+        try:
+            element = dataset[tag]
+            vr = str(element.VR) if element.VR in _CHECKED_VRS else dictionary_VR(tag)
+        except Exception:  # an undecodable value: empty it
+            vr, element = dictionary_VR(tag), None
+        if vr not in _CHECKED_VRS:
+            continue
+        if element is None:
+            dataset[tag] = DataElement(tag, vr, "")
+            messages.append(f"{keyword}: unreadable value; left empty in the SEG")
+            continue
+        value = element.value
+        items = list(value) if isinstance(value, MultiValue) else [value]
+        if not all(item is None or isinstance(item, (str, PersonName))
+                   for item in items):
+            continue  # already converted numbers (DS, IS) parsed fine
+        texts = ["" if item is None else str(item) for item in items]
+        bad = [_needs_repair(keyword, vr, text) for text in texts]
+        if not any(bad):
+            continue
+        fixed = [_repaired(keyword, vr, text) if wrong else text for text, wrong in zip(texts, bad)]
+        if any(text is None for text in fixed):
+            element.value = ""
+            messages.append(f"{keyword}: not a valid DICOM {vr} value; left empty in the SEG")
+            continue
+        element.value = fixed if len(fixed) > 1 else fixed[0]
+        if keyword == "PatientName" and _valid(vr, texts[0]):
+            messages.append(f"{keyword}: a single name component; written with a trailing '^' "
+                            "(family name only) in the SEG")
+        else:
+            messages.append(f"{keyword}: not a valid DICOM {vr} value; repaired in the SEG")
+    return messages
+
+
+def _source_datasets(source: Image, warnings: list[str] | None = None) -> list[pydicom.Dataset]:
     files = source.dicom_source
     if not files:
         raise UnsupportedInputError("DICOM SEG needs a DICOM source series; the source image "
@@ -56,6 +217,7 @@ def _source_datasets(source: Image) -> list[pydicom.Dataset]:
         raise UnsupportedInputError(f"series {source.meta.get('series_uid', '')}: DICOM SEG on a "
                                     "multi-volume (4D) source is not supported")
     unique = list(dict.fromkeys(files))
+    notes = warnings if warnings is not None else []
     datasets = []
     for path in unique:
         try:
@@ -69,6 +231,12 @@ def _source_datasets(source: Image) -> list[pydicom.Dataset]:
         for keyword in _TYPE2_COPIED:
             if keyword not in ds:
                 setattr(ds, keyword, "")
+        # values highdicom refuses (PatientBirthDate=1970-03-21, PatientSex=female): repaired
+        # or emptied in these in-memory copies, never in the files
+        for message in repair_patient_study(ds):
+            if message not in notes:
+                notes.append(message)
+                log.warning("SEG source %s", message)
         for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
             if not str(ds.get(keyword) or "").strip():
                 raise UnsupportedInputError(f"{Path(ds.filename).name}: source has no {keyword}; "
@@ -78,8 +246,12 @@ def _source_datasets(source: Image) -> list[pydicom.Dataset]:
 
 def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | Path, *,
               series_description: str = "medseg segmentation", algorithm_name: str = "medseg",
-              algorithm_version: str | None = None, series_number: int | None = None) -> Path:
+              algorithm_version: str | None = None, series_number: int | None = None,
+              warnings: list[str] | None = None) -> Path:
     """Write a BINARY DICOM SEG of ``label_map`` referencing ``source``'s series, atomically.
+
+    Patient/study attributes are copied from the source leniently: values invalid for their VR
+    are repaired or left empty in the SEG (:func:`repair_patient_study`), never an error.
 
     Args:
         label_map: integer label map on the source grid, ``array`` ``(I, J, K)`` with the same
@@ -90,6 +262,8 @@ def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | 
         path: output ``.dcm`` path.
         series_description / algorithm_name / algorithm_version: written into the SEG.
         series_number: SeriesNumber of the SEG (default: source SeriesNumber + 1000).
+        warnings: if given, receives one message per repaired or emptied source attribute (its
+            keyword, never its value).
 
     Raises:
         UnsupportedInputError: source not DICOM, mosaic, 4D or without UIDs; label values with no
@@ -119,7 +293,7 @@ def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | 
     unknown = sorted(present - {label.id for label in labels})
     if unknown:
         raise UnsupportedInputError(f"label map holds values {unknown[:10]} that have no label")
-    datasets = _source_datasets(source)
+    datasets = _source_datasets(source, warnings)
 
     # label id -> segment number 1..N
     lut = np.zeros(max(label.id for label in labels) + 1, dtype=np.uint16)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from medseg.io.image import Image
+from medseg.io.safety import CLI_POLICY, ReadPolicy, check_declared_voxels
 
 
 @dataclass
@@ -25,6 +26,9 @@ class SeriesInfo:
         series_number: DICOM SeriesNumber, if any.
         format: ``"dicom"``, ``"nifti"``, ``"nrrd"`` or ``"metaimage"``.
         source: the path the user gave (file, folder or archive).
+        declared_voxels: voxels the DICOM headers declare (rows x columns x frames x samples,
+            summed over instances); 0 when only the reader knows (volume files).
+        policy: what reading may touch (:class:`medseg.io.safety.ReadPolicy`).
     """
 
     uid: str
@@ -37,6 +41,8 @@ class SeriesInfo:
     series_number: int | None = None
     format: str = "dicom"
     source: str = ""
+    declared_voxels: int = 0
+    policy: ReadPolicy = CLI_POLICY
     _reader: Callable[["SeriesInfo"], Image] | None = field(default=None, repr=False,
                                                             compare=False)
     _keepalive: Any = field(default=None, repr=False, compare=False)
@@ -45,7 +51,9 @@ class SeriesInfo:
         """Read the series' pixels into an :class:`Image` (see :func:`medseg.io.read_image`)."""
         if self._reader is None:
             raise RuntimeError(f"series {self.uid} has no reader")
+        check_declared_voxels(self.declared_voxels, self.policy, f"series {self.uid}")
         image = self._reader(self)
+        repair_non_finite(image, f"series {self.uid}")
         image.meta.setdefault("source", self.source)
         image.meta.setdefault("instance_count", self.instance_count)
         return image
@@ -62,3 +70,33 @@ class SeriesInfo:
             "format": self.format,
             "warnings": list(self.warnings),
         }
+
+
+def repair_non_finite(image: Image, name: str) -> None:
+    """Replace NaN / +-inf voxels by the image's finite minimum, in place, with a warning.
+
+    Scanner exports and converted files sometimes carry NaN outside the field of view; left in,
+    they make every normalised voxel NaN and the label map silently empty.
+
+    Raises:
+        NoImageDataError: not a single finite voxel.
+    """
+    import numpy as np
+
+    array = image.array
+    if array.dtype.kind != "f":
+        return
+    finite = np.isfinite(array)
+    bad = int(array.size - np.count_nonzero(finite))
+    if not bad:
+        return
+    if bad == array.size:
+        from medseg.errors import NoImageDataError
+
+        raise NoImageDataError(f"{name}: every voxel is NaN or infinite")
+    low = float(array[finite].min())
+    if not array.flags.writeable:
+        array = image.array = np.array(array)
+    array[~finite] = low
+    image.warnings.append(f"{bad} voxel(s) ({100 * bad / array.size:.2g} %) were NaN or infinite; "
+                          f"set to the image minimum {low:g}")

@@ -9,15 +9,19 @@ matrix in LPS; they are converted once to the RAS+ affine
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.errors import UnreadableFileError, UnsupportedInputError
+from medseg.errors import (MissingGeometryError, UnreadableFileError, UnsafeInputError,
+                           UnsupportedInputError)
 from medseg.io.atomic import atomic_write
 from medseg.io.image import Image
+from medseg.io.safety import (CLI_POLICY, HEADER_LIMIT, ReadPolicy, check_declared_voxels,
+                              check_self_contained, check_stream_length)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage"}
@@ -56,41 +60,113 @@ def guess_modality(path: str | Path) -> str:
     return ""
 
 
-def read_nifti(path: str | Path) -> Image:
+def read_nifti(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     """Read a NIfTI-1/2 file (nibabel). ``array`` keeps the stored dtype unless scl_slope/inter
     are set (then float); affine is the sform if set, else the qform.
 
+    The header is checked before any pixel is decoded: the declared shape against
+    ``policy.max_voxels``, and the file must hold as many bytes as the header declares (a
+    ``.nii.gz`` is decompressed in chunks to count them, never into memory).
+
     Raises:
-        UnreadableFileError: corrupt or truncated file.
-        UnsupportedInputError: more than 4 dimensions.
+        UnreadableFileError: corrupt or truncated file, or data shorter than the header says.
+        UnsafeInputError: a header of a ``.hdr``/``.img`` pair (its pixels are in another file).
+        InputTooLargeError: more voxels than ``policy.max_voxels``.
+        UnsupportedInputError: more than 4 dimensions, or an RGB (colour) volume.
+        MissingGeometryError: a singular affine (zero sform and qform and pixdim).
     """
     import nibabel as nib
 
     path = Path(path)
     try:
         image = nib.load(str(path))
+        header = image.header
+        magic = _raw_nifti_magic(path)  # nibabel rewrites a loaded header's magic
+        shape = tuple(int(s) for s in header.get_data_shape())
+        dtype = header.get_data_dtype()
+        offset = int(header.get_data_offset())
+    except Exception as error:
+        raise UnreadableFileError(f"{path.name}: cannot read NIfTI ({type(error).__name__})") from None
+    if magic in (b"ni1", b"ni2"):
+        raise UnsafeInputError(f"{path.name}: a NIfTI header of a .hdr/.img pair (pixel data in "
+                               "another file); send a single .nii or .nii.gz")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise UnsupportedInputError(f"{path.name}: {_dtype_name(dtype)} voxels are not supported "
+                                    "(grey-value volumes only, not RGB/colour)")
+    voxels = math.prod(shape)
+    check_declared_voxels(voxels, policy, path.name)
+    gz = path.name.lower().endswith(".gz")
+    check_stream_length(path, offset, voxels * dtype.itemsize, path.name,
+                        "gzip" if gz else "none")
+    try:
         array = np.asanyarray(image.dataobj)
     except Exception as error:
         raise UnreadableFileError(f"{path.name}: cannot read NIfTI ({type(error).__name__})") from None
     array = _to_3d(array, path.name)
-    return Image(array=array, affine=np.asarray(image.affine, dtype=np.float64),
+    affine = np.asarray(image.affine, dtype=np.float64)
+    check_affine(affine, path.name)
+    return Image(array=array, affine=affine,
                  meta={"format": "nifti", "source": str(path), "modality": guess_modality(path)})
 
 
-def read_itk(path: str | Path) -> Image:
-    """Read NRRD / MetaImage (.mha, .mhd+raw) with SimpleITK, converting LPS to RAS+.
+def _raw_nifti_magic(path: Path) -> bytes:
+    """The magic string as stored (``n+1``/``n+2`` single file, ``ni1``/``ni2`` header of a pair)."""
+    import gzip
 
-    Vector (multi-component) images become a trailing T axis.
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        head = handle.read(540)
+    if 540 in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")):
+        return head[4:7]  # NIfTI-2: the magic follows sizeof_hdr
+    return head[344:347]
+
+
+def check_affine(affine: np.ndarray, name: str) -> None:
+    """Refuse a voxel -> world affine that is not finite or not invertible.
 
     Raises:
-        UnreadableFileError: corrupt file or missing data file.
+        MissingGeometryError: e.g. a NIfTI with zero sform, qform and pixdim.
+    """
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(linear)) < 1e-12:
+        raise MissingGeometryError(f"{name}: the voxel-to-world affine is singular or not finite "
+                                   "(no usable sform/qform, or zero voxel spacing)")
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return "RGB" if dtype.fields is not None and len(dtype.fields) in (3, 4) else str(dtype)
+
+
+def read_itk(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
+    """Read NRRD / MetaImage (.mha, .mhd+raw) with SimpleITK, converting LPS to RAS+.
+
+    Vector (multi-component) images become a trailing T axis. Before any pixel is read, a
+    detached data file is checked against ``policy`` (:func:`medseg.io.safety.check_self_contained`),
+    the declared size against ``policy.max_voxels``, and attached data must be as long as declared.
+
+    Raises:
+        UnsafeInputError: detached pixel data the policy does not allow.
+        UnreadableFileError: corrupt or truncated file, or missing data file.
+        InputTooLargeError: more voxels than ``policy.max_voxels``.
         UnsupportedInputError: more than 3 spatial dimensions.
+        MissingGeometryError: singular direction/spacing.
     """
     import SimpleITK as sitk
 
     path = Path(path)
+    check_self_contained(path, policy)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise UnreadableFileError(f"{path.name}: cannot read image ({_first_line(error)})") from None
+    components = reader.GetNumberOfComponents()
+    voxels = math.prod(reader.GetSize()) * components
+    check_declared_voxels(voxels, policy, path.name)
+    _check_attached_length(path, voxels * _component_bytes(reader), path.name)
+    try:
+        image = reader.Execute()
     except RuntimeError as error:
         raise UnreadableFileError(f"{path.name}: cannot read image ({_first_line(error)})") from None
     dimension = image.GetDimension()
@@ -109,9 +185,44 @@ def read_itk(path: str | Path) -> Image:
     if dimension == 2:
         array = array[:, :, None, ...]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    check_affine(affine, path.name)
     fmt = ITK_SUFFIXES.get(path.suffix.lower(), "itk")
     return Image(array=np.ascontiguousarray(array), affine=affine,
                  meta={"format": fmt, "source": str(path), "modality": guess_modality(path)})
+
+
+def _component_bytes(reader) -> int:
+    import SimpleITK as sitk
+
+    scalar = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents())
+    return int(scalar.GetSizeOfPixelComponent())
+
+
+def _check_attached_length(path: Path, nbytes: int, name: str) -> None:
+    """Attached (LOCAL / in-file) pixel data of a MetaImage or NRRD holds ``nbytes`` (decoded)."""
+    with path.open("rb") as handle:
+        head = handle.read(HEADER_LIMIT)
+    if head.startswith(b"NRRD"):
+        end = head.find(b"\n\n")
+        end = end + 2 if end >= 0 else head.find(b"\r\n\r\n") + 4
+        fields = {k.strip().lower(): v.strip().lower() for k, _, v in
+                  (line.partition(b":") for line in head[:end].split(b"\n")[1:])}
+        if b"data file" in fields or b"datafile" in fields or end < 4:
+            return
+        encoding = fields.get(b"encoding", b"raw")
+        if encoding == b"raw":
+            check_stream_length(path, end, nbytes, name, "none")
+        elif encoding in (b"gzip", b"gz"):
+            check_stream_length(path, end, nbytes, name, "zlib")
+        return
+    marker = head.lower().find(b"elementdatafile")
+    if marker < 0:
+        return
+    line_end = head.find(b"\n", marker)
+    if line_end < 0 or b"local" not in head[marker:line_end].lower():
+        return
+    compressed = re.search(rb"compresseddata\s*=\s*true", head[:marker].lower()) is not None
+    check_stream_length(path, line_end + 1, nbytes, name, "zlib" if compressed else "none")
 
 
 def _first_line(error: Exception) -> str:
