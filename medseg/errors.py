@@ -110,6 +110,14 @@ class ModalityMismatchError(MedsegError):
     http_status = 422
 
 
+class SeriesMismatchError(MedsegError):
+    """A series does not fit the model: channels or training field of view
+    (:func:`medseg.inference.matching.image_mismatch`)."""
+
+    code = "does-not-fit"
+    http_status = 422
+
+
 class InputShapeError(MedsegError):
     """A tensor's shape does not fit a network (channels, dimensions, divisibility)."""
 

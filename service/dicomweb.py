@@ -89,7 +89,7 @@ async def _stow(request: Request, principal: Principal, study_uid: str | None) -
                       f"STOW-RS accepts type=\"application/dicom\" parts, not '{part_type[:60]}'")
     model = settings.stow_model or settings.default_model
     try:
-        modalities = [m.upper() for m in resolve_model(model, allow_path=False).card.modality]
+        card = resolve_model(model, allow_path=False).card
     except MedsegError:
         raise Problem(503, "unavailable", f"the STOW-RS model '{model}' is not installed") from None
     batch = settings.incoming_dir / f"stow-{uuid.uuid4().hex}"
@@ -100,7 +100,7 @@ async def _stow(request: Request, principal: Principal, study_uid: str | None) -
             raise Problem(400, "bad-request", "STOW-RS request without any instance")
         body, stored, failed = await run_in_threadpool(
             store_instances, received, state.store, settings, principal.key_id, study_uid,
-            modalities)
+            card)
     finally:
         shutil.rmtree(batch, ignore_errors=True)
     state.metrics.stow_instances.labels("stored").inc(stored)
@@ -110,8 +110,14 @@ async def _stow(request: Request, principal: Principal, study_uid: str | None) -
 
 
 def store_instances(received: Received, store: Store, settings: Settings, owner: str,
-                    study_uid: str | None, modalities: list[str]) -> tuple[dict, int, int]:
-    """File each received instance under its series; returns (response body, stored, failed)."""
+                    study_uid: str | None, card) -> tuple[dict, int, int]:
+    """File each received instance under its series; returns (response body, stored, failed).
+
+    Instances whose modality does not fit ``card`` are acknowledged and dropped, by the same rule
+    as ``medseg predict`` (:func:`medseg.inference.matching.modality_mismatch`: an empty Modality
+    fits)."""
+    from medseg.inference.matching import modality_mismatch
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -134,7 +140,7 @@ def store_instances(received: Received, store: Store, settings: Settings, owner:
             failures.append(_sop_item(sop_class, sop_uid, DOES_NOT_MATCH))
             continue
         modality = str(ds.get("Modality") or "").upper()
-        if modality not in modalities:
+        if modality_mismatch(modality, card):
             ignored += 1  # acknowledged, not for this model (e.g. our own SEG echoed back)
             referenced.append(_sop_item(sop_class, sop_uid))
             continue

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medseg.errors import (InputShapeError, InputTooLargeError, MedsegError, ModalityMismatchError,
+from medseg.errors import (InputTooLargeError, MedsegError, ModalityMismatchError, SeriesMismatchError,
                            NoImageDataError, UnreadableFileError, UnsafeArchiveError,
                            UnsupportedInputError)
 from medseg.package import MODEL_NAME_PATTERN, ModelCard
@@ -195,7 +195,7 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
         image = series.read()
         reason = image_mismatch(image, card)
         if reason:
-            error = ModalityMismatchError if reason.startswith("modality") else InputShapeError
+            error = ModalityMismatchError if reason.startswith("modality") else SeriesMismatchError
             raise error(f"{name}: {reason}")
         windows = planned_windows(image.shape, image.affine, card, options.overlap, options.tta)
         check_work(windows, settings.max_windows, name)

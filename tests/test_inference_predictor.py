@@ -245,3 +245,20 @@ def test_bundled_trained_model_default_runtime_matches_monai():
         assert np.abs(prediction.probabilities - probabilities).max() <= 1e-3
         assert (prediction.label_map.array == labels).mean() >= 0.999
         assert prediction.statistics[0]["voxels"] > 0  # a trained model finds the hippocampus
+
+
+def test_from_network_is_the_packaged_predictor_without_a_package(resampling_package, hippocampus):
+    """Training validates through ``Predictor.from_network``: the same label map, statistics and
+    work budget as the exported package gives users."""
+    from medseg.errors import WorkBudgetError
+
+    packaged = Predictor(resampling_package, runtime="eager").predict(hippocampus)
+    in_memory = Predictor.from_network(resampling_package.load_network(), resampling_package.card)
+    result = in_memory.predict(hippocampus)
+    np.testing.assert_array_equal(result.label_map.array, packaged.label_map.array)
+    np.testing.assert_array_equal(result.label_map.affine, hippocampus.affine)
+    assert result.statistics == packaged.statistics
+    limited = Predictor.from_network(resampling_package.load_network(), resampling_package.card,
+                                     max_windows=1)
+    with pytest.raises(WorkBudgetError, match="limit of 1"):
+        limited.predict(hippocampus)

@@ -306,3 +306,23 @@ def test_readyz_reports_an_unwritable_jobs_folder(service):
         jobs.unlink()
         moved.rename(jobs)
     assert httpx.get(server.url + "/readyz", timeout=30).status_code == 200
+
+
+def test_a_series_predict_skips_is_refused_at_upload_with_the_same_reason(service, tmp_path,
+                                                                          capsys):
+    """One series-fit rule: the whole-brain T1 of a study export does not fit the bundled
+    hippocampus-crop model (its card declares the training field of view)."""
+    from medseg.cli import main
+
+    server, keys, _ = service
+    series = shared_path("dicom", "mr_brain_study3_export", "26401-T1prereg-52906")
+    assert main(["predict", str(series), "--model", "hippocampus", "--output",
+                 str(tmp_path / "out")]) == 1
+    skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and "field of view" in skipped[0], skipped
+    reason = skipped[0].split(": ", 1)[1]
+    with server.client(keys["submit"]) as client:
+        response = client.post("/v1/jobs", data={"model": "hippocampus"}, files=[
+            ("file", (p.name, p.read_bytes(), "application/dicom")) for p in sorted(series.iterdir())])
+    body = assert_problem(response, 422, "does-not-fit")
+    assert body["detail"].endswith(reason), (body["detail"], reason)

@@ -49,7 +49,7 @@ from medseg.inference.postprocess import clean_label_map
 from medseg.inference.runtime import NetworkRuntime, auto_sw_batch_size
 from medseg.inference.statistics import label_statistics
 from medseg.io.image import Image
-from medseg.package import ModelPackage, resolve_model
+from medseg.package import ModelCard, ModelPackage, resolve_model
 from medseg.preprocess import ModelGrid, normalize_intensity
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,47 @@ class Predictor:
                  accumulator_dtype: torch.dtype | None = None, half_precision: bool | None = None,
                  threads: int | None = None, max_windows: int | None = None):
         self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
-        self.card = self.package.card
-        self.device = torch.device(device)
         if threads:
             torch.set_num_threads(int(threads))
+        packages = [self.package] + [f if isinstance(f, ModelPackage) else resolve_model(f) for f in folds]
+        self._configure(self.package.card, device, overlap, max_windows)
+        for other in packages[1:]:
+            self._check_fold(other)
+        self.accumulator_dtype = accumulator_dtype
+        self.half_precision = self.device.type == "cuda" if half_precision is None else half_precision
+        self._set_networks([(p.load_network(self.device), _weights_key(p)) for p in packages],
+                           runtime, tta, mirror_axes, sw_batch_size)
+
+    @classmethod
+    def from_network(cls, network: torch.nn.Module, card: ModelCard, device: str | torch.device = "cpu",
+                     tta: bool = False, overlap: float | None = None,
+                     sw_batch_size: int | None = None, mirror_axes: Sequence[int] | None = None,
+                     max_windows: int | None = None) -> "Predictor":
+        """A Predictor for a network in memory (e.g. during training), no package on disk needed.
+
+        Exactly the steps of a packaged model (model grid, normalisation, sliding window,
+        inverse to the input grid, post-processing, statistics), so a model card's validation
+        metrics are what users of the exported package get. The network runs eagerly (its
+        weights may change between calls, so nothing is converted or cached); put it in eval
+        mode first.
+
+        Args:
+            network: the network, on ``device``.
+            card: what :meth:`predict` needs of a model card (network config, labels, spacing in
+                mm, orientation, normalisation, patch size, overlap, post-processing).
+        """
+        self = cls.__new__(cls)
+        self.package = None
+        self._configure(card, device, overlap, max_windows)
+        self.accumulator_dtype = None
+        self.half_precision = False
+        self._set_networks([(network, None)], "eager", tta, mirror_axes, sw_batch_size)
+        return self
+
+    def _configure(self, card: ModelCard, device: str | torch.device, overlap: float | None,
+                   max_windows: int | None) -> None:
+        self.card = card
+        self.device = torch.device(device)
         self.spatial_dims = len(self.card.patch_size)
         self.overlap = float(self.card.overlap if overlap is None else overlap)
         self.max_windows = max_windows
@@ -126,15 +163,16 @@ class Predictor:
         if self.card.num_classes != len(self.labels) + 1:
             raise ValueError(f"model {self.card.name}: {self.card.num_classes} output channels but "
                              f"{len(self.labels)} labels")
-        self.accumulator_dtype = accumulator_dtype
-        self.half_precision = self.device.type == "cuda" if half_precision is None else half_precision
-        packages = [self.package] + [f if isinstance(f, ModelPackage) else resolve_model(f) for f in folds]
-        for other in packages[1:]:
-            self._check_fold(other)
+        self.label_lut = np.array([0] + [label.id for label in self.labels],
+                                  dtype=np.uint8 if self.labels[-1].id < 256 else np.uint16)
+
+    def _set_networks(self, networks: list[tuple[torch.nn.Module, str | None]], runtime: str,
+                      tta: bool, mirror_axes: Sequence[int] | None,
+                      sw_batch_size: int | None) -> None:
         batch = sw_batch_size or 1
-        self.runtimes = [NetworkRuntime(p.load_network(self.device), runtime, self.spatial_dims, batch,
-                                        device=self.device, cache_key=_weights_key(p))
-                         for p in packages]
+        self.runtimes = [NetworkRuntime(network, runtime, self.spatial_dims, batch,
+                                        device=self.device, cache_key=key)
+                         for network, key in networks]
         self.runtime = self.runtimes[0].name
         if tta:
             axes = tuple(range(self.spatial_dims)) if mirror_axes is None else tuple(mirror_axes)
@@ -142,8 +180,6 @@ class Predictor:
             axes = ()
         self.network = MirrorEnsemble(self.runtimes, mirror_axes=axes)
         self.sw_batch_size = sw_batch_size
-        self.label_lut = np.array([0] + [label.id for label in self.labels],
-                                  dtype=np.uint8 if self.labels[-1].id < 256 else np.uint16)
 
     def _check_fold(self, other: ModelPackage) -> None:
         a, b = self.card, other.card
