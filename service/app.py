@@ -7,9 +7,11 @@ workers stop and their running jobs go back to the queue.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
@@ -22,7 +24,7 @@ from service.auth import Principal, require
 from service.config import Settings
 from service.maintenance import Maintenance
 from service.metrics import Metrics
-from service.problems import PROBLEM_SCHEMA, install_handlers
+from service.problems import MEDIA_TYPE, PROBLEM_SCHEMA, install_handlers
 from service.queue import StoreQueue
 from service.store import Store
 from service.workers import WorkerPool
@@ -84,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
             schema = get_openapi(title=app.title, version=app.version,
                                  description=app.description, routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
-            app.openapi_schema = schema
+            app.openapi_schema = problem_openapi(schema)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -94,6 +96,40 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(app.openapi())
 
     return app
+
+
+def problem_openapi(schema: dict) -> dict:
+    """Make the generated schema say what is served: every 422 is problem+json (FastAPI documents
+    its own ``HTTPValidationError``, which the service never sends; it and ``ValidationError``
+    are dropped once unused), every operation that needs a key may answer 503 with
+    ``Retry-After`` (a storage fault), and an upload has at least one ``file``."""
+    problem = {"$ref": "#/components/schemas/Problem"}
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            responses = operation.get("responses") if isinstance(operation, dict) else None
+            if not isinstance(responses, dict):
+                continue
+            if "422" in responses:  # only problem+json, whatever else FastAPI merged in
+                responses["422"] = {"description": HTTPStatus(422).phrase,
+                                    "content": {MEDIA_TYPE: {"schema": problem}}}
+            if "401" in responses and "503" not in responses:
+                responses["503"] = {
+                    "description": "Service Unavailable (storage fault; retry later)",
+                    "headers": {"Retry-After": {"description": "seconds to wait before retrying",
+                                                "schema": {"type": "integer"}}},
+                    "content": {MEDIA_TYPE: {"schema": problem}}}
+    upload = (schema.get("paths", {}).get("/v1/jobs", {}).get("post", {}).get("requestBody", {})
+              .get("content", {}).get("multipart/form-data", {}).get("schema", {}))
+    if isinstance(upload.get("properties", {}).get("file"), dict):
+        upload["properties"]["file"].setdefault("minItems", 1)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):  # the first refers to the second
+        if name in components:
+            rest = {**schema, "components": {**schema["components"], "schemas": {
+                k: v for k, v in components.items() if k != name}}}
+            if f'"#/components/schemas/{name}"' not in json.dumps(rest):
+                del components[name]
+    return schema
 
 
 class RequestLog:

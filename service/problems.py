@@ -3,11 +3,14 @@
 ``type`` is stable: ``https://medseg.dev/problems/<code>``, where ``<code>`` is a
 :class:`medseg.errors.MedsegError` code (input errors, with that error's HTTP status) or one of the
 service's own codes below (authentication, routing, request validation). Client mistakes are
-always 4xx; 5xx means a fault of the service itself.
+always 4xx; 5xx means a fault of the service itself. A storage fault (the job store locked or
+down, the data folder unwritable or full) is ``503 unavailable`` with ``Retry-After``
+(``Settings.retry_after_s`` seconds): the request was fine and may be sent again.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -15,7 +18,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from medseg.errors import MedsegError
 
@@ -30,6 +35,16 @@ STATUS_CODES = {
     410: "gone", 413: "too-large", 415: "unsupported-media-type", 422: "invalid-request",
     429: "too-many-requests", 500: "internal-error", 503: "unavailable",
 }
+
+#: errno values of an ``OSError`` that mean the service's own storage is unusable (503): no
+#: permission, read-only, full or over quota, I/O error, or a path component that is a file
+#: (``incoming`` replaced by a file: ENOTDIR / EEXIST)
+STORAGE_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "EIO", "ENOTDIR", "EEXIST")
+    if hasattr(errno, name))
+#: methods a 405's ``Allow`` header may list, in the order it lists them
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+DEFAULT_RETRY_AFTER_S = 5
 
 
 class Problem(Exception):
@@ -85,8 +100,23 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException):
         code = STATUS_CODES.get(error.status_code, "http-%d" % error.status_code)
+        headers = dict(getattr(error, "headers", None) or {})
+        if error.status_code == 405:  # Starlette names only the first route's methods
+            methods = allowed_methods(request)
+            if methods:
+                headers["Allow"] = ", ".join(methods)
         return problem_response(error.status_code, code, str(error.detail), request,
-                                getattr(error, "headers", None))
+                                headers or None)
+
+    @app.exception_handler(OperationalError)
+    async def _database(request: Request, error: OperationalError):
+        return _unavailable(request, error, "the job store is busy or unavailable; retry later")
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, error: OSError):
+        if is_storage_fault(error):
+            return _unavailable(request, error, "the service cannot write its data; retry later")
+        return await _internal(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, error: RequestValidationError):
@@ -100,6 +130,46 @@ def install_handlers(app: FastAPI) -> None:
     async def _internal(request: Request, error: Exception):
         log.exception("unhandled error", extra={"path": request.url.path})
         return problem_response(500, "internal-error", "internal server error", request)
+
+
+def is_storage_fault(error: BaseException) -> bool:
+    """The error says the service's storage is unusable (database or data folder), not that the
+    request was wrong: ``sqlalchemy.exc.OperationalError`` or an ``OSError`` with an errno of
+    :data:`STORAGE_ERRNOS`."""
+    if isinstance(error, OperationalError):
+        return True
+    return isinstance(error, OSError) and (isinstance(error, PermissionError)
+                                           or error.errno in STORAGE_ERRNOS)
+
+
+def _unavailable(request: Request, error: BaseException, detail: str) -> JSONResponse:
+    """503 ``unavailable`` with ``Retry-After`` for a storage fault; logged by type only (the
+    message may carry paths or SQL)."""
+    settings = getattr(request.app.state, "settings", None)
+    retry_after = getattr(settings, "retry_after_s", DEFAULT_RETRY_AFTER_S)
+    code = errno.errorcode.get(error.errno) if isinstance(error, OSError) and error.errno else None
+    log.error("storage fault", extra={"path": request.url.path, "error": type(error).__name__,
+                                      "errno": code})
+    return problem_response(503, "unavailable", detail, request,
+                            {"Retry-After": str(int(retry_after))})
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app serves at the request's path (for ``Allow``)."""
+    routes = getattr(request.app, "routes", ())
+    allowed = []
+    for method in HTTP_METHODS:
+        scope = {k: v for k, v in request.scope.items() if k != "fastapi"}
+        scope["method"] = method
+        for route in routes:
+            try:
+                match, _ = route.matches(scope)
+            except Exception:  # a route that cannot judge this scope does not serve it
+                continue
+            if match == Match.FULL:
+                allowed.append(method)
+                break
+    return allowed
 
 
 def _title(status: int, code: str) -> str:

@@ -24,6 +24,10 @@ from service.config import Settings
 from service.problems import Problem
 
 MAX_FIELD_BYTES = 64 * 1024
+#: longest multipart boundary accepted, in characters (RFC 2046 5.1.1: 1 to 70)
+MAX_BOUNDARY_CHARS = 70
+#: the characters RFC 2046 allows in a boundary (``bchars``; a space may not be the last one)
+_BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 KNOWN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip", ".dcm")
 
 
@@ -55,8 +59,12 @@ def suffix_of(filename: str) -> str:
 def multipart_boundary(request: Request, subtype: str) -> tuple[bytes, dict[bytes, bytes]]:
     """The boundary of a ``multipart/<subtype>`` request, and the Content-Type parameters.
 
+    The boundary must be 1 to :data:`MAX_BOUNDARY_CHARS` (70) characters of RFC 2046's
+    ``bchars``, not ending in a space.
+
     Raises:
-        Problem: 415 for another media type, 400 without a boundary.
+        Problem: 415 for another media type, 400 without a boundary or with one that is too long
+            or has characters RFC 2046 does not allow.
     """
     media, params = parse_options_header(request.headers.get("content-type", ""))
     if media.lower() != f"multipart/{subtype}".encode():
@@ -65,6 +73,12 @@ def multipart_boundary(request: Request, subtype: str) -> tuple[bytes, dict[byte
     boundary = params.get(b"boundary")
     if not boundary:
         raise Problem(400, "bad-request", "multipart body without a boundary parameter")
+    if len(boundary) > MAX_BOUNDARY_CHARS:
+        raise Problem(400, "bad-request", f"multipart boundary of {len(boundary)} characters; "
+                      f"RFC 2046 allows at most {MAX_BOUNDARY_CHARS}")
+    if not _BOUNDARY.fullmatch(boundary):
+        raise Problem(400, "bad-request",
+                      "multipart boundary with characters RFC 2046 does not allow")
     return boundary, params
 
 
@@ -90,10 +104,10 @@ async def receive_multipart(request: Request, dest: Path, settings: Settings, su
     """
     check_declared_size(request, settings)
     boundary, _ = multipart_boundary(request, subtype)
-    dest.mkdir(parents=True, exist_ok=False)
     sink = _Sink(dest, settings, subtype, file_field)
-    parser = MultipartParser(boundary, sink.callbacks())
-    try:
+    dest.mkdir(parents=True, exist_ok=False)
+    try:  # from here on, whatever is raised (even a cancellation) removes dest
+        parser = MultipartParser(boundary, sink.callbacks())
         with anyio.fail_after(settings.request_timeout_s):
             async for chunk in request.stream():
                 sink.received += len(chunk)
@@ -118,7 +132,13 @@ async def receive_multipart(request: Request, dest: Path, settings: Settings, su
             raise
         if sink.error is not None:
             raise sink.error from None
+        if isinstance(error, OSError):  # writing the parts failed: our storage, not the client
+            raise
         raise Problem(400, "bad-request", f"malformed multipart body ({type(error).__name__})") from None
+    except BaseException:
+        sink.close()
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     sink.close()
     return sink.result
 
