@@ -1,12 +1,13 @@
 """The service-hardening figures: a hostile tenant and a busy PACS against a real ``medseg serve``.
 
-Starts the service with the bundled ``hippocampus`` model (a subprocess on a free loopback port,
-its own temporary data dir) and prints one table:
+Starts the service with an untrained 3-class 3D U-Net (the tests' ``tiny-hippocampus``: MR, 1 mm,
+32^3 patch, no declared field of view, so a long real volume fits it; a subprocess on a free
+loopback port, its own temporary data dir) and prints one table:
 
 - file reads through headers: MetaImage/NRRD headers naming a server file, or ``../``, or LIST,
   and a NIfTI pair header -> every one refused (status, problem type), the secret never returned;
 - 5xx count over every hostile / malformed request sent here;
-- DELETE of a running job (real aorta angiography at overlap 0.9, ~19,000 windows) -> seconds
+- DELETE of a running job (real aorta angiography at overlap 0.9, ~31,000 windows) -> seconds
   until the next queued job starts on the single worker;
 - three concurrent 64-byte ``.nii.gz`` uploads claiming 1000 x 1000 x 400 float32 -> the
   server's peak RSS rise (VmHWM after resetting it through ``/proc/<pid>/clear_refs``);
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-from tests.test_service_support import Server, create_key, zip_bytes  # noqa: E402
+from tests.test_service_support import Server, build_tiny_model, create_key, zip_bytes  # noqa: E402
 
 
 def _rss_kib(pid: int, field: str) -> int:
@@ -80,8 +81,7 @@ def main() -> int:
     key = create_key(data, "submit", "bench")
     secret = root / "secret.raw"
     secret.write_bytes(b"SECRET-" * 1000)
-    server = Server(data, REPO / "medseg" / "models",
-                    env={"MEDSEG_SERVICE_DEFAULT_MODEL": "hippocampus"}).start()
+    server = Server(data, build_tiny_model(root / "models")).start()
     rows: list[tuple[str, str]] = []
     statuses: list[int] = []
     try:
@@ -97,7 +97,7 @@ def main() -> int:
             rows.append(("header reads refused, nothing leaked", f"{sum(refused)} / {len(refused)}"))
 
             for name, data_fields in [("overlap 0.99", {"overlap": "0.99"}),
-                                      ("model=../models/hippocampus", {"model": "../models/hippocampus"})]:
+                                      ("model=../models/tiny-hippocampus", {"model": "../models/tiny-hippocampus"})]:
                 case = DATA / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
                 response = client.post("/v1/jobs", data=data_fields, files=[
                     ("file", ("c.nii.gz", case.read_bytes(), "application/gzip"))])

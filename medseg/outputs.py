@@ -5,8 +5,16 @@ Per series, in ``out_dir``, named ``<stem>`` + suffix (see :func:`series_stem`):
 - ``<stem>.nii.gz`` — the label map (NIfTI, sform = qform = the input affine);
 - ``<stem>.seg.dcm`` — DICOM SEG (binary, PS3.3 A.51) referencing the source series, only when the
   input was DICOM (``image.dicom_source``);
-- ``<stem>.json`` — the report: model, version, input geometry, per-label volumes, timings;
-- ``<stem>.png`` — a preview: three orthogonal mid-slices with the label overlay.
+- ``<stem>.json`` — the report: model (name, version, weights sha256, training time), input
+  geometry, per-label volumes, timings;
+- ``<stem>.png`` — a preview (:func:`write_preview`): sagittal, coronal and axial slices through the
+  segmentation with the label overlay, orientation letters, a legend with volumes (ml), the
+  series description, the model identity and, unless the model is validated, "not for diagnostic
+  use".
+
+The DICOM SEG's algorithm identification carries the model name and version, and its
+AlgorithmParameters the weights' sha256 and training time; its ContentDescription is
+``"<name> <version> sha256:<12 hex>"``.
 
 Every file is written under a temporary name and renamed (:func:`medseg.io.atomic.atomic_write`);
 the JSON report is written last, so its presence marks a complete set (``--skip-existing``).
@@ -92,7 +100,13 @@ def geometry(image: Image) -> dict[str, Any]:
 
 def build_report(prediction: "Prediction", image: Image, card: ModelCard,
                  outputs: dict[str, Path] | None = None) -> dict[str, Any]:
-    """The JSON report of one prediction (see the module docstring)."""
+    """The JSON report of one prediction (see the module docstring).
+
+    ``model`` identifies the exact weights: ``name``, ``version``, ``weights_sha256`` (64 hex,
+    ``None`` only for a card not loaded from a package), ``weights_sha256_short`` (12 hex),
+    ``trained_at`` (ISO 8601 UTC or ``None``), ``clinically_validated``, plus network, modality,
+    spacing (mm), orientation and patch size. ``labels`` has per-label volumes in ml.
+    """
     import medseg
 
     series = {key: image.meta.get(key) for key in SERIES_KEYS if image.meta.get(key) not in (None, "")}
@@ -102,7 +116,10 @@ def build_report(prediction: "Prediction", image: Image, card: ModelCard,
         "medseg_version": medseg.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {
-            "name": card.name, "version": card.version, "network": card.network.name,
+            "name": card.name, "version": card.version,
+            "weights_sha256": card.weights_sha256, "weights_sha256_short": card.weights_short,
+            "trained_at": card.trained_at, "clinically_validated": card.clinically_validated,
+            "network": card.network.name,
             "modality": list(card.modality), "spacing_mm": list(card.spacing),
             "orientation": card.orientation, "patch_size": list(card.patch_size),
         },
@@ -114,46 +131,322 @@ def build_report(prediction: "Prediction", image: Image, card: ModelCard,
     }
 
 
+#: the three preview views: (name, through-plane world axis, screen-right (world axis, sign),
+#: screen-up (world axis, sign)); world axes of RAS+ (0 = R, 1 = A, 2 = S). Radiological
+#: convention: the patient's right is on the viewer's left in the coronal and axial views.
+PREVIEW_VIEWS = (
+    ("sagittal", 0, (1, +1), (2, +1)),
+    ("coronal", 1, (0, -1), (2, +1)),
+    ("axial", 2, (0, -1), (1, +1)),
+)
+_LETTERS = (("L", "R"), ("P", "A"), ("I", "S"))  # (negative, positive) end of RAS+ world axes
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+#: at most this many legend entries (the rest are counted; the report has every label)
+LEGEND_MAX = 12
+
+
+def direction_letter(vector: Sequence[float]) -> str:
+    """Patient direction of a RAS+ world vector: ``R``/``L``, ``A``/``P`` or ``S``/``I`` for its
+    largest component (``(-1, 0.2, 0)`` -> ``"L"``).
+
+    Raises:
+        ValueError: a zero vector.
+    """
+    vector = np.asarray(vector, dtype=np.float64)[:3]
+    axis = int(np.argmax(np.abs(vector)))
+    if vector[axis] == 0:
+        raise ValueError("a zero vector has no direction")
+    return _LETTERS[axis][int(vector[axis] > 0)]
+
+
+def view_geometry(affine: np.ndarray) -> list[dict[str, Any]]:
+    """How :func:`write_preview` cuts and orients each view of an image with this ``affine``.
+
+    The voxel axis closest to each RAS+ world axis is found (nibabel ``io_orientation``), so any
+    storage order (RAS, LPS, sagittal or coronal acquisitions) is shown the same way.
+
+    Args:
+        affine: ``(4, 4)`` voxel ``(i, j, k)`` -> RAS+ mm matrix.
+
+    Returns:
+        per view (sagittal, coronal, axial): ``name``; ``through`` (the voxel axis a slice is
+        taken along); ``right`` / ``up`` (``(voxel axis, step sign)`` that moves right / up on
+        screen); ``letters``: ``{"left", "right", "bottom", "top"}`` patient directions at the
+        view's edges, computed from the affine's direction of those voxel steps.
+
+    Raises:
+        ValueError: a singular affine.
+    """
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError("singular affine: no orientation")
+    ornt = nib.orientations.io_orientation(affine)  # per voxel axis: (world axis, sign)
+    voxel_of = {int(world): (axis, int(sign)) for axis, (world, sign) in enumerate(ornt)}
+    views = []
+    for name, through_world, (right_world, right_sign), (up_world, up_sign) in PREVIEW_VIEWS:
+        right_axis, right_flip = voxel_of[right_world]
+        up_axis, up_flip = voxel_of[up_world]
+        right = (right_axis, right_sign * right_flip)
+        up = (up_axis, up_sign * up_flip)
+        to_right = affine[:3, right[0]] * right[1]
+        to_top = affine[:3, up[0]] * up[1]
+        views.append({
+            "name": name, "through": voxel_of[through_world][0], "right": right, "up": up,
+            "letters": {"left": direction_letter(-to_right), "right": direction_letter(to_right),
+                        "bottom": direction_letter(-to_top), "top": direction_letter(to_top)},
+        })
+    return views
+
+
+def orientation_letters(affine: np.ndarray) -> dict[str, dict[str, str]]:
+    """``{view: {"left", "right", "bottom", "top": letter}}`` for the preview's sagittal, coronal
+    and axial views of an image with this ``affine`` (see :func:`view_geometry`), e.g. axial
+    ``{"left": "R", "right": "L", "bottom": "P", "top": "A"}``.
+
+    Raises:
+        ValueError: a singular affine.
+    """
+    return {view["name"]: view["letters"] for view in view_geometry(affine)}
+
+
+def preview_slices(label_map: np.ndarray, affine: np.ndarray) -> dict[str, int]:
+    """Voxel index of the slice each view shows: through the centre of mass of the foreground
+    (``label_map > 0``), or the volume centre when there is none; when the centre-of-mass slice
+    of a view holds no foreground (e.g. two separate structures), the nearest slice that does.
+
+    Args:
+        label_map: integer ``(I, J, K)``.
+        affine: its ``(4, 4)`` voxel -> RAS+ mm matrix.
+
+    Returns:
+        ``{view name: index along that view's through voxel axis}``.
+    """
+    mask = np.asarray(label_map) > 0
+    result = {}
+    for view in view_geometry(affine):
+        axis = view["through"]
+        counts = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis))
+        total = counts.sum()
+        if not total:
+            result[view["name"]] = int(mask.shape[axis] // 2)
+            continue
+        centre = int(round(float((counts * np.arange(len(counts))).sum() / total)))
+        if counts[centre] == 0:
+            filled = np.flatnonzero(counts)
+            centre = int(filled[np.argmin(np.abs(filled - centre))])
+        result[view["name"]] = centre
+    return result
+
+
+def _plane(volume: np.ndarray, view: dict[str, Any], index: int) -> np.ndarray:
+    """The 2D slice ``index`` of ``volume`` for ``view``: rows go up, columns go right (for
+    ``imshow(origin="lower")``)."""
+    through, (right, right_sign), (up, up_sign) = view["through"], view["right"], view["up"]
+    plane = np.take(volume, index, axis=through)
+    remaining = [a for a in range(3) if a != through]
+    plane = plane.transpose(remaining.index(up), remaining.index(right))
+    return plane[:: 1 if up_sign > 0 else -1, :: 1 if right_sign > 0 else -1]
+
+
+def _format_ml(volume: float) -> str:
+    return f"{volume:.2f} ml" if volume < 100 else f"{volume:.1f} ml" if volume < 1000 else f"{volume:.0f} ml"
+
+
+def preview_annotations(image: Image, labels: Sequence[Label], statistics: Sequence[dict],
+                        card: ModelCard | None = None) -> dict[str, Any]:
+    """The text of a preview (also stored in the PNG's text chunks).
+
+    Returns:
+        ``series`` (the series description, else series number, else the file name), ``model``
+        (``"<name> <version> · sha256 <12 hex> · trained <date>"``, or ``None`` without a card),
+        ``notice`` (``"NOT FOR DIAGNOSTIC USE"`` unless ``card.clinically_validated``, else
+        ``None``), and ``legend``: ``[(label, "<name>: <volume> ml")]`` in label-id order, at most
+        :data:`LEGEND_MAX` entries (only labels with volume when there are more labels), plus
+        ``more``: how many labels were left out.
+    """
+    meta = image.meta
+    series = str(meta.get("series_description") or "").strip()
+    if not series and meta.get("series_number") is not None:
+        series = f"series {meta['series_number']}"
+    if not series:
+        series = stem_for(meta, dicom=bool(image.dicom_source))
+    modality = str(meta.get("modality") or "").strip()
+    model = None
+    if card is not None:
+        model = f"{card.name} {card.version}"
+        if card.weights_short:
+            model += f" · sha256 {card.weights_short}"
+        if card.trained_at:
+            model += f" · trained {card.trained_at[:10]}"
+    volumes = {int(s["id"]): float(s.get("volume_ml") or 0.0) for s in statistics}
+    shown = list(labels)
+    if len(shown) > LEGEND_MAX:
+        shown = [label for label in shown if volumes.get(label.id, 0.0) > 0]
+    more = len(labels) - len(shown[:LEGEND_MAX])
+    legend = [(label, f"{label.name[:40]}: {_format_ml(volumes.get(label.id, 0.0))}")
+              for label in shown[:LEGEND_MAX]]
+    validated = bool(card is not None and card.clinically_validated)
+    series = series[:64]
+    return {"series": f"{modality} · {series}" if modality else series, "model": model,
+            "notice": None if validated else NOT_FOR_DIAGNOSTIC_USE, "legend": legend,
+            "more": more}
+
+
 def write_preview(label_map: np.ndarray, image: Image, labels: Sequence[Label], path: str | Path,
-                  alpha: float = 0.45) -> Path:
-    """PNG of three orthogonal mid-slices (sagittal, coronal, axial) of ``image`` with the label
-    overlay, displayed in RAS+ orientation (patient's right on the viewer's left for coronal and
-    axial, radiological convention) with the true aspect ratio; matplotlib Agg, atomically."""
+                  alpha: float = 0.45, *, statistics: Sequence[dict] | None = None,
+                  card: ModelCard | None = None, dpi: int = 100) -> Path:
+    """A PNG a clinician can read: sagittal, coronal and axial slices of ``image`` through the
+    segmentation's centre of mass (:func:`preview_slices`) with the label overlay, atomically.
+
+    Each view is shown in RAS+ (radiological convention: the patient's right on the viewer's
+    left in coronal and axial) with its true aspect ratio from the voxel spacing and the
+    orientation letters (:func:`orientation_letters`) at its edges; its title gives the slice's
+    world position (mm). Above: the series description and the model (name, version, short
+    weights hash, training date) and, unless the card is ``clinically_validated``, a red
+    "NOT FOR DIAGNOSTIC USE" banner. Below: a legend with each label's colour, name and volume
+    (ml). The same text is stored in the PNG's ``Title``, ``Description`` and ``Disclaimer``
+    chunks. About 1200 pixels wide at the default ``dpi``. matplotlib (Agg, no pyplot).
+
+    Args:
+        label_map: integer ``(I, J, K)`` on ``image``'s grid.
+        image: the input; ``array`` ``(I, J, K)`` or ``(I, J, K, T)`` (the first volume is shown).
+        labels: the card's labels (colours and names).
+        path: the ``.png`` to write.
+        alpha: overlay opacity, 0..1.
+        statistics: per-label ``id`` and ``volume_ml`` (``Prediction.statistics``); computed from
+            ``label_map`` when ``None``.
+        card: the model card (identity, ``clinically_validated``); without it no model line is
+            drawn and the notice is shown.
+        dpi: pixels per inch of the PNG.
+
+    Raises:
+        InputShapeError: ``label_map`` is not ``image``'s 3D grid.
+        ValueError: a singular affine.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import nibabel as nib
+    import medseg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
 
-    ornt = nib.orientations.io_orientation(image.affine)
-    data = np.asarray(image.array if image.array.ndim == 3 else image.array[..., 0], dtype=np.float32)
-    data = nib.orientations.apply_orientation(data, ornt)
-    seg = nib.orientations.apply_orientation(np.asarray(label_map), ornt)
-    spacing = np.asarray(image.spacing)[np.argsort(ornt[:, 0])]
-    lo, hi = np.percentile(data, [0.5, 99.5]) if data.size else (0.0, 1.0)
+    from medseg.errors import InputShapeError
+    from medseg.inference.statistics import label_statistics
+
+    seg = np.asarray(label_map)
+    data = np.asarray(image.array if image.array.ndim == 3 else image.array[..., 0])  # a view
+    if seg.ndim != 3 or seg.shape != data.shape:
+        raise InputShapeError(f"preview: label map shape {seg.shape} is not the image grid {data.shape}")
+    labels = sorted(labels, key=lambda label: label.id)
+    if statistics is None:
+        statistics = label_statistics(seg, image.affine, labels)
+    text = preview_annotations(image, labels, statistics, card)
+    views = view_geometry(image.affine)
+    slices = preview_slices(seg, image.affine)
+    spacing = np.asarray(image.spacing)
+    step = max(1, int(np.ceil((data.size / 2e6) ** (1 / 3))))  # window from <= ~2M voxels
+    sample = np.asarray(data[::step, ::step, ::step], dtype=np.float32)
+    finite = sample[np.isfinite(sample)]
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
     size = max([label.id for label in labels] + [int(seg.max(initial=0))]) + 1
     colours = np.zeros((size, 4))
     for label in labels:
         colours[label.id] = [*(c / 255 for c in label.color), alpha]
     cmap = ListedColormap(colours)
-    ci, cj, ck = (s // 2 for s in data.shape)
-    views = [  # (title, image slice, seg slice, aspect = row spacing / column spacing)
-        ("sagittal", data[ci, :, :].T, seg[ci, :, :].T, spacing[2] / spacing[1]),
-        ("coronal", data[::-1, cj, :].T, seg[::-1, cj, :].T, spacing[2] / spacing[0]),
-        ("axial", data[::-1, :, ck].T, seg[::-1, :, ck].T, spacing[1] / spacing[0]),
-    ]
-    figure = Figure(figsize=(12, 4.4), dpi=100)
-    for index, (title, plane, overlay, aspect) in enumerate(views, start=1):
-        axis = figure.add_subplot(1, 3, index)
+
+    # layout in inches: banner, header, panel titles, panels, legend
+    width, margin, gap = 12.0, 0.45, 0.75
+    mm = [(data.shape[v["right"][0]] * spacing[v["right"][0]],
+           data.shape[v["up"][0]] * spacing[v["up"][0]]) for v in views]
+    scale = min(3.8 / max(h for _, h in mm), (width - 2 * margin - 2 * gap) / sum(w for w, _ in mm))
+    for _ in range(20):  # keep every panel at least 1.4 in wide (titles), all within the width
+        boxes = [max(w * scale, 1.4) for w, _ in mm]
+        if sum(boxes) <= width - 2 * margin - 2 * gap + 1e-6:
+            break
+        scale *= 0.95
+    heights = [max(h * scale, 0.6) for _, h in mm]
+    panel_h = max(heights)
+    legend_cols = 3 if all(len(entry) <= 34 for _, entry in text["legend"]) else 2
+    legend_rows = max(1, -(-(len(text["legend"]) + (1 if text["more"] else 0)) // legend_cols))
+    banner_h = 0.42 if text["notice"] else 0.0
+    header_h = 0.95 if text["model"] else 0.65
+    title_h, letter_h = 0.62, 0.34
+    legend_h = 0.45 + 0.3 * legend_rows
+    height = banner_h + header_h + title_h + panel_h + letter_h + legend_h + 0.15
+    figure = Figure(figsize=(width, height), dpi=dpi, facecolor="white")
+
+    def y(inches_from_top: float) -> float:
+        return 1.0 - inches_from_top / height
+
+    top = 0.0
+    if text["notice"]:
+        figure.patches.append(Rectangle(
+            (0, y(banner_h)), 1, banner_h / height, transform=figure.transFigure,
+            facecolor="#b00020", edgecolor="none"))
+        figure.text(0.5, y(banner_h / 2), f"{text['notice']}  ·  research output, verify against "
+                    "the source images", ha="center", va="center", color="white", fontsize=13,
+                    fontweight="bold")
+        top = banner_h
+    figure.text(margin / width, y(top + 0.32), f"Series: {text['series']}", ha="left",
+                va="center", fontsize=14, fontweight="bold")
+    if text["model"]:
+        figure.text(margin / width, y(top + 0.62), f"Model: {text['model']}", ha="left",
+                    va="center", fontsize=11.5)
+    figure.text(1 - margin / width, y(top + 0.32), f"medseg {medseg.__version__}", ha="right",
+                va="center", fontsize=10, color="#555555")
+    top += header_h
+    band_top = top + title_h
+    x = margin + (width - 2 * margin - 2 * gap - sum(boxes)) / 2
+    for view, box_w, box_h in zip(views, boxes, heights):
+        index = slices[view["name"]]
+        plane = _plane(data, view, index).astype(np.float32)
+        overlay = _plane(seg, view, index)
+        aspect = spacing[view["up"][0]] / spacing[view["right"][0]]
+        bottom = band_top + (panel_h + box_h) / 2  # vertically centred in the band
+        axis = figure.add_axes((x / width, y(bottom), box_w / width, box_h / height))
         axis.imshow(plane, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
                     interpolation="nearest")
         axis.imshow(overlay, cmap=cmap, vmin=0, vmax=size - 1, origin="lower", aspect=aspect,
                     interpolation="nearest")
-        axis.set_title(title)
-        axis.axis("off")
-    figure.tight_layout()
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+        axis.set_xticks([])
+        axis.set_yticks([])
+        centre = np.asarray(data.shape, dtype=np.float64) / 2 - 0.5
+        centre[view["through"]] = index
+        world = image.affine[:3, :3] @ centre + image.affine[:3, 3]
+        normal = image.affine[:3, view["through"]]
+        axis_world = int(np.argmax(np.abs(normal)))
+        position = world[axis_world]
+        where = f"{_LETTERS[axis_world][int(position >= 0)]} {abs(position):.1f} mm"
+        axis.set_title(f"{view['name'].capitalize()}  ({where})", fontsize=12, pad=22)
+        letters = view["letters"]
+        style = dict(fontsize=13, fontweight="bold", color="#1a4f8a", transform=axis.transAxes)
+        axis.text(-0.03, 0.5, letters["left"], ha="right", va="center", **style)
+        axis.text(1.03, 0.5, letters["right"], ha="left", va="center", **style)
+        axis.text(0.5, 1.02, letters["top"], ha="center", va="bottom", **style)
+        axis.text(0.5, -0.02, letters["bottom"], ha="center", va="top", **style)
+        x += box_w + gap
+    handles = [Patch(facecolor=[c / 255 for c in label.color], edgecolor="black", linewidth=0.6,
+                     label=entry) for label, entry in text["legend"]]
+    if text["more"]:
+        handles.append(Patch(facecolor="none", edgecolor="none",
+                             label=f"+ {text['more']} more label(s), see the report"))
+    legend_top = band_top + panel_h + letter_h
+    if handles:
+        figure.legend(handles=handles, loc="upper center", ncol=legend_cols, frameon=False,
+                      bbox_to_anchor=(0.5, y(legend_top)), fontsize=11.5, handlelength=1.6,
+                      handleheight=1.1, columnspacing=2.5,
+                      title="Segmented volume (whole series)", title_fontsize=11)
+    description = "; ".join([f"Series: {text['series']}", f"Model: {text['model'] or 'unknown'}",
+                             *(entry for _, entry in text["legend"])])
+    metadata = {"Title": f"medseg preview: {text['series']}", "Description": description,
+                "Software": f"medseg {medseg.__version__}"}
+    if text["notice"]:
+        metadata["Disclaimer"] = text["notice"].capitalize()
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", metadata=metadata))
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
@@ -180,7 +473,8 @@ def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_d
     Args:
         prediction: from :meth:`medseg.inference.Predictor.predict` on ``image``.
         image: the input image (geometry, intensities for the preview, DICOM source for SEG).
-        card: the model card (labels, name, version).
+        card: the model card (labels, name, version, weights hash, training time, whether
+            validated); its identity goes into the report, the SEG and the preview.
         out_dir: folder, created if needed.
         formats: any of ``nifti``, ``seg``, ``json``, ``png``; ``seg`` is skipped (not an error)
             when the input was not DICOM.
@@ -208,12 +502,16 @@ def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_d
     if "nifti" in paths:
         written["nifti"] = write_nifti(prediction.label_map, paths["nifti"], label_map=True)
     if "seg" in paths:
+        parameters = {key: value for key, value in (("weights_sha256", card.weights_sha256),
+                                                    ("trained_at", card.trained_at)) if value}
         written["seg"] = write_seg(prediction.label_map, image, labels, paths["seg"],
                                    series_description=f"{card.name} segmentation"[:64],
                                    algorithm_name=card.name, algorithm_version=card.version,
-                                   warnings=notes)
+                                   algorithm_parameters=parameters,
+                                   content_description=card.identity, warnings=notes)
     if "png" in paths:
-        written["png"] = write_preview(prediction.label_map.array, image, labels, paths["png"])
+        written["png"] = write_preview(prediction.label_map.array, image, labels, paths["png"],
+                                       statistics=prediction.statistics, card=card)
     if "json" in paths:
         report = build_report(prediction, image, card, {**written, "json": paths["json"]})
         report["input"]["warnings"] = [*report["input"]["warnings"], *notes]

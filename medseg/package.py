@@ -8,19 +8,29 @@ Layout (MONAI Bundle, so MONAI tools can read it)::
 The model card (:class:`ModelCard`) is everything inference needs: network name and config, input
 modality, label card, target spacing and orientation, intensity normalisation, patch size,
 post-processing, the training data card and the validation metrics.
+
+Identity: name and version are what the trainer's config says, so two trainings of one config share
+them. What tells packages apart is ``weights_sha256`` (sha256 of ``models/model.pt``; the first 12
+hex digits, :attr:`ModelCard.weights_short`, are the short form shown in previews and SEG content
+descriptions) and ``trained_at`` (ISO 8601 UTC), both written by :meth:`ModelPackage.save`. For
+packages written before these fields existed the hash is computed from the weights file when the
+package is loaded, and ``trained_at`` stays ``None``.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from medseg.errors import ModelNotFoundError, UnreadableFileError
 from medseg.labels import Label
@@ -76,15 +86,90 @@ class ModelCard(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     data_card: dict[str, Any] = Field(default_factory=dict)
+    weights_sha256: str | None = Field(
+        None, description="sha256 (64 lower-case hex) of models/model.pt; set by ModelPackage.save, "
+                          "computed at load time for older packages")
+    trained_at: str | None = Field(
+        None, description="when the weights were produced, ISO 8601 UTC ('2026-11-22T04:52:58Z'); "
+                          "None for packages written before this field existed")
+    clinically_validated: bool = Field(
+        False, description="the model has been validated and cleared for diagnostic use; only then "
+                           "do previews omit the 'not for diagnostic use' notice")
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def _check_sha256(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("weights_sha256 must be 64 lower-case hex digits")
+        return value
+
+    @field_validator("trained_at", mode="before")
+    @classmethod
+    def _utc_timestamp(cls, value: Any) -> str | None:
+        """Accept a time-zone-aware ``datetime`` or ISO 8601 text; store UTC ``...Z`` text."""
+        return None if value is None else utc_timestamp(value)
 
     @property
     def num_classes(self) -> int:
         """Output channels including background."""
         return int(self.network.config["out_channels"])
 
+    @property
+    def weights_short(self) -> str | None:
+        """First 12 hex digits of :attr:`weights_sha256` (``None`` when unknown)."""
+        return self.weights_sha256[:12] if self.weights_sha256 else None
+
+    @property
+    def identity(self) -> str:
+        """``"<name> <version>"`` plus ``" sha256:<short hash>"`` when the hash is known, e.g.
+        ``"hippocampus 0.1.0 sha256:1a2b3c4d5e6f"``."""
+        short = self.weights_short
+        return f"{self.name} {self.version}" + (f" sha256:{short}" if short else "")
+
+
+def utc_timestamp(value: "str | _dt.datetime | None" = None) -> str:
+    """``value`` (default: now) as ISO 8601 UTC text with seconds, ``YYYY-MM-DDTHH:MM:SSZ``.
+
+    Raises:
+        ValueError: text that is not ISO 8601, or a date-time without a time zone.
+    """
+    if value is None:
+        moment = _dt.datetime.now(_dt.timezone.utc)
+    elif isinstance(value, _dt.datetime):
+        moment = value
+    else:
+        try:
+            moment = _dt.datetime.fromisoformat(str(value))
+        except ValueError:
+            raise ValueError(f"not an ISO 8601 date-time: {str(value)[:40]!r}") from None
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError("trained_at needs a time zone (UTC, e.g. '2026-11-22T04:52:58Z')")
+    return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (64 lower-case hex) of a file's bytes, read in 1 MiB blocks.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 class ModelPackage:
-    """A model package on disk: its card and (lazily) its network."""
+    """A model package on disk: its card and (lazily) its network.
+
+    Attributes:
+        path: the package folder.
+        card: its :class:`ModelCard`; ``card.weights_sha256`` is always set when the weights file
+            exists (from the metadata, or computed from ``models/model.pt`` for packages written
+            before the field existed; ``hash_source`` says which).
+        hash_source: ``"metadata"``, ``"computed"`` or ``None`` (no weights file).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -93,11 +178,39 @@ class ModelPackage:
             self.card = ModelCard.model_validate(metadata["medseg"])
         except (OSError, KeyError, ValueError) as error:
             raise UnreadableFileError(f"{self.path}: not a medseg model package ({error})") from None
+        self.hash_source: str | None = "metadata" if self.card.weights_sha256 else None
+        if self.card.weights_sha256 is None and (self.path / WEIGHTS).is_file():
+            # an older package: identify it by its weights file (read only, never rewritten)
+            self.card.weights_sha256 = file_sha256(self.path / WEIGHTS)
+            self.hash_source = "computed"
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of ``models/model.pt`` (see :attr:`ModelCard.weights_sha256`)."""
+        return self.card.weights_sha256
+
+    @property
+    def trained_at(self) -> str | None:
+        """ISO 8601 UTC training timestamp, ``None`` for packages that predate the field."""
+        return self.card.trained_at
 
     def load_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """Build the network from the card, load the weights, and return it in eval mode."""
+        """Build the network from the card, load the weights, and return it in eval mode.
+
+        Raises:
+            UnreadableFileError: ``models/model.pt`` no longer matches the card's
+                ``weights_sha256`` (replaced or damaged after export), so outputs would carry a
+                wrong model identity.
+        """
         from medseg.networks import create_network
 
+        if self.hash_source == "metadata":
+            actual = file_sha256(self.path / WEIGHTS)
+            if actual != self.card.weights_sha256:
+                raise UnreadableFileError(
+                    f"{self.path.name}: models/model.pt (sha256 {actual[:12]}) does not match the "
+                    f"model card's weights_sha256 ({self.card.weights_short}); the weights were "
+                    "changed after export - re-export the package")
         spec = self.card.network
         network = create_network(spec.name, **spec.config)
         state = torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
@@ -106,7 +219,12 @@ class ModelPackage:
 
     @staticmethod
     def save(path: str | os.PathLike, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> "ModelPackage":
-        """Write a package atomically (to a temporary directory, then rename) and return it."""
+        """Write a package atomically (to a temporary directory, then rename) and return it.
+
+        The stored card gets ``weights_sha256`` = sha256 of the written ``models/model.pt``
+        (whatever ``card`` held is replaced) and ``trained_at`` = ``card.trained_at``, or the save
+        time (UTC) when that is ``None``. ``card`` itself is not modified.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -114,6 +232,8 @@ class ModelPackage:
             (tmp / METADATA).parent.mkdir(parents=True)
             (tmp / WEIGHTS).parent.mkdir(parents=True)
             torch.save(state_dict, tmp / WEIGHTS)
+            card = card.model_copy(update={"weights_sha256": file_sha256(tmp / WEIGHTS),
+                                           "trained_at": card.trained_at or utc_timestamp()})
             (tmp / METADATA).write_text(json.dumps(_bundle_metadata(card), indent=2))
             if path.exists():
                 shutil.rmtree(path)
@@ -197,6 +317,17 @@ def is_model_name(text: str) -> bool:
     import re
 
     return re.fullmatch(MODEL_NAME_PATTERN, text) is not None and ".." not in text
+
+
+def package_folders() -> list[Path]:
+    """Every package folder on :func:`model_search_path`, in search order (a name found in an
+    earlier folder shadows the same name later; :func:`resolve_model` returns the first)."""
+    found = []
+    for folder in model_search_path():
+        if folder.is_dir():
+            found += sorted((p for p in folder.iterdir() if (p / METADATA).is_file()),
+                            key=lambda p: p.name)
+    return found
 
 
 def list_models() -> list[str]:

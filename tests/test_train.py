@@ -158,8 +158,9 @@ def test_plan_train_resume_export(tmp_path):
     assert [r["epoch"] for r in rows] == ["1", "2", "2"] and rows[-1]["train_loss"] == ""
     assert resolve_model(straight / "model").card.overlap == 0.25
 
-    # inference needs nothing but the package: a real case through the loaded network
-    network = package.load_network()
+    # inference needs nothing but the package: a real case through the loaded network (the
+    # re-export above wrote new weights, so the package is read again: its hash changed)
+    network = resolve_model(straight / "model").load_network()
     image = read_image(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz"))
     x = torch.as_tensor(normalize_intensity(image.array.astype("float32"), card.normalization))
     x = torch.nn.functional.pad(x, [0, 40 - x.shape[2], 0, 56 - x.shape[1], 0, 40 - x.shape[0]])

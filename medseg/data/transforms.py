@@ -104,8 +104,3 @@ def training_transforms(spacing: Sequence[float], normalization: Normalization, 
         ] + [RandFlipd(keys=[IMAGE, LABEL], prob=a.flip_prob, spatial_axis=axis) for axis in range(len(patch))]
     transforms.append(EnsureTyped(keys=[IMAGE, LABEL], track_meta=False))
     return Compose(transforms)
-
-
-def validation_transforms(spacing: Sequence[float], normalization: Normalization) -> Compose:
-    """Deterministic preprocessing only; whole cases (sliding-window inference pads them)."""
-    return Compose(preprocessing(spacing, normalization) + [EnsureTyped(keys=[IMAGE, LABEL], track_meta=False)])

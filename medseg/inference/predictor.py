@@ -338,15 +338,7 @@ class Predictor:
 
 def _weights_key(package: ModelPackage) -> str:
     """sha256 of the package's weight file (identifies converted models in caches)."""
-    import hashlib
-
-    from medseg.package import WEIGHTS
-
-    digest = hashlib.sha256()
-    with open(package.path / WEIGHTS, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return package.weights_sha256
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

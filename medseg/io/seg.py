@@ -2,8 +2,9 @@
 
 :func:`write_seg` stores a label map as a BINARY SEG with one segment per label of the card,
 each carrying the label's SNOMED CT segmented property category and type, its display colour
-(converted to CIELab by highdicom), the algorithm identification (name, version) and a tracking
-ID ``medseg label <id>`` from which :func:`read_seg` restores the original label ids. The SEG
+(converted to CIELab by highdicom), the algorithm identification (name, version, parameters such
+as the weights' sha256) and a tracking ID ``medseg label <id>`` from which :func:`read_seg`
+restores the original label ids. The SEG's ContentDescription names the algorithm. The SEG
 references every source instance, so viewers and PACS overlay it on the source series.
 """
 
@@ -247,7 +248,9 @@ def _source_datasets(source: Image, warnings: list[str] | None = None) -> list[p
 def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | Path, *,
               series_description: str = "medseg segmentation", algorithm_name: str = "medseg",
               algorithm_version: str | None = None, series_number: int | None = None,
-              warnings: list[str] | None = None) -> Path:
+              warnings: list[str] | None = None,
+              algorithm_parameters: dict[str, str] | None = None,
+              content_description: str | None = None) -> Path:
     """Write a BINARY DICOM SEG of ``label_map`` referencing ``source``'s series, atomically.
 
     Patient/study attributes are copied from the source leniently: values invalid for their VR
@@ -260,7 +263,14 @@ def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | 
         labels: the card's labels; one segment per label (empty segments are allowed), with
             segment numbers 1..N in label-id order.
         path: output ``.dcm`` path.
-        series_description / algorithm_name / algorithm_version: written into the SEG.
+        series_description / algorithm_name / algorithm_version: written into the SEG
+            (AlgorithmIdentificationSequence of every segment: AlgorithmName, AlgorithmVersion;
+            ``algorithm_version`` defaults to the medseg version).
+        algorithm_parameters: ``{name: value}`` written as the segments' AlgorithmParameters
+            (``name=value`` pairs, comma-separated), e.g. ``{"weights_sha256": ...,
+            "trained_at": ...}`` to identify the exact weights.
+        content_description: ContentDescription (LO, cut to 64 characters); default
+            ``"<algorithm_name> <algorithm_version>"``.
         series_number: SeriesNumber of the SEG (default: source SeriesNumber + 1000).
         warnings: if given, receives one message per repaired or emptied source attribute (its
             keyword, never its value).
@@ -314,8 +324,12 @@ def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | 
                                     "slices; DICOM SEG cannot reference it")
 
     version = algorithm_version or _default_version()
+    parameters = {str(k): str(v) for k, v in (algorithm_parameters or {}).items()} or None
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, version=version, family=codes.cid7162.ArtificialIntelligence)
+        name=algorithm_name, version=version, family=codes.cid7162.ArtificialIntelligence,
+        parameters=parameters)
+    if content_description is None:
+        content_description = f"{algorithm_name} {version}"
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -346,6 +360,7 @@ def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | 
         software_versions=version,
         device_serial_number="0",
         series_description=series_description[:64],
+        content_description=content_description[:64] or None,
         omit_empty_frames=True,
     )
     return atomic_write(path, lambda tmp: seg.save_as(str(tmp)))

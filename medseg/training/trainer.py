@@ -6,7 +6,10 @@ self-distillation side heads that the optimiser also trains), resume must restor
 per-iteration LR schedule exactly, and DDP needs only a wrapper module — each of which would mean
 overriding most of a workflow engine. Everything the loop calls is a library piece: MONAI
 transforms, ``CacheDataset``, losses and metrics; ``torch.distributed`` for DDP (``torchrun``),
-``torch.utils.tensorboard`` and ``tqdm`` for logging.
+``torch.utils.tensorboard`` and ``tqdm`` for logging. Validation is not a second inference path:
+each validation case, read by :mod:`medseg.io`, goes through
+:meth:`medseg.inference.Predictor.from_network`, so the card's metrics are what users of the
+exported package get.
 
 Per run (``OUTPUT``): ``config.yaml`` (resolved), ``plan.json``, ``log.csv`` (one row per epoch),
 ``tensorboard/``, ``checkpoints/{last,best}.pt``, ``model/`` (the exported model package, see
@@ -44,8 +47,9 @@ from tqdm import tqdm
 
 from medseg.data.cases import find_cases
 from medseg.data.plan import Plan, make_plan, write_json_atomic
-from medseg.data.transforms import training_transforms, validation_transforms
+from medseg.data.transforms import training_transforms
 from medseg.errors import ConfigError, DatasetError
+from medseg.io import read_image
 from medseg.io.atomic import atomic_write
 from medseg.losses import build_loss
 from medseg.metrics import label_map_metrics, summarize
@@ -74,15 +78,6 @@ def _memory_format(channels_last: bool, ndim: int = 5) -> torch.memory_format:
     if not channels_last:
         return torch.contiguous_format
     return torch.channels_last_3d if ndim == 5 else torch.channels_last
-
-
-def sliding_window():
-    """``medseg.inference.sliding_window_inference`` when present (same signature as MONAI's), else MONAI's."""
-    try:
-        from medseg.inference import sliding_window_inference
-    except ImportError:
-        from monai.inferers import sliding_window_inference
-    return sliding_window_inference
 
 
 class LRSchedule:
@@ -230,8 +225,9 @@ class Trainer:
                                                   c.data.foreground_oversample, c.augmentation),
             cache_rate=c.data.cache_rate, num_workers=max(1, c.data.num_workers) if c.data.num_workers else None,
             progress=False)
-        self.val_ds = CacheDataset(self.val_cases, validation_transforms(self.spacing, self.normalization),
-                                   cache_rate=c.data.cache_rate, progress=False) if self.is_main else None
+        # validation reads the cases as `medseg predict` does (medseg.io, on their own grid)
+        self.val_images = [(read_image(case["image"]), read_image(case["label"]).array)
+                           for case in self.val_cases] if self.is_main else []
         self.iterations = c.training.iterations_per_epoch or len(self.train_cases) // (self.batch_size * self.world_size)
         self.total_iterations = self.iterations * c.training.epochs
 
@@ -402,23 +398,34 @@ class Trainer:
                 "samples_per_s": round(samples / max(seconds, 1e-9), 3), "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
 
     @torch.no_grad()
+    def inference_card(self) -> ModelCard:
+        """What inference needs of the model card (no training record, no metrics): the card the
+        validation Predictor uses and the exported package carries."""
+        c = self.config
+        return ModelCard(
+            name=c.export.name or c.name, version=c.export.version, network=self.network_spec,
+            modality=list(self.modality), labels=list(self.card.labels), spacing=self.spacing,
+            orientation="RAS", normalization=self.normalization, patch_size=self.inference_patch_size,
+            overlap=c.validation.overlap, postprocessing=c.export.postprocessing)
+
     def _validate(self, epoch: int) -> dict[str, Any]:
-        """Sliding-window inference on the fold's validation cases; Dice/HD95 per class (rank 0 only)."""
+        """Dice/HD95 per class on the fold's validation cases (rank 0 only), measured the way
+        users get them: :meth:`Predictor.from_network` on each case as read by :mod:`medseg.io`
+        (model grid, sliding window, inverse to the input grid, post-processing), then
+        :func:`label_map_metrics` against the label map on the input grid (mm from its affine)."""
         if not self.is_main:
             return {}
+        from medseg.inference import Predictor
+
         c = self.config
-        infer = sliding_window()
         self.network.eval()
+        predictor = Predictor.from_network(self.network, self.inference_card(), device=self.device,
+                                           sw_batch_size=c.validation.sw_batch_size)
         per_case, t0 = [], time.perf_counter()
-        for item in self.val_ds:
-            image = torch.as_tensor(item["image"])[None].to(self.device).contiguous(
-                memory_format=_memory_format(c.training.channels_last, len(self.patch_size) + 2))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.training.amp and self.device.type == "cuda"):
-                logits = infer(image, self.inference_patch_size, c.validation.sw_batch_size, self.network,
-                               overlap=c.validation.overlap, mode="gaussian")
-            prediction = torch.as_tensor(logits).float().argmax(1)[0].cpu()
-            label = torch.as_tensor(item["label"])[0].long()
-            metrics = label_map_metrics(prediction, label, self.num_classes, self.spacing)
+        for image, label in self.val_images:
+            prediction = predictor.predict(image).label_map.array
+            metrics = label_map_metrics(prediction, label.astype(np.int64), self.num_classes,
+                                        image.spacing)
             if not c.validation.hd95:
                 for values in metrics.values():
                     values["hd95"] = float("nan")
@@ -504,19 +511,21 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def export(self, epochs_trained: int, stopped_early: bool = False) -> Path:
-        """Write the model package (best checkpoint's weights) to ``OUTPUT/model``."""
+        """Write the model package (best checkpoint's weights) to ``OUTPUT/model``.
+
+        The card's ``trained_at`` is the export time (ISO 8601 UTC); :meth:`ModelPackage.save`
+        adds ``weights_sha256``, so retrainings of one config (same name and version) stay
+        distinguishable in reports, SEGs and previews.
+        """
+        from medseg.package import utc_timestamp
+
         c = self.config
         best = self.output_dir / "checkpoints" / "best.pt"
         weights = (torch.load(best, map_location="cpu", weights_only=False)["network"] if best.is_file()
                    else self.network.state_dict())
         weights = _contiguous_state(weights)
-        card = ModelCard(
-            name=c.export.name or c.name, version=c.export.version,
+        card = self.inference_card().model_copy(update=dict(
             description=c.export.description or f"{c.network.name} trained on {self.plan.dataset} (fold {self.fold})",
-            network=self.network_spec, modality=list(self.modality), labels=list(self.card.labels),
-            spacing=self.spacing, orientation="RAS", normalization=self.normalization,
-            patch_size=self.inference_patch_size,
-            overlap=c.validation.overlap, postprocessing=c.export.postprocessing,
             training={
                 "config": c.model_dump(mode="json"), "fold": self.fold, "epochs": epochs_trained,
                 "stopped_early": stopped_early, "best_epoch": self.best_epoch, "train_seconds": round(self.elapsed, 1),
@@ -525,10 +534,15 @@ class Trainer:
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__},
             },
-            metrics={"validation": self.best_summary},
+            metrics={"validation": {**self.best_summary, "protocol": VALIDATION_PROTOCOL}},
             data_card=self.card.as_dict(),
-        )
+            trained_at=utc_timestamp(),
+        ))
         return ModelPackage.save(self.output_dir / "model", card, weights).path
+
+
+VALIDATION_PROTOCOL = ("medseg Predictor (model grid, sliding window, inverse to the input grid, "
+                       "post-processing); Dice and HD95 (mm) on the input grid, MONAI metrics")
 
 
 def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
