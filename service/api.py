@@ -59,6 +59,8 @@ class ModelView(BaseModel):
     labels: list[dict[str, Any]]
     spacing: list[float]
     default: bool
+    weights_sha256: str | None = None
+    trained_at: str | None = None
 
 
 @router.get("/healthz", tags=["health"], summary="Liveness (no key needed)")
@@ -123,6 +125,7 @@ def models(request: Request, _: Principal = Depends(require("read"))) -> list[Mo
         views.append(ModelView(
             name=name, version=card.version, description=card.description,
             modality=list(card.modality), spacing=list(card.spacing), default=name == default,
+            weights_sha256=card.weights_sha256, trained_at=card.trained_at,
             labels=[{"id": l.id, "name": l.name, "color": list(l.color)} for l in card.labels]))
     return views
 

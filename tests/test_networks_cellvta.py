@@ -14,10 +14,10 @@ from tests.conftest import shared_path
 from medseg.errors import ConfigError, InputShapeError, PretrainedWeightsError
 from medseg.networks import count_parameters, create_network, network_entry
 from medseg.networks.cellvta import CellVTA, CellVTAOutput
-from medseg.networks.deformable_attention import (
-    MultiScaleDeformableAttention, grid_reference_points, multi_scale_deformable_attention,
+from medseg.networks.blocks import (
+    MultiScaleDeformableAttention, grid_reference_points, multi_scale_deformable_attention, resample_abs_pos_embed,
 )
-from medseg.networks.vit_adapter import VisionTransformer, resample_position_embedding
+from medseg.networks.vit_adapter import VisionTransformer
 
 REFERENCES = network_entry("cellvta").references
 
@@ -113,7 +113,7 @@ def conv_bn(i, o, k=3, bias=True):
 
 
 def expected_counts(dim, depth, n_types=6, n_tissues=19, heads=8, points=4, spm=64, dec=(64, 128, 256, 512)):
-    """Counts written out from the architecture description (docs/architectures.md section 6)."""
+    """Counts written out from the architecture description (../shared/docs/architectures.md section 6)."""
     block = 2 * 2 * dim + linear(dim, 3 * dim) + linear(dim, dim) + 2 * dim + linear(dim, 4 * dim) + linear(4 * dim, dim)
     vit = 3 * dim * 16 * 16 + dim + dim + (1 + 14 * 14) * dim + depth * block + 2 * dim
     widths = [3, spm, spm, spm, spm, 2 * spm, 4 * spm, 4 * spm]
@@ -159,7 +159,7 @@ def test_reference_parameter_counts_on_meta_device(label, dim, depth):
 
 
 def test_published_vit_l_totals():
-    """docs/architectures.md section 6: about 387.8M total, ViT-L 303.35M, decoders 62.12M."""
+    """../shared/docs/architectures.md section 6: about 387.8M total, ViT-L 303.35M, decoders 62.12M."""
     with torch.device("meta"):
         net = create_network("cellvta", **REFERENCES["L"])
     counts = split_counts(net)
@@ -299,7 +299,7 @@ def test_load_timm_vit_with_other_grid_and_classification_head(tmp_path):
     for name, tensor in state.items():
         if name not in ("pos_embed", "head.weight", "head.bias"):
             assert torch.equal(loaded[name], tensor), name
-    assert torch.equal(loaded["pos_embed"], resample_position_embedding(state["pos_embed"], (2, 2)))
+    assert torch.equal(loaded["pos_embed"], resample_abs_pos_embed(state["pos_embed"], (2, 2)))
     assert torch.equal(loaded["pos_embed"][:, :1], state["pos_embed"][:, :1])  # class token kept
     assert torch.equal(net.backbone.spm.projections[0].weight, adapter_before)  # adapter untouched
     assert not net.vit.blocks[0].attn.qkv.weight.requires_grad  # still frozen
@@ -312,12 +312,12 @@ def test_load_timm_vit_with_other_grid_and_classification_head(tmp_path):
 
 def test_position_embedding_resampling_keeps_a_constant_field():
     pos_embed = torch.cat([torch.full((1, 1, 4), 7.0), torch.full((1, 9, 4), 2.5)], dim=1)
-    resampled = resample_position_embedding(pos_embed, (5, 4))
+    resampled = resample_abs_pos_embed(pos_embed, (5, 4))
     assert resampled.shape == (1, 21, 4)
     torch.testing.assert_close(resampled[:, 1:], torch.full((1, 20, 4), 2.5))
     assert torch.equal(resampled[:, 0], pos_embed[:, 0])
     with pytest.raises(ValueError):
-        resample_position_embedding(torch.zeros(1, 1 + 6, 4), (2, 2))
+        resample_abs_pos_embed(torch.zeros(1, 1 + 6, 4), (2, 2))
 
 
 def test_pretrained_shape_mismatch_and_bad_files_raise(tmp_path):

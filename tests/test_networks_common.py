@@ -25,7 +25,7 @@ from medseg.networks import (
     network_entry,
 )
 
-# The spec: parameter counts of the reference configurations (issue 3 / docs/architectures.md),
+# The spec: parameter counts of the reference configurations (issue 3 / ../shared/docs/architectures.md),
 # keyed by (network, reference label). Entries of networks not registered yet are skipped.
 SPEC_PARAMETERS = {
     ("transunet", "R50-ViT-B_16"): 105_277_081,

@@ -26,7 +26,7 @@ def _count(config) -> tuple[int, int]:
 
 def test_reference_parameter_counts_on_meta_device():
     total, backbone = _count(reference("paper"))
-    assert total == pytest.approx(44.65e6, rel=0.005)  # docs/architectures.md section 3, 9 classes
+    assert total == pytest.approx(44.65e6, rel=0.005)  # ../shared/docs/architectures.md section 3, 9 classes
     assert backbone == pytest.approx(44.35e6, rel=0.005)
     with_ds, _ = _count(reference("paper_ds"))
     assert with_ds == pytest.approx(50.55e6, rel=0.005)
@@ -158,3 +158,18 @@ def test_pretrained_round_trip_and_shape_mismatch(tmp_path):
         k for k in source.state_dict() if k.startswith("deep_supervision_"))
     with pytest.raises(PretrainedWeightsError, match="shape mismatch"):
         create_network("dformer", **reference("tiny", out_channels=4)).load_pretrained(tmp_path / "model.pt")
+
+
+def test_checkpoints_with_the_older_monai_block_names_still_load(tmp_path):
+    """Before the shared ViTBlock, D-Former blocks used MONAI's SABlock/MLPBlock names."""
+    torch.manual_seed(1)
+    source = create_network("dformer", **reference("tiny")).eval()
+    legacy = {k.replace(".attn.proj.", ".attn.out_proj.").replace(".mlp.fc1.", ".mlp.linear1.")
+              .replace(".mlp.fc2.", ".mlp.linear2."): v for k, v in source.state_dict().items()}
+    assert any(".attn.out_proj." in k for k in legacy)
+    torch.save(legacy, tmp_path / "old.pt")
+    target = create_network("dformer", **reference("tiny")).eval()
+    assert target.load_pretrained(tmp_path / "old.pt") == {"missing": [], "unexpected": []}
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)

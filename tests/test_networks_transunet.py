@@ -9,11 +9,8 @@ import torch.nn.functional as F
 
 from medseg.errors import ConfigError, PretrainedWeightsError
 from medseg.networks import count_parameters, create_network, network_entry
-from medseg.networks.transunet import (
-    TransUNet,
-    resize_position_embedding,
-    transunet_to_npz,
-)
+from medseg.networks.blocks import resample_abs_pos_embed
+from medseg.networks.transunet import TransUNet, transunet_to_npz
 
 TINY = network_entry("transunet").references["tiny"]
 TINY3D = network_entry("transunet3d").references["tiny"]
@@ -33,9 +30,9 @@ def test_reference_r50_vit_b16_parameter_split():
     net = meta("transunet", **network_entry("transunet").references["R50-ViT-B_16"])
     assert count_parameters(net) == 105_277_081
     assert count_parameters(net.resnet) == 11_894_848
-    transformer = count_parameters(net.vit) + count_parameters(net.patch_embed) + net.pos_embedding.numel()
+    transformer = count_parameters(net.transformer)  # patch + position embedding, ViT blocks, final norm
     assert transformer == 85_993_728
-    assert net.pos_embedding.shape == (1, 196, 768)
+    assert net.transformer.pos_embed.shape == (1, 196, 768)
     assert net.resnet.root_conv.in_channels == 3  # one channel is repeated to three, as upstream
     assert [len(stage) for stage in net.resnet.stages] == [3, 4, 9]
 
@@ -89,8 +86,7 @@ def test_bad_configs_raise_config_error():
 def test_freeze_encoder_freezes_resnet_embedding_and_vit_only():
     net = create_network("transunet", **TINY, freeze_encoder=True)
     frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
-    assert frozen == {n for n, _ in net.named_parameters()
-                      if n.split(".")[0] in ("resnet", "patch_embed", "vit", "pos_embedding")}
+    assert frozen == {n for n, _ in net.named_parameters() if n.split(".")[0] in ("resnet", "transformer")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +95,7 @@ def test_freeze_encoder_freezes_resnet_embedding_and_vit_only():
 def write_upstream_npz(net: TransUNet, path) -> dict[str, np.ndarray]:
     """An ImageNet-21k-style classification checkpoint: the encoder plus cls token and head."""
     arrays = transunet_to_npz(net)
-    hidden = net.pos_embedding.shape[-1]
+    hidden = net.transformer.pos_embed.shape[-1]
     arrays["cls"] = np.zeros((1, 1, hidden), np.float32)
     arrays["head/kernel"] = np.zeros((hidden, 21843), np.float32)
     arrays["head/bias"] = np.zeros((21843,), np.float32)
@@ -138,7 +134,7 @@ def test_npz_round_trip_loads_every_encoder_tensor(tmp_path):
     assert sorted(report["unexpected"]) == ["cls", "head/bias", "head/kernel"]
     assert report["missing"], "the decoder is not in the file"
     assert all(k.split(".")[0] in ("conv_more", "decoder_blocks", "head") for k in report["missing"])
-    loaded = {k for k in target.state_dict() if k.split(".")[0] in ("resnet", "patch_embed", "vit", "pos_embedding")}
+    loaded = {k for k in target.state_dict() if k.split(".")[0] in ("resnet", "transformer")}
     # BatchNorm running statistics are buffers of the decoder only; every encoder tensor came from the file
     mine, theirs = target.state_dict(), source.state_dict()
     for key in loaded:
@@ -159,7 +155,7 @@ def test_npz_tensors_follow_jax_semantics(tmp_path):
     net.load_pretrained(path)
     npz = np.load(path)
     x = torch.randn(5, 64)
-    block = net.vit.blocks[0]
+    block = net.transformer.blocks[0]
     attention = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1"
     # Flax DenseGeneral: q[..., h, d] = sum_i x[..., i] kernel[i, h, d] + bias[h, d]
     q = np.einsum("ni,ihd->nhd", x.numpy(), npz[f"{attention}/query/kernel"]) + npz[f"{attention}/query/bias"]
@@ -169,7 +165,7 @@ def test_npz_tensors_follow_jax_semantics(tmp_path):
     np.testing.assert_allclose(qkv[:, 128:].reshape(5, 4, 16), v, rtol=1e-5, atol=1e-5)
     # Flax Dense: y = x @ kernel + bias
     dense = "Transformer/encoderblock_0/MlpBlock_3/Dense_0"
-    np.testing.assert_allclose(block.mlp.linear1(x).detach().numpy(),
+    np.testing.assert_allclose(block.mlp.fc1(x).detach().numpy(),
                                x.numpy() @ npz[f"{dense}/kernel"] + npz[f"{dense}/bias"], rtol=1e-5, atol=1e-5)
     # HWIO conv: y[o] = sum_{h,w,i} patch[h, w, i] kernel[h, w, i, o] at one output position
     image = torch.randn(1, 3, 16, 16)
@@ -188,9 +184,10 @@ def test_npz_position_embedding_is_resized_for_another_image_size(tmp_path):
     write_upstream_npz(source, path)
     target = create_network("transunet", **{**TINY, "img_size": 128})  # 8 x 8 grid
     report = target.load_pretrained(path)
-    assert "pos_embedding" not in report["missing"]
-    expected = resize_position_embedding(source.pos_embedding.detach(), (4, 4), (8, 8))
-    torch.testing.assert_close(target.pos_embedding.detach(), expected)
+    assert "transformer.pos_embed" not in report["missing"]
+    expected = resample_abs_pos_embed(source.transformer.pos_embed.detach(), (8, 8), (4, 4), num_prefix_tokens=0,
+                                      interpolation="bilinear", antialias=False)
+    torch.testing.assert_close(target.transformer.pos_embed.detach(), expected)
 
 
 def test_npz_shape_mismatch_raises(tmp_path):
@@ -227,14 +224,14 @@ def test_transunet3d_reference_is_unet_plus_vit_b_bottleneck():
     expected = (count_parameters(unet) + vit_b_parameters()
                 + (320 * 768 + 768) + (768 * 320 + 320) + tokens * 768)  # embed, conv_more, pos-emb
     assert count_parameters(net) == expected == 116_816_806
-    assert net.pos_embedding.shape == (1, 64, 768)
+    assert net.transformer.pos_embed.shape == (1, 64, 768)
 
 
 def test_transunet3d_layer_scale_init_and_taps():
     torch.manual_seed(0)
     net = create_network("transunet3d", **TINY3D).eval()
-    for block in net.vit.blocks:
-        assert torch.all(block.gamma1 == 1e-5) and torch.all(block.gamma2 == 1e-5)
+    for block in net.transformer.blocks:
+        assert torch.all(block.ls1.gamma == 1e-5) and torch.all(block.ls2.gamma == 1e-5)
     size = (16, 24, 32)  # divisor 8; not the reference 32^3, so the position embedding is resized
     with torch.no_grad():
         out = net(torch.randn(2, 1, *size), features=True)
@@ -256,9 +253,12 @@ def test_transunet3d_vit_initialises_from_google_npz(tmp_path):
     report = net.load_pretrained(path)
     assert "embedding/kernel" in report["unexpected"]
     assert "Transformer/posembed_input/pos_embedding" in report["unexpected"]
-    assert not [k for k in report["missing"] if k.startswith("vit.") and "gamma" not in k]
-    for key, value in source.vit.state_dict().items():
-        torch.testing.assert_close(net.vit.state_dict()[key], value, msg=key)
+    vit = {k for k in net.state_dict() if k.startswith(("transformer.blocks.", "transformer.norm."))}
+    assert not [k for k in report["missing"] if k in vit and ".ls" not in k]  # LayerScale is not in ViT npz
+    mine, theirs = net.state_dict(), source.state_dict()
+    for key in vit:
+        if ".ls" not in key:
+            torch.testing.assert_close(mine[key], theirs[key], msg=key)
 
 
 def test_transunet3d_bad_img_size_raises():

@@ -54,19 +54,26 @@ class DeepSupervisionLoss(nn.Module):
         loss: ``loss(logits, target) -> scalar``, e.g. :class:`monai.losses.DiceCELoss`.
         weights: per-output weights, finest first; default :func:`nnunet_deep_supervision_weights`
             for the number of outputs the network returns.
+        num_outputs: if given, the number of outputs (logits + heads) the network declares
+            (:func:`medseg.losses.build_loss` passes ``1 + len(network.deep_supervision_scales)``);
+            any other number at call time raises ``ValueError``.
 
     ``forward(output, target)``: ``output.logits`` ``(B, K, *spatial)`` and
     ``output.deep_supervision`` ``[(B, K, *spatial / r_i)]`` finest first; target ``(B, 1, *spatial)``.
     A network without native deep-supervision heads gets the plain loss on its logits.
     """
 
-    def __init__(self, loss: nn.Module, weights: Sequence[float] | None = None):
+    def __init__(self, loss: nn.Module, weights: Sequence[float] | None = None, num_outputs: int | None = None):
         super().__init__()
         self.loss = loss
         self.weights = list(weights) if weights is not None else None
+        self.num_outputs = num_outputs
 
     def forward(self, output: NetworkOutput, target: torch.Tensor) -> torch.Tensor:
         outputs = [output.logits, *output.deep_supervision]
+        if self.num_outputs is not None and len(outputs) != self.num_outputs:
+            raise ValueError(f"deep supervision expects {self.num_outputs} outputs (logits + heads), got {len(outputs)}; "
+                             "was the network called with features=True in training mode?")
         weights = self.weights or nnunet_deep_supervision_weights(len(outputs))
         if len(weights) < len(outputs):
             raise ValueError(f"{len(outputs)} deep-supervision outputs but only {len(weights)} weights")

@@ -15,7 +15,7 @@ from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 from torch import nn
 
 from medseg.errors import ConfigError
-from medseg.losses.deep_supervision import DeepSupervisionLoss, LogitsLoss
+from medseg.losses.deep_supervision import DeepSupervisionLoss, LogitsLoss, nnunet_deep_supervision_weights
 from medseg.losses.dsd import DualSelfDistillationLoss
 from medseg.losses.mip import MIPLoss
 from medseg.losses.tversky import FocalTverskyLoss
@@ -69,6 +69,20 @@ def segmentation_loss(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"loss.kwargs: {error}") from None
 
 
+def deep_supervision_heads(network: nn.Module) -> int:
+    """The number of native deep-supervision heads ``network`` declares
+    (``len(network.deep_supervision_scales)``, see :class:`~medseg.networks.base.SegmentationNetwork`).
+
+    Raises:
+        TypeError: the network does not declare ``deep_supervision_scales`` (a bug in the network).
+    """
+    scales = getattr(network, "deep_supervision_scales", None)
+    if scales is None:
+        raise TypeError(f"{type(network).__name__} does not declare deep_supervision_scales "
+                        "(the SegmentationNetwork contract)")
+    return len(scales)
+
+
 def build_loss(name: str, network: nn.Module, patch_size: Sequence[int], kwargs: dict[str, Any] | None = None,
                deep_supervision: bool = True, deep_supervision_weights: Sequence[float] | None = None,
                dsd: dict[str, Any] | None = None) -> nn.Module:
@@ -76,15 +90,27 @@ def build_loss(name: str, network: nn.Module, patch_size: Sequence[int], kwargs:
 
     - ``dsd`` given (a dict of :class:`DualSelfDistillationLoss` options, possibly empty): dual
       self-distillation around the segmentation loss; its side heads are parameters to train.
-    - else, ``deep_supervision`` and the network has native heads: nnU-Net-weighted deep supervision.
-    - else the loss on the final logits.
+    - else, when the network declares ``N > 0`` native heads (``deep_supervision_scales``) and
+      ``deep_supervision`` is on: :class:`DeepSupervisionLoss` over the ``N + 1`` outputs with
+      nnU-Net's weights (:func:`nnunet_deep_supervision_weights`) or ``deep_supervision_weights``;
+    - else the loss on the final logits (:class:`LogitsLoss`), e.g. for every network with 0 heads.
+
+    Raises:
+        ConfigError: unknown loss/keyword, or ``deep_supervision_weights`` whose length is not
+            ``N + 1``.
     """
     seg = segmentation_loss(name, int(network.out_channels), **(kwargs or {}))
+    heads = deep_supervision_heads(network)
     if dsd is not None:
         try:
             return DualSelfDistillationLoss(network, seg, patch_size, **dsd)
         except TypeError as error:
             raise ConfigError(f"loss.dsd: {error}") from None
-    if deep_supervision and getattr(network, "num_deep_supervision", 0):
-        return DeepSupervisionLoss(seg, deep_supervision_weights)
+    if deep_supervision and heads > 0:
+        weights = list(deep_supervision_weights) if deep_supervision_weights is not None \
+            else nnunet_deep_supervision_weights(heads + 1)
+        if len(weights) != heads + 1:
+            raise ConfigError(f"loss.deep_supervision_weights: {len(weights)} weights, but {type(network).__name__} "
+                              f"gives {heads + 1} outputs (logits + {heads} deep-supervision heads), finest first")
+        return DeepSupervisionLoss(seg, weights, num_outputs=heads + 1)
     return LogitsLoss(seg)

@@ -36,7 +36,7 @@ and is unverified against the authors' checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from monai.networks.blocks import Convolution
@@ -44,8 +44,10 @@ from torch import nn
 
 from medseg.errors import ConfigError, PretrainedWeightsError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
+from medseg.networks.blocks import resample_abs_pos_embed
+from medseg.networks.pretrained import state_dict_from_checkpoint
 from medseg.networks.registry import register_network
-from medseg.networks.vit_adapter import ViTAdapter, VisionTransformer, resample_position_embedding
+from medseg.networks.vit_adapter import ViTAdapter, VisionTransformer
 
 
 @dataclass
@@ -142,6 +144,30 @@ class CellViTDecoder(nn.Module):
         return nuclei, hv, types, stage_features
 
 
+# everything but the ViT size, spelled out so a reference never depends on a default
+_PANNUKE = dict(
+    spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=19, mlp_ratio=4.0, layer_scale=1e-5,
+    patch_size=16, pretrain_img_size=224, spm_channels=64, deform_heads=8, deform_points=4, deform_ratio=0.5,
+    injector_init=1e-5, cffn_ratio=0.25, extra_extractors=2, drop_path_rate=0.4, decoder_channels=(64, 128, 256, 512),
+    dropout=0.0, freeze_encoder=True,
+)
+
+CELLVTA_REFERENCES = {
+    # CellVTA as published: UNI ViT-L/16, PanNuke (5 types + background, 19 tissues), 256 x 256
+    "L": dict(_PANNUKE, embed_dim=1024, depth=24, num_heads=16),
+    # CoNIC: 6 types + background, no tissue labels
+    "L_conic": dict(_PANNUKE, out_channels=7, num_tissue_classes=0, embed_dim=1024, depth=24, num_heads=16),
+    "B": dict(_PANNUKE, embed_dim=768, depth=12, num_heads=12),
+    "S": dict(_PANNUKE, embed_dim=384, depth=12, num_heads=6),
+    # tests only: ViT-S-like but tiny, runs on 64 x 64 in well under a second on CPU
+    "tiny": dict(spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=5, embed_dim=64, depth=4,
+                 num_heads=4, pretrain_img_size=32, spm_channels=16, deform_heads=4, deform_points=2,
+                 drop_path_rate=0.0, decoder_channels=(16, 32, 32, 64)),
+}
+
+
+@register_network("cellvta", references=CELLVTA_REFERENCES,
+                  description="CellVTA: frozen ViT + ViT-Adapter (MS deformable attention) + CellViT NP/HV/NT decoder, 2D")
 class CellVTA(SegmentationNetwork):
     """CellVTA nuclei segmentation and classification network (2D, RGB).
 
@@ -203,6 +229,7 @@ class CellVTA(SegmentationNetwork):
             raise ConfigError(f"cellvta decoder_channels needs 4 widths (1/1..1/8), got {tuple(decoder_channels)}")
         self.spatial_dims, self.in_channels, self.out_channels = 2, in_channels, out_channels
         self.input_divisor = (patch_size, patch_size)
+        self.deep_supervision_scales = ()  # NP/HV/tissue heads are extra outputs, not deep supervision
         try:
             vit = VisionTransformer(patch_size, in_channels, embed_dim, depth, num_heads, mlp_ratio, layer_scale,
                                     pretrain_img_size, drop_path_rate)
@@ -233,73 +260,37 @@ class CellVTA(SegmentationNetwork):
         return CellVTAOutput(logits=types, decoder=stage_features, encoder=features,
                              nuclei_probability_logits=nuclei, horizontal_vertical=hv, tissue_logits=tissue)
 
-    def load_pretrained(self, path: str) -> dict[str, list[str]]:
-        """Load a timm-format ViT state dict (e.g. UNI ``pytorch_model.bin``) into the ViT encoder.
+    #: :meth:`load_pretrained` fills the ViT encoder only (keys and report relative to it)
+    pretrained_target = "backbone.vit"
+
+    def pretrained_state_dict(self, checkpoint: Any, source: str, **options: Any) -> dict[str, torch.Tensor]:
+        """A timm-format ViT state dict (e.g. UNI ``pytorch_model.bin``) for the ViT encoder, read by
+        :meth:`load_pretrained`.
 
         Keys as timm names them (``cls_token``, ``pos_embed``, ``patch_embed.proj.weight``,
         ``blocks.0.attn.qkv.weight``, ``blocks.0.ls1.gamma``, ``norm.weight``...); a ``module.``
         prefix and a wrapping ``{"model": ...}`` / ``{"state_dict": ...}`` are accepted. A
         ``pos_embed`` stored for another square grid is resampled bicubically to this network's
-        grid. Adapter, decoder and tissue head are not touched.
-
-        Returns:
-            ``{"missing": [...], "unexpected": [...]}`` (also logged), e.g. ``head.weight`` of a
-            classification checkpoint is reported as unexpected.
+        grid. Adapter, decoder and tissue head are not touched; the report (``missing`` /
+        ``unexpected``) is relative to the ViT, e.g. ``head.weight`` of a classification
+        checkpoint is reported as unexpected.
 
         Raises:
-            PretrainedWeightsError: unreadable file, not a state dict, non-square ``pos_embed``, or
-                a tensor whose shape differs from the network's.
+            PretrainedWeightsError: not a state dict of tensors, or a ``pos_embed`` that is not a
+                square grid of this width (or, from the loader, another shape mismatch).
         """
-        from medseg.networks.pretrained import load_state_dict_report
-
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for corrupt/foreign files
-            raise PretrainedWeightsError(f"{path}: not a readable torch state dict ({type(error).__name__})") from None
-        for wrapper in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise PretrainedWeightsError(f"{path}: not a state dict of tensors")
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        if options:
+            raise TypeError(f"CellVTA.load_pretrained: unknown options {sorted(options)}")
+        state = state_dict_from_checkpoint(checkpoint, source)
         own = self.vit.pos_embed
         if "pos_embed" in state and state["pos_embed"].shape != own.shape:
             pos_embed = state["pos_embed"]
             if pos_embed.ndim != 3 or pos_embed.shape[-1] != own.shape[-1]:
                 raise PretrainedWeightsError(
-                    f"{path}: pos_embed {tuple(pos_embed.shape)} does not fit embed_dim {own.shape[-1]}")
+                    f"{source}: pos_embed {tuple(pos_embed.shape)} does not fit embed_dim {own.shape[-1]}")
             try:
-                state["pos_embed"] = resample_position_embedding(pos_embed, self.vit.pretrain_grid,
-                                                                 self.vit.num_prefix_tokens)
+                state["pos_embed"] = resample_abs_pos_embed(pos_embed, self.vit.pretrain_grid,
+                                                            num_prefix_tokens=self.vit.num_prefix_tokens)
             except ValueError as error:
-                raise PretrainedWeightsError(f"{path}: {error}") from None
-        return load_state_dict_report(self.vit, state, source=path)
-
-
-# everything but the ViT size, spelled out so a reference never depends on a default
-_PANNUKE = dict(
-    spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=19, mlp_ratio=4.0, layer_scale=1e-5,
-    patch_size=16, pretrain_img_size=224, spm_channels=64, deform_heads=8, deform_points=4, deform_ratio=0.5,
-    injector_init=1e-5, cffn_ratio=0.25, extra_extractors=2, drop_path_rate=0.4, decoder_channels=(64, 128, 256, 512),
-    dropout=0.0, freeze_encoder=True,
-)
-
-CELLVTA_REFERENCES = {
-    # CellVTA as published: UNI ViT-L/16, PanNuke (5 types + background, 19 tissues), 256 x 256
-    "L": dict(_PANNUKE, embed_dim=1024, depth=24, num_heads=16),
-    # CoNIC: 6 types + background, no tissue labels
-    "L_conic": dict(_PANNUKE, out_channels=7, num_tissue_classes=0, embed_dim=1024, depth=24, num_heads=16),
-    "B": dict(_PANNUKE, embed_dim=768, depth=12, num_heads=12),
-    "S": dict(_PANNUKE, embed_dim=384, depth=12, num_heads=6),
-    # tests only: ViT-S-like but tiny, runs on 64 x 64 in well under a second on CPU
-    "tiny": dict(spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=5, embed_dim=64, depth=4,
-                 num_heads=4, pretrain_img_size=32, spm_channels=16, deform_heads=4, deform_points=2,
-                 drop_path_rate=0.0, decoder_channels=(16, 32, 32, 64)),
-}
-
-
-@register_network("cellvta", references=CELLVTA_REFERENCES,
-                  description="CellVTA: frozen ViT + ViT-Adapter (MS deformable attention) + CellViT NP/HV/NT decoder, 2D")
-def cellvta(**config) -> CellVTA:
-    """CellVTA: frozen ViT + ViT-Adapter + CellViT NP/HV/NT decoder (2D nuclei)."""
-    return CellVTA(**config)
+                raise PretrainedWeightsError(f"{source}: {error}") from None
+        return state

@@ -3,7 +3,7 @@
 Wu et al., "D-Former: a U-shaped Dilated Transformer for 3D medical image segmentation", Neural
 Computing and Applications 35, 2023 (online 2022); the only public code is kkk55596/D-Former
 (``model.py``, no training code). Built here on PyTorch/MONAI from the facts in
-``docs/architectures.md`` section 3, not from the authors' code:
+../shared/docs/architectures.md section 3, not from the authors' code:
 
 - Patch embedding: Conv3d with kernel = stride = ``patch_size`` (2, 4, 4), 1 -> 96 channels,
   then LayerNorm (MONAI :class:`~monai.networks.blocks.PatchEmbed`). Token grid = D/2 x H/4 x W/4.
@@ -11,9 +11,8 @@ Computing and Applications 35, 2023 (online 2022); the only public code is kkk55
   4, qkv bias. Each stage starts with a PEG (CPVT positional encoding generator: depthwise
   Conv3d 3x3x3 + residual); patch merging 2x2x2 (concat 8C -> LN -> Linear 8C -> 2C, MONAI
   :class:`~monai.networks.nets.swin_unetr.PatchMergingV2`) after stages 1-3; LN on the bottleneck.
-- Dilated transformer blocks (pre-LN, MONAI :class:`~monai.networks.blocks.SABlock` and
-  :class:`~monai.networks.blocks.MLPBlock`, no relative position bias, no shifted windows)
-  alternate: even blocks use LS-MSA (local scope: non-overlapping groups of ``group_size``
+- Dilated transformer blocks (the shared pre-LN :class:`~medseg.networks.blocks.ViTBlock`, attention
+  within groups of tokens, no relative position bias, no shifted windows) alternate: even blocks use LS-MSA (local scope: non-overlapping groups of ``group_size``
   (2, 8, 8) = 128 contiguous tokens), odd blocks GS-MSA (global scope: groups of the same 128
   tokens taken with stride ``grid / group_size``, i.e. dilated over the whole volume). See
   :func:`group_tokens`.
@@ -38,7 +37,8 @@ Unverified (the paper text was not reachable; from the reference notes):
   inputs (Swin-Unet); the parameter count is the same either way;
 - the deep-supervision heads: "heads for 96/192/384, 50.55M with all of them" matches exactly
   two extra heads, on the 384- and 192-dim decoder stages, besides the final 96-dim head, so that
-  is what ``deep_supervision=True`` adds (each: expansion Linear C -> 32C + LN, 1x1x1 conv);
+  is what ``deep_supervision=True`` adds (each: expansion Linear C -> 32C + LN, 1x1x1 conv), at 1/2
+  and 1/4 of the input per axis (``deep_supervision_scales``);
 - the padding rule: upstream pads GS-MSA grids to the stage's "interval" (8, 4, 2, 1); here every
   grid is padded to a multiple of ``group_size`` (identical at the reference size, where no
   stage needs padding), with -1e6 added to the attention logits of padded keys;
@@ -57,18 +57,18 @@ the coarse slice axis first, ``(B, C, D, H, W)``. For medseg's ``(B, C, H, W, D)
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import MLPBlock, PatchEmbed, SABlock
-from monai.networks.layers import DropPath, trunc_normal_
+from monai.networks.blocks import PatchEmbed
 from monai.networks.nets.swin_unetr import PatchMergingV2
 from torch import nn
 
-from medseg.errors import ConfigError, PretrainedWeightsError
+from medseg.errors import ConfigError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
+from medseg.networks.blocks import ViTBlock, init_linear_trunc_normal
+from medseg.networks.pretrained import state_dict_from_checkpoint
 from medseg.networks.registry import register_network
 
 #: additive attention logit for padded keys (as upstream); exp(-1e6) == 0 in float32
@@ -155,32 +155,26 @@ def _partition(x: torch.Tensor, group_size: Sequence[int], dilated: bool) -> tor
     return x.reshape(b * id_ * ih * iw, gd * gh * gw, c)
 
 
-class DilatedTransformerBlock(nn.Module):
+class DilatedTransformerBlock(ViTBlock):
     """Pre-LN transformer block with LS-MSA (``dilated=False``) or GS-MSA (``dilated=True``).
 
     ``(B, D, H, W, C) -> (B, D, H, W, C)``: ``x + MSA(LN(x))`` within the groups of
-    :func:`group_tokens`, then ``x + MLP(LN(x))`` (GELU, ratio ``mlp_ratio``).
+    :func:`group_tokens`, then ``x + MLP(LN(x))`` (GELU, ratio ``mlp_ratio``). The shared
+    :class:`~medseg.networks.blocks.ViTBlock` (LayerNorm eps 1e-5, no LayerScale) with grouped
+    token mixing; padded keys are masked additively.
     """
 
     def __init__(self, dim: int, num_heads: int, group_size: Sequence[int], dilated: bool,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
-        super().__init__()
+        super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path, norm_eps=1e-5)
         self.group_size, self.dilated = tuple(group_size), dilated
-        self.norm1 = nn.LayerNorm(dim)
-        # use_flash_attention routes through F.scaled_dot_product_attention, which takes the additive mask
-        self.attn = SABlock(dim, num_heads, qkv_bias=qkv_bias, use_flash_attention=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), dropout_mode="swin")
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix_tokens(self, x: torch.Tensor) -> torch.Tensor:
         grid = x.shape[1:4]
         groups, mask = group_tokens(self.norm1(x), self.group_size, self.dilated)
         if mask is not None:
             mask = mask.to(groups.dtype)
-        attended = ungroup_tokens(self.attn(groups, attn_mask=mask), grid, self.group_size, self.dilated)
-        x = x + self.drop_path(attended)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return ungroup_tokens(self.attn(groups, attn_mask=mask), grid, self.group_size, self.dilated)
 
 
 class DFormerStage(nn.Module):
@@ -227,6 +221,31 @@ class PatchExpand(nn.Module):
         return self.norm(x)
 
 
+def _paper(**overrides) -> dict:
+    config = dict(spatial_dims=3, in_channels=1, out_channels=9, embed_dim=96, depths=(2, 2, 6, 2),
+                  num_heads=(3, 6, 12, 24), patch_size=(2, 4, 4), group_size=(2, 8, 8), mlp_ratio=4.0,
+                  qkv_bias=True, drop_path_rate=0.0, deep_supervision=False)
+    return {**config, **overrides}
+
+
+REFERENCES = {
+    # input 64 x 128 x 128, Synapse-style 9 classes (8 organs + background): 44.65M
+    "paper": _paper(),
+    # with the deep-supervision heads: 50.55M
+    "paper_ds": _paper(deep_supervision=True),
+    # small configuration used only by the tests: at 32^3 input the token grid is 16 x 8 x 8,
+    # so stage 1 pads 8 -> 9 (masking), stage 2 pads 4 -> 6, stages 3-4 are global
+    "tiny": _paper(out_channels=3, embed_dim=8, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 4),
+                   group_size=(2, 3, 3), deep_supervision=True),
+}
+
+#: renames for medseg D-Former checkpoints written before the blocks moved to
+#: :class:`~medseg.networks.blocks.ViTBlock` (MONAI SABlock/MLPBlock parameter names)
+_LEGACY_KEYS = ((".attn.out_proj.", ".attn.proj."), (".mlp.linear1.", ".mlp.fc1."), (".mlp.linear2.", ".mlp.fc2."))
+
+
+@register_network("dformer", references=REFERENCES,
+                  description="D-Former: dilated transformer U-Net with LS/GS-MSA and PEG (3D)")
 class DFormer(SegmentationNetwork):
     """D-Former (3D): dilated-transformer encoder-decoder with LS/GS-MSA and PEG.
 
@@ -284,6 +303,8 @@ class DFormer(SegmentationNetwork):
         self.spatial_dims, self.in_channels, self.out_channels = 3, in_channels, out_channels
         self.input_divisor = tuple(p * 2 ** (stages - 1) for p in patch_size)
         self.deep_supervision = deep_supervision
+        # heads on the decoder stages above the finest: 1/2, 1/4 ... of the input, finest first
+        self.deep_supervision_scales = tuple((1.0 / 2**s,) * 3 for s in range(1, stages - 1)) if deep_supervision else ()
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear, as Swin
         stage_rates = [rates[sum(depths[:s]): sum(depths[: s + 1])] for s in range(stages)]
@@ -306,7 +327,7 @@ class DFormer(SegmentationNetwork):
         ds_levels = levels[-2::-1] if deep_supervision else []
         self.deep_supervision_expands = nn.ModuleList([PatchExpand(dims[s], dims[s], patch_size) for s in ds_levels])
         self.deep_supervision_heads = nn.ModuleList([nn.Conv3d(dims[s], out_channels, 1, bias=False) for s in ds_levels])
-        self.apply(_init_weights)
+        self.apply(init_linear_trunc_normal)  # Swin/Swin-Unet: trunc-normal (std 0.02) Linear weights, zero biases
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
         x = self.patch_embed(x).permute(0, 2, 3, 4, 1)  # (B, D, H, W, C)
@@ -332,61 +353,18 @@ class DFormer(SegmentationNetwork):
         return NetworkOutput(logits=logits, decoder=maps, encoder=[f.permute(0, 4, 1, 2, 3) for f in encoder],
                              deep_supervision=deep_supervision)
 
-    def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
-        """Load a medseg D-Former state dict (``torch.save(net.state_dict())``, a bundle's
-        ``models/model.pt``, or ``{'state_dict': ...}``) from a local file. No upstream D-Former
-        weights were published.
-
-        Returns:
-            ``{"missing": [...], "unexpected": [...]}`` from
-            :func:`~medseg.networks.pretrained.load_state_dict_report`.
+    def pretrained_state_dict(self, checkpoint: Any, source: str, **options: Any) -> dict[str, torch.Tensor]:
+        """A medseg D-Former state dict (``torch.save(net.state_dict())``, a bundle's
+        ``models/model.pt``, or ``{'state_dict': ...}``), read by :meth:`load_pretrained`; no
+        upstream D-Former weights were published. Checkpoints with the older MONAI block names
+        (``attn.out_proj``, ``mlp.linear1/2``) are renamed.
 
         Raises:
-            PretrainedWeightsError: unreadable file, no tensors, or a shape mismatch.
+            PretrainedWeightsError: no tensors (or, from the loader, a shape mismatch).
         """
-        from medseg.networks.pretrained import load_state_dict_report
-        from medseg.networks.pretrained import read_checkpoint
-
-        name = Path(path).name
-        state = read_checkpoint(path)
-        state = state.get("state_dict", state) if isinstance(state, Mapping) else None
-        if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-            raise PretrainedWeightsError(f"{name}: not a D-Former state dict (no tensors)")
-        return load_state_dict_report(self, {k.removeprefix("module."): v for k, v in state.items()}, source=name)
-
-
-def _init_weights(module: nn.Module) -> None:
-    """Swin/Swin-Unet initialisation: truncated normal (std 0.02) linear weights, zero biases, unit LN."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def _paper(**overrides) -> dict:
-    config = dict(spatial_dims=3, in_channels=1, out_channels=9, embed_dim=96, depths=(2, 2, 6, 2),
-                  num_heads=(3, 6, 12, 24), patch_size=(2, 4, 4), group_size=(2, 8, 8), mlp_ratio=4.0,
-                  qkv_bias=True, drop_path_rate=0.0, deep_supervision=False)
-    return {**config, **overrides}
-
-
-@register_network(
-    "dformer",
-    references={
-        # input 64 x 128 x 128, Synapse-style 9 classes (8 organs + background): 44.65M
-        "paper": _paper(),
-        # with the deep-supervision heads: 50.55M
-        "paper_ds": _paper(deep_supervision=True),
-        # small configuration used only by the tests: at 32^3 input the token grid is 16 x 8 x 8,
-        # so stage 1 pads 8 -> 9 (masking), stage 2 pads 4 -> 6, stages 3-4 are global
-        "tiny": _paper(out_channels=3, embed_dim=8, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 4),
-                       group_size=(2, 3, 3), deep_supervision=True),
-    },
-    description="D-Former: dilated transformer U-Net with LS/GS-MSA and PEG (3D)",
-)
-def dformer(**config) -> DFormer:
-    """D-Former: dilated transformer U-Net with LS/GS-MSA and PEG (3D)."""
-    return DFormer(**config)
+        if options:
+            raise TypeError(f"DFormer.load_pretrained: unknown options {sorted(options)}")
+        state = state_dict_from_checkpoint(checkpoint, source)
+        for old, new in _LEGACY_KEYS:
+            state = {k.replace(old, new): v for k, v in state.items()}
+        return state

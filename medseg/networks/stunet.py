@@ -2,7 +2,7 @@
 
 Huang et al., "STU-Net: Scalable and Transferable Medical Image Segmentation Models Empowered by
 Large-Scale Supervised Pre-training", arXiv 2304.06716, 2023 (uni-medical/STU-Net, nnU-Net 1.7.1
-based). Built here on PyTorch/MONAI from the facts in ``docs/architectures.md`` section 5:
+based). Built here on PyTorch/MONAI from the facts in ../shared/docs/architectures.md section 5:
 
 - 6 resolution stages (5 downsamplings), all kernels 3x3x3.
 - :class:`BasicResBlock`: conv3x3x3 -> InstanceNorm(affine) -> LeakyReLU(0.01) -> conv3x3x3 ->
@@ -34,18 +34,18 @@ Pretrained weights (:meth:`STUNet.load_pretrained`) are read from a local nnU-Ne
 
 from __future__ import annotations
 
+import math
 import re
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from monai.networks.blocks import UpSample
 from torch import nn
 
-from medseg.errors import ConfigError, InputShapeError, PretrainedWeightsError
+from medseg.errors import ConfigError, InputShapeError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
-from medseg.networks.pretrained import load_state_dict_report, read_checkpoint
+from medseg.networks.pretrained import state_dict_from_checkpoint
 from medseg.networks.registry import register_network
 
 #: Depth per stage and channels per stage (finest first) of the four published sizes.
@@ -120,6 +120,24 @@ def _per_axis_strides(pool_strides, stages: int) -> list[tuple[int, int, int]]:
     return result
 
 
+def _reference(size: str, out_channels: int = 105) -> dict:
+    return dict(spatial_dims=3, in_channels=1, out_channels=out_channels, **STUNET_SIZES[size])
+
+
+REFERENCES = {
+    "S": _reference("S"),
+    "B": _reference("B"),
+    "L": _reference("L"),
+    "H": _reference("H"),
+    # small configuration used only by the tests
+    # (the last stride 1 keeps a 2^3 bottleneck at 32^3 input; instance norm needs > 1 voxel)
+    "tiny": dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 8, 16, 16, 16),
+                 depths=(1, 2, 1, 1, 1, 1), pool_strides=(2, 2, 2, 2, 1)),
+}
+
+
+@register_network("stunet", references=REFERENCES,
+                  description="STU-Net S/B/L/H residual U-Net with nearest upsampling and deep supervision (3D)")
 class STUNet(SegmentationNetwork):
     """STU-Net (3D residual U-Net with nearest-neighbour upsampling and native deep supervision).
 
@@ -133,8 +151,9 @@ class STUNet(SegmentationNetwork):
         pool_strides: one downsampling stride per stage transition (``len(channels) - 1``
             entries), each an int or a per-axis triple; default 2 everywhere, as in nnU-Net plans
             for isotropic data (the upstream cuts plans to 5 strides or pads with ``[1, 1, 1]``).
-        deep_supervision: compute the 4 coarser heads' outputs in ``forward(x, features=True)``
-            (the heads always exist, as upstream, so parameter counts and checkpoints match).
+        deep_supervision: compute the coarser heads' outputs in ``forward(x, features=True)`` (4 for
+            6 stages; ``deep_supervision_scales`` gives their scales, ``()`` when False). The heads
+            always exist, as upstream, so parameter counts and checkpoints match.
 
     Shapes: ``(B, in_channels, H, W, D) -> (B, out_channels, H, W, D)``; ``H, W, D`` must be
     divisible by the product of the pool strides on that axis (32 by default) and leave a
@@ -172,6 +191,10 @@ class STUNet(SegmentationNetwork):
             divisor = [d * s for d, s in zip(divisor, stride)]
         self.input_divisor = tuple(divisor)
         self.deep_supervision = deep_supervision
+        # head on decoder level at 1 / prod(strides[:i + 1]) for i = 0 .. stages - 3, finest first
+        self.deep_supervision_scales = tuple(
+            tuple(1.0 / math.prod(s[a] for s in strides[:i + 1]) for a in range(3))
+            for i in range(len(channels) - 2)) if deep_supervision else ()
 
         self.encoder = nn.ModuleList([_stage(in_channels, channels[0], depths[0], 1)])
         for d in range(1, len(channels)):
@@ -217,36 +240,34 @@ class STUNet(SegmentationNetwork):
             deep_supervision = [head(feature) for head, feature in zip(self.heads[-2::-1], decoder[-2::-1])]
         return NetworkOutput(logits=logits, decoder=decoder, encoder=encoder, deep_supervision=deep_supervision)
 
-    def load_pretrained(self, path: str | Path, skip_heads: bool = False) -> dict[str, list[str]]:
-        """Load an upstream STU-Net checkpoint (nnU-Net v1 ``{'state_dict': ...}``) from a local file.
+    def pretrained_state_dict(self, checkpoint: Any, source: str, skip_heads: bool = False,
+                              **options: Any) -> dict[str, torch.Tensor]:
+        """An upstream STU-Net checkpoint (nnU-Net v1 ``{'state_dict': ...}``, e.g.
+        ``model_final_checkpoint.model``, or a bare state dict), read by :meth:`load_pretrained`
+        (``net.load_pretrained(path, skip_heads=True)``).
 
         Keys are renamed with :func:`upstream_to_medseg_key`; missing and unexpected keys are
         returned (and logged) by :func:`~medseg.networks.pretrained.load_state_dict_report`.
 
         Args:
-            path: the checkpoint (``torch.save`` file, e.g. ``model_final_checkpoint.model``). A bare
-                state dict (no ``'state_dict'`` key) is accepted too.
             skip_heads: drop the checkpoint's segmentation heads (``seg_outputs``), e.g. to fine-tune
                 the 105-class TotalSegmentator model for other classes; the heads are then reported
                 as missing and keep their fresh initialisation.
 
         Raises:
-            PretrainedWeightsError: the file cannot be read as a checkpoint, holds no tensors, or a
-                tensor's shape differs from the network's.
+            PretrainedWeightsError: no ``state_dict`` of tensors in the checkpoint (or, from the
+                loader, a tensor whose shape differs from the network's).
         """
-
-        name = Path(path).name
-        checkpoint = read_checkpoint(path)
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-        if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-            raise PretrainedWeightsError(f"{name}: not an STU-Net checkpoint (no 'state_dict' of tensors)")
+        if options:
+            raise TypeError(f"STUNet.load_pretrained: unknown options {sorted(options)}")
+        state = state_dict_from_checkpoint(checkpoint, source, strip_module=False)
         mapped = {}
         for key, value in state.items():
             new = upstream_to_medseg_key(key)
             if skip_heads and new.startswith("heads."):
                 continue
             mapped[new] = value
-        return load_state_dict_report(self, mapped, source=name)
+        return mapped
 
 
 #: (upstream pattern, medseg replacement) applied in order by :func:`upstream_to_medseg_key`.
@@ -296,26 +317,3 @@ def medseg_to_upstream_key(key: str) -> str:
     ]:
         key = re.sub(pattern, replacement, key)
     return key
-
-
-def _reference(size: str, out_channels: int = 105) -> dict:
-    return dict(spatial_dims=3, in_channels=1, out_channels=out_channels, **STUNET_SIZES[size])
-
-
-@register_network(
-    "stunet",
-    references={
-        "S": _reference("S"),
-        "B": _reference("B"),
-        "L": _reference("L"),
-        "H": _reference("H"),
-        # small configuration used only by the tests
-        # (the last stride 1 keeps a 2^3 bottleneck at 32^3 input; instance norm needs > 1 voxel)
-        "tiny": dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 8, 16, 16, 16),
-                     depths=(1, 2, 1, 1, 1, 1), pool_strides=(2, 2, 2, 2, 1)),
-    },
-    description="STU-Net S/B/L/H residual U-Net with nearest upsampling and deep supervision (3D)",
-)
-def stunet(**config) -> STUNet:
-    """STU-Net S/B/L/H residual U-Net with nearest upsampling and deep supervision (3D)."""
-    return STUNet(**config)

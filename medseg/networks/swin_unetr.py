@@ -21,18 +21,27 @@ Reference (3D, in 1, out 14, feature_size 48, BTCV 96^3): 62,187,296 parameters;
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 from torch.overrides import TorchFunctionMode
 
-from medseg.errors import ConfigError, PretrainedWeightsError
+from medseg.errors import ConfigError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
-from medseg.networks.pretrained import load_state_dict_report
+from medseg.networks.pretrained import state_dict_from_checkpoint
 from medseg.networks.registry import register_network
+
+_REFERENCES = {
+    "BTCV": dict(spatial_dims=3, in_channels=1, out_channels=14, feature_size=48),
+    "BTCV_v2": dict(spatial_dims=3, in_channels=1, out_channels=14, feature_size=48, use_v2=True),
+    "2d": dict(spatial_dims=2, in_channels=1, out_channels=9, feature_size=48),
+    # tests only; 2D because bfloat16 Conv3d on CPU falls back to PyTorch's slow reference kernel
+    "tiny": dict(spatial_dims=2, in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1),
+                 num_heads=(1, 1, 1, 1), window_size=4),
+}
 
 
 class _LinspaceOnCPU(TorchFunctionMode):
@@ -55,6 +64,8 @@ def _meta_safe() -> Iterator[None]:
         yield
 
 
+@register_network("swin_unetr", references=_REFERENCES,
+                  description="Swin UNETR / SwinUNETR-V2 (MONAI SwinUNETR with taps), 2D/3D")
 class SwinUNETR(SegmentationNetwork):
     """Swin UNETR on ``monai.networks.nets.SwinUNETR`` (see the module docstring for taps).
 
@@ -86,6 +97,7 @@ class SwinUNETR(SegmentationNetwork):
         super().__init__()
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.input_divisor = (32,) * spatial_dims
+        self.deep_supervision_scales = ()  # no native heads
         try:
             with _meta_safe():
                 self.net = MonaiSwinUNETR(
@@ -109,30 +121,27 @@ class SwinUNETR(SegmentationNetwork):
             decoder.append(block(decoder[-1], skip))
         return NetworkOutput(logits=net.out(decoder[-1]), decoder=decoder, encoder=encoder)
 
-    def load_pretrained(self, path: str | os.PathLike) -> dict[str, list[str]]:
-        """Load MONAI's self-supervised Swin UNETR checkpoint (``model_swinvit.pt``) or a SwinUNETR
-        state dict, from a local file.
+    def pretrained_state_dict(self, checkpoint: Any, source: str, **options: Any) -> dict[str, torch.Tensor]:
+        """MONAI's self-supervised Swin UNETR checkpoint (``model_swinvit.pt``) or a SwinUNETR state
+        dict, read by :meth:`load_pretrained`.
 
         Accepted layouts: ``{"state_dict": {...}}`` or a bare state dict; keys with or without a
         ``module.`` (DataParallel) prefix; Swin-transformer keys in the self-supervised layout
         (``patch_embed.*``, ``layers1.0.blocks.0.mlp.fc1.weight`` ...) or MONAI's (``swinViT.*``),
         plus MONAI SwinUNETR's CNN keys (``encoder1.*``, ``decoder5.*``, ``out.*``). Keys of the
-        self-supervised heads (rotation, contrastive, reconstruction) are reported as unexpected.
+        self-supervised heads (rotation, contrastive, reconstruction) are reported as unexpected,
+        under their names in the file.
 
         Raises:
-            PretrainedWeightsError: unreadable file, or a tensor whose shape does not fit.
+            PretrainedWeightsError: no state dict in the checkpoint (or, from the loader, a tensor
+                whose shape does not fit).
         """
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for a bad file
-            raise PretrainedWeightsError(f"{os.fspath(path)}: not a readable torch checkpoint ({error})") from None
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            raise PretrainedWeightsError(f"{os.fspath(path)}: no state dict in the checkpoint")
-        return load_state_dict_report(self, swin_unetr_state(self.net, state), source=os.fspath(path))
+        if options:
+            raise TypeError(f"SwinUNETR.load_pretrained: unknown options {sorted(options)}")
+        return swin_unetr_state(self.net, state_dict_from_checkpoint(checkpoint, source, strip_module=False))
 
 
-def swin_unetr_state(net: MonaiSwinUNETR, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def swin_unetr_state(net: MonaiSwinUNETR, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a self-supervised / MONAI SwinUNETR state dict to :class:`SwinUNETR` keys (``net.*``).
 
     Keys that match no submodule keep their original name (reported as unexpected).
@@ -153,20 +162,3 @@ def swin_unetr_state(net: MonaiSwinUNETR, state: dict[str, torch.Tensor]) -> dic
             name = key
         renamed[name] = value
     return renamed
-
-
-_REFERENCES = {
-    "BTCV": dict(spatial_dims=3, in_channels=1, out_channels=14, feature_size=48),
-    "BTCV_v2": dict(spatial_dims=3, in_channels=1, out_channels=14, feature_size=48, use_v2=True),
-    "2d": dict(spatial_dims=2, in_channels=1, out_channels=9, feature_size=48),
-    # tests only; 2D because bfloat16 Conv3d on CPU falls back to PyTorch's slow reference kernel
-    "tiny": dict(spatial_dims=2, in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1),
-                 num_heads=(1, 1, 1, 1), window_size=4),
-}
-
-
-@register_network("swin_unetr", references=_REFERENCES,
-                  description="Swin UNETR / SwinUNETR-V2 (MONAI SwinUNETR with taps), 2D/3D")
-def swin_unetr(**config) -> SwinUNETR:
-    """Swin UNETR / SwinUNETR-V2 (MONAI SwinUNETR with taps), 2D/3D."""
-    return SwinUNETR(**config)

@@ -1,8 +1,9 @@
 """TransUNet (2D): R50-ViT-B/16 hybrid encoder with a cascaded upsampler (CUP) decoder.
 
 Chen et al., "TransUNet: Transformers Make Strong Encoders for Medical Image Segmentation",
-arXiv:2102.04306, 2021. Built from the architecture reference (docs/architectures.md section 1) on
-MONAI blocks (``SABlock``, ``MLPBlock``, ``Convolution``); no upstream code is copied.
+arXiv:2102.04306, 2021. Built from the architecture reference (../shared/docs/architectures.md
+section 1) on the shared :class:`~medseg.networks.blocks.TokenBottleneck` (ViT blocks with timm
+parameter names) and MONAI ``Convolution``; no upstream code is copied.
 
 Encoder (input ``(B, C, H, W)``, H and W divisible by 16):
 
@@ -11,10 +12,10 @@ Encoder (input ``(B, C, H, W)``, H and W divisible by 16):
   (H/2, 64 ch), 3x3 stride-2 max-pool **without padding** (so H/4 - 1 pixels; the skip copy is
   zero-padded on the bottom/right back to H/4, as upstream), then stages of 256 ch (H/4), 512 ch
   (H/8, stride 2) and 1024 ch (H/16, stride 2).
-- Hybrid patch embedding: 1x1 conv 1024 -> 768 on the H/16 map (= 16x16 px patches), learned
-  position embedding for ``(img_size/16)**2`` tokens (bilinearly resized for other input sizes),
-  no class token, dropout.
-- ViT-B: 12 pre-LN blocks (LayerNorm eps 1e-6), 12 heads, MLP 3072 (GELU), final LayerNorm.
+- ``transformer`` (:class:`~medseg.networks.blocks.TokenBottleneck`): hybrid patch embedding, a 1x1
+  conv 1024 -> 768 on the H/16 map (= 16x16 px patches), learned position embedding for
+  ``(img_size/16)**2`` tokens (bilinearly resized for other input sizes), no class token, dropout;
+  ViT-B: 12 pre-LN blocks (LayerNorm eps 1e-6), 12 heads, MLP 3072 (GELU), final LayerNorm.
 
 Decoder (CUP): tokens -> ``(B, 768, H/16, W/16)`` -> ``conv_more`` 3x3 768 -> 512 + BN + ReLU; four
 blocks each bilinear x2 (align_corners=True) -> concat skip -> 2 x (3x3 conv + BN + ReLU), out
@@ -30,7 +31,8 @@ Taps (:class:`~medseg.networks.base.NetworkOutput`), for input ``H x W``:
   (256 ch H/8, 128 ch H/4, 64 ch H/2, 16 ch H).
 - ``encoder`` (finest first): root (64 ch, H/2), stage 1 (256 ch, H/4, padded), stage 2 (512 ch,
   H/8), stage 3 (1024 ch, H/16), ViT output reshaped to a map (768 ch, H/16).
-- ``deep_supervision``: none (TransUNet has no native deep-supervision heads).
+- ``deep_supervision``: none (TransUNet has no native deep-supervision heads;
+  ``deep_supervision_scales = ()``).
 
 Pretrained weights: :meth:`TransUNet.load_pretrained` reads Google's ImageNet-21k
 ``R50+ViT-B_16.npz`` (JAX/Flax key names, HWIO conv kernels); :func:`transunet_to_npz` is the
@@ -40,89 +42,36 @@ inverse mapping (used to write files in that format).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import MLPBlock, SABlock
-from monai.networks.blocks.convolutions import Convolution
 from torch import nn
 
-from medseg.errors import ConfigError, PretrainedWeightsError
+from medseg.errors import ConfigError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
-from medseg.networks.pretrained import load_state_dict_report
+from medseg.networks.blocks import TokenBottleneck, conv_bn_relu, resample_abs_pos_embed
+from medseg.networks.pretrained import (
+    convert_npz,
+    google_vit_npz_from_state,
+    google_vit_state_from_npz,
+    npz_arrays,
+    to_npz,
+    unused_arrays,
+)
 from medseg.networks.registry import register_network
 
 GN_EPS = 1e-6
 LN_EPS = 1e-6
 
-
-# --------------------------------------------------------------------------------------------
-# Shared ViT pieces (also used by the 3D TransUNet)
-# --------------------------------------------------------------------------------------------
-class ViTBlock(nn.Module):
-    """Pre-LN transformer encoder block (Dosovitskiy et al., ICLR 2021) on MONAI's SABlock/MLPBlock.
-
-    ``x + g1 * attn(LN(x))`` then ``x + g2 * mlp(LN(x))``, where ``g1``/``g2`` are LayerScale
-    vectors (Touvron et al., "Going deeper with image transformers", ICCV 2021) when
-    ``layer_scale`` is given, else 1. Attention/projection dropout ``attention_dropout_rate``; MLP
-    dropout ``dropout_rate``. Shapes: ``(B, N, hidden_size)`` -> same.
-    """
-
-    def __init__(self, hidden_size: int, mlp_dim: int, num_heads: int, dropout_rate: float = 0.0,
-                 attention_dropout_rate: float = 0.0, layer_scale: float | None = None):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, eps=LN_EPS)
-        self.attn = SABlock(hidden_size, num_heads, attention_dropout_rate, qkv_bias=True,
-                            use_flash_attention=True)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=LN_EPS)
-        self.mlp = MLPBlock(hidden_size, mlp_dim, dropout_rate)
-        if layer_scale is not None:
-            self.gamma1 = nn.Parameter(torch.full((hidden_size,), float(layer_scale)))
-            self.gamma2 = nn.Parameter(torch.full((hidden_size,), float(layer_scale)))
-        else:
-            self.gamma1 = self.gamma2 = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.attn(self.norm1(x))
-        x = x + (y if self.gamma1 is None else self.gamma1 * y)
-        y = self.mlp(self.norm2(x))
-        return x + (y if self.gamma2 is None else self.gamma2 * y)
-
-
-class ViTEncoder(nn.Module):
-    """Stack of :class:`ViTBlock` plus the final LayerNorm. ``(B, N, D)`` -> ``(B, N, D)``."""
-
-    def __init__(self, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12, mlp_dim: int = 3072,
-                 dropout_rate: float = 0.1, attention_dropout_rate: float = 0.0, layer_scale: float | None = None):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            ViTBlock(hidden_size, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, layer_scale)
-            for _ in range(num_layers))
-        self.norm = nn.LayerNorm(hidden_size, eps=LN_EPS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-
-def resize_position_embedding(pos: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int]) -> torch.Tensor:
-    """Resize a learned position embedding ``(1, prod(old_grid), D)`` to ``(1, prod(new_grid), D)``.
-
-    Linear interpolation over the token grid (bilinear in 2D, trilinear in 3D, align_corners=False),
-    as for ViT fine-tuning at a new resolution (Dosovitskiy et al. 2021, section 3.2).
-    """
-    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
-    if old_grid == new_grid:
-        return pos
-    dim = pos.shape[-1]
-    grid = pos.reshape(1, *old_grid, dim).movedim(-1, 1)
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(old_grid)]
-    grid = F.interpolate(grid.float(), size=new_grid, mode=mode, align_corners=False).to(pos.dtype)
-    return grid.movedim(1, -1).reshape(1, -1, dim)
+REFERENCES = {
+    "R50-ViT-B_16": dict(spatial_dims=2, in_channels=1, out_channels=9, img_size=224),
+    "tiny": dict(spatial_dims=2, in_channels=1, out_channels=3, img_size=64, resnet_units=(1, 1, 1),
+                 resnet_width=32, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
+                 head_channels=64, decoder_channels=(32, 32, 16, 16)),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,18 +159,14 @@ class ResNetV2Encoder(nn.Module):
 # --------------------------------------------------------------------------------------------
 # TransUNet
 # --------------------------------------------------------------------------------------------
-def _conv_bn_relu(cin: int, cout: int) -> Convolution:
-    return Convolution(2, cin, cout, kernel_size=3, act="relu", norm="batch", bias=False)
-
-
 class CUPBlock(nn.Module):
     """Cascaded-upsampler block: bilinear x2 (align_corners) -> concat skip -> 2 x (conv3x3+BN+ReLU)."""
 
     def __init__(self, cin: int, cout: int, skip: int):
         super().__init__()
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.conv1 = _conv_bn_relu(cin + skip, cout)
-        self.conv2 = _conv_bn_relu(cout, cout)
+        self.conv1 = conv_bn_relu(2, cin + skip, cout)
+        self.conv2 = conv_bn_relu(2, cout, cout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.up(x)
@@ -230,6 +175,8 @@ class CUPBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
+@register_network("transunet", references=REFERENCES,
+                  description="TransUNet R50-ViT-B/16 hybrid encoder + cascaded upsampler (2D)")
 class TransUNet(SegmentationNetwork):
     """TransUNet R50-ViT hybrid (2D). See the module docstring for the layout and taps.
 
@@ -246,8 +193,8 @@ class TransUNet(SegmentationNetwork):
         head_channels: ``conv_more`` output channels (512).
         decoder_channels: CUP block outputs (``(256, 128, 64, 16)``).
         n_skip: number of CNN skips used, from the coarsest (3: H/8, H/4, H/2).
-        freeze_encoder: set ``requires_grad=False`` on the ResNet, the patch/position embedding
-            and the ViT (fine-tune only the decoder).
+        freeze_encoder: set ``requires_grad=False`` on the ResNet and the ``transformer`` (patch
+            and position embedding, ViT) to fine-tune only the decoder.
 
     Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)``, H, W divisible by 16.
 
@@ -270,14 +217,16 @@ class TransUNet(SegmentationNetwork):
             raise ConfigError(f"transunet img_size must be divisible by 16, got {img_size}")
         self.spatial_dims, self.in_channels, self.out_channels = 2, in_channels, out_channels
         self.input_divisor = (16, 16)
+        self.deep_supervision_scales = ()
         self.grid = (img_size // 16, img_size // 16)
         self.repeat_input = in_channels == 1
         self.resnet = ResNetV2Encoder(3 if in_channels == 1 else in_channels, resnet_units, resnet_width)
-        self.patch_embed = nn.Conv2d(self.resnet.out_channels, hidden_size, kernel_size=1)
-        self.pos_embedding = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], hidden_size))
-        self.embed_dropout = nn.Dropout(dropout_rate)
-        self.vit = ViTEncoder(hidden_size, num_layers, num_heads, mlp_dim, dropout_rate, attention_dropout_rate)
-        self.conv_more = _conv_bn_relu(hidden_size, head_channels)
+        try:
+            self.transformer = TokenBottleneck(2, self.resnet.out_channels, self.grid, hidden_size, num_layers,
+                                               num_heads, mlp_dim, dropout_rate, attention_dropout_rate, norm_eps=LN_EPS)
+        except ValueError as error:
+            raise ConfigError(f"transunet: {error}") from None
+        self.conv_more = conv_bn_relu(2, hidden_size, head_channels)
         # CNN skips coarsest first: stage 1 (H/8), stage 0 (H/4), root (H/2); the last block has none
         skip_channels = [4 * resnet_width * 2, 4 * resnet_width, resnet_width, 0]
         skip_channels = [c if i < n_skip else 0 for i, c in enumerate(skip_channels)]
@@ -286,22 +235,15 @@ class TransUNet(SegmentationNetwork):
         self.decoder_blocks = nn.ModuleList(
             CUPBlock(cin, cout, skip) for cin, cout, skip in zip(cins, decoder_channels, skip_channels))
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=3, padding=1)
-        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
         if freeze_encoder:
-            for module in (self.resnet, self.patch_embed, self.vit):
-                module.requires_grad_(False)
-            self.pos_embedding.requires_grad_(False)
+            self.resnet.requires_grad_(False)
+            self.transformer.requires_grad_(False)
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
         if self.repeat_input:
             x = x.repeat(1, 3, 1, 1)
         cnn = self.resnet(x)  # root, stage0, stage1, stage2 (finest first)
-        tokens = self.patch_embed(cnn[-1])
-        grid = tokens.shape[-2:]
-        tokens = tokens.flatten(2).transpose(1, 2)
-        tokens = self.embed_dropout(tokens + resize_position_embedding(self.pos_embedding, self.grid, grid))
-        tokens = self.vit(tokens)
-        vit_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        vit_map = self.transformer(cnn[-1])  # (B, hidden, H/16, W/16)
         y = self.conv_more(vit_map)
         decoder = [y]
         skips = cnn[-2::-1]  # stage1 (H/8), stage0 (H/4), root (H/2)
@@ -310,8 +252,9 @@ class TransUNet(SegmentationNetwork):
             decoder.append(y)
         return NetworkOutput(logits=self.head(y), decoder=decoder, encoder=[*cnn, vit_map])
 
-    def load_pretrained(self, path: str | os.PathLike) -> dict[str, list[str]]:
-        """Load Google's ImageNet-21k ``R50+ViT-B_16.npz`` (or any npz with the same key names).
+    def pretrained_state_dict(self, checkpoint: Any, source: str, **options: Any) -> dict[str, torch.Tensor]:
+        """Google's ImageNet-21k ``R50+ViT-B_16.npz`` (or any npz with the same key names), read by
+        :meth:`load_pretrained`.
 
         The ResNet, patch embedding, position embedding (class-token slot dropped, grid resized
         bilinearly if it differs) and ViT blocks are loaded; the decoder and head keep their
@@ -319,31 +262,19 @@ class TransUNet(SegmentationNetwork):
         are reported as unexpected.
 
         Raises:
-            PretrainedWeightsError: the file cannot be read as npz, or a tensor's shape does not
-                fit (e.g. ``in_channels`` other than 1 or 3 against an RGB root conv).
+            PretrainedWeightsError: not an npz (raised here), or a tensor's shape does not fit, e.g.
+                ``in_channels`` other than 1 or 3 against an RGB root conv (raised by the loader).
         """
-        try:
-            with np.load(path) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as error:
-            raise PretrainedWeightsError(f"{os.fspath(path)}: not a readable npz file ({error})") from None
-        state = transunet_state_from_npz(self, arrays)
-        return load_state_dict_report(self, state, source=os.fspath(path))
+        if options:
+            raise TypeError(f"TransUNet.load_pretrained: unknown options {sorted(options)}")
+        return transunet_state_from_npz(self, npz_arrays(checkpoint, source))
 
 
 # --------------------------------------------------------------------------------------------
 # Google npz (JAX/Flax) <-> torch mapping
 # --------------------------------------------------------------------------------------------
-def _conv_from_hwio(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(3, 2, 0, 1)))
-
-
-def _conv_to_hwio(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().cpu().float().numpy().transpose(2, 3, 1, 0))
-
-
-def _vector_keys(net: TransUNet) -> list[tuple[str, str, str]]:
-    """(npz key, torch key, kind) for everything but attention qkv and the position embedding."""
+def _resnet_keys(net: TransUNet) -> list[tuple[str, str, str]]:
+    """(npz key, torch key, kind) of the BiT ResNet and the hybrid patch embedding."""
     keys = [("conv_root/kernel", "resnet.root_conv.weight", "conv"),
             ("gn_root/scale", "resnet.root_gn.weight", "vec"), ("gn_root/bias", "resnet.root_gn.bias", "vec")]
     for s, stage in enumerate(net.resnet.stages):
@@ -354,113 +285,35 @@ def _vector_keys(net: TransUNet) -> list[tuple[str, str, str]]:
                 keys.append((f"{src}/conv{n}/kernel", f"{dst}.conv{n}.weight", "conv"))
                 keys.append((f"{src}/gn{n}/scale", f"{dst}.gn{n}.weight", "vec"))
                 keys.append((f"{src}/gn{n}/bias", f"{dst}.gn{n}.bias", "vec"))
-    keys += [("embedding/kernel", "patch_embed.weight", "conv"), ("embedding/bias", "patch_embed.bias", "vec"),
-             ("Transformer/encoder_norm/scale", "vit.norm.weight", "vec"),
-             ("Transformer/encoder_norm/bias", "vit.norm.bias", "vec")]
-    keys += vit_block_keys(len(net.vit.blocks))
+    keys += [("embedding/kernel", "transformer.patch_embed.weight", "conv"),
+             ("embedding/bias", "transformer.patch_embed.bias", "vec")]
     return keys
 
 
-def vit_block_keys(num_layers: int, prefix: str = "vit") -> list[tuple[str, str, str]]:
-    """(npz key, torch key, kind) of the ViT block LayerNorms and MLP for Google's ViT npz names."""
-    keys = []
-    for i in range(num_layers):
-        src, dst = f"Transformer/encoderblock_{i}", f"{prefix}.blocks.{i}"
-        for jax_name, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            keys += [(f"{src}/{jax_name}/scale", f"{dst}.{name}.weight", "vec"),
-                     (f"{src}/{jax_name}/bias", f"{dst}.{name}.bias", "vec")]
-        for jax_name, name in (("Dense_0", "linear1"), ("Dense_1", "linear2")):
-            keys += [(f"{src}/MlpBlock_3/{jax_name}/kernel", f"{dst}.mlp.{name}.weight", "linear"),
-                     (f"{src}/MlpBlock_3/{jax_name}/bias", f"{dst}.mlp.{name}.bias", "vec")]
-    return keys
-
-
-ATTENTION = "MultiHeadDotProductAttention_1"
-
-
-def vit_attention_from_npz(arrays: Mapping[str, np.ndarray], num_layers: int, prefix: str = "vit",
-                           used: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """Fuse the npz ``query``/``key``/``value`` kernels ``(D, heads, d)`` and biases ``(heads, d)``
-    into MONAI SABlock's ``qkv`` Linear (rows ``[q | k | v]``, each heads-major), and ``out``
-    ``(heads, d, D)`` into ``out_proj``. npz keys consumed are added to ``used``."""
-    used = set() if used is None else used
-    state = {}
-    for i in range(num_layers):
-        src, dst = f"Transformer/encoderblock_{i}/{ATTENTION}", f"{prefix}.blocks.{i}.attn"
-        qkv = [f"{src}/{n}/kernel" for n in ("query", "key", "value")]
-        if all(k in arrays for k in qkv):
-            state[f"{dst}.qkv.weight"] = torch.cat(
-                [torch.from_numpy(arrays[k].reshape(arrays[k].shape[0], -1).T.copy()) for k in qkv])
-            used.update(qkv)
-        bias = [f"{src}/{n}/bias" for n in ("query", "key", "value")]
-        if all(k in arrays for k in bias):
-            state[f"{dst}.qkv.bias"] = torch.cat([torch.from_numpy(arrays[k].reshape(-1).copy()) for k in bias])
-            used.update(bias)
-        if f"{src}/out/kernel" in arrays:
-            out = arrays[f"{src}/out/kernel"]
-            state[f"{dst}.out_proj.weight"] = torch.from_numpy(out.reshape(-1, out.shape[-1]).T.copy())
-            used.add(f"{src}/out/kernel")
-        if f"{src}/out/bias" in arrays:
-            state[f"{dst}.out_proj.bias"] = torch.from_numpy(arrays[f"{src}/out/bias"].copy())
-            used.add(f"{src}/out/bias")
-    return state
-
-
-def vit_attention_to_npz(state: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
-                         prefix: str = "vit") -> dict[str, np.ndarray]:
-    """Inverse of :func:`vit_attention_from_npz`."""
-    arrays = {}
-    for i in range(num_layers):
-        src, dst = f"{prefix}.blocks.{i}.attn", f"Transformer/encoderblock_{i}/{ATTENTION}"
-        weight = state[f"{src}.qkv.weight"].detach().cpu().float().numpy()
-        bias = state[f"{src}.qkv.bias"].detach().cpu().float().numpy()
-        dim = weight.shape[1]
-        for j, n in enumerate(("query", "key", "value")):
-            rows = weight[j * dim:(j + 1) * dim]
-            arrays[f"{dst}/{n}/kernel"] = np.ascontiguousarray(rows.T.reshape(dim, num_heads, -1))
-            arrays[f"{dst}/{n}/bias"] = bias[j * dim:(j + 1) * dim].reshape(num_heads, -1).copy()
-        out = state[f"{src}.out_proj.weight"].detach().cpu().float().numpy()
-        arrays[f"{dst}/out/kernel"] = np.ascontiguousarray(out.T.reshape(num_heads, -1, dim))
-        arrays[f"{dst}/out/bias"] = state[f"{src}.out_proj.bias"].detach().cpu().float().numpy().copy()
-    return arrays
-
-
-def convert_npz(arrays: Mapping[str, np.ndarray], keys: Sequence[tuple[str, str, str]],
-                used: set[str]) -> dict[str, torch.Tensor]:
-    """Apply a (npz key, torch key, kind) table: ``conv`` HWIO -> OIHW, ``linear`` (in, out) ->
-    (out, in), ``vec`` flattened. Keys found are added to ``used``."""
-    state = {}
-    for src, dst, kind in keys:
-        if src not in arrays:
-            continue
-        a = arrays[src]
-        state[dst] = (_conv_from_hwio(a) if kind == "conv" else torch.from_numpy(a.T.copy()) if kind == "linear"
-                      else torch.from_numpy(a.reshape(-1).copy()))
-        used.add(src)
-    return state
+POS_EMBED_KEY = "Transformer/posembed_input/pos_embedding"
 
 
 def transunet_state_from_npz(net: TransUNet, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Map an ``R50+ViT-B_16.npz`` dict of arrays to a state dict for ``net``.
 
     Keys that map to nothing stay in the result under their npz name (so that
-    :func:`load_state_dict_report` lists them as unexpected).
+    :func:`~medseg.networks.pretrained.load_state_dict_report` lists them as unexpected).
     """
     used: set[str] = set()
-    state = convert_npz(arrays, _vector_keys(net), used)
-    state.update(vit_attention_from_npz(arrays, len(net.vit.blocks), used=used))
-    pos_key = "Transformer/posembed_input/pos_embedding"
-    if pos_key in arrays:
-        pos = torch.from_numpy(arrays[pos_key].copy())
+    state = convert_npz(arrays, _resnet_keys(net), used)
+    state.update(google_vit_state_from_npz(arrays, len(net.transformer.blocks), "transformer", used))
+    if POS_EMBED_KEY in arrays:
+        pos = torch.from_numpy(arrays[POS_EMBED_KEY].copy())
         tokens = pos.shape[1]
         side = math.isqrt(tokens)
         if side * side != tokens:  # classification checkpoints carry a class-token slot first
             pos, side = pos[:, 1:], math.isqrt(tokens - 1)
         if side * side == pos.shape[1]:
-            pos = resize_position_embedding(pos, (side, side), net.grid)
-        state["pos_embedding"] = pos
-        used.add(pos_key)
-    state.update({k: torch.from_numpy(np.asarray(v).copy()) for k, v in arrays.items() if k not in used})
+            pos = resample_abs_pos_embed(pos, net.grid, (side, side), num_prefix_tokens=0, interpolation="bilinear",
+                                         antialias=False)
+        state["transformer.pos_embed"] = pos
+        used.add(POS_EMBED_KEY)
+    state.update(unused_arrays(arrays, used))
     return state
 
 
@@ -472,27 +325,9 @@ def transunet_to_npz(net: TransUNet) -> dict[str, np.ndarray]:
     file :meth:`TransUNet.load_pretrained` reads.
     """
     state = net.state_dict()
-    arrays = {}
-    for src, dst, kind in _vector_keys(net):
-        t = state[dst].detach().cpu().float()
-        arrays[src] = (_conv_to_hwio(t) if kind == "conv" else np.ascontiguousarray(t.numpy().T)
-                       if kind == "linear" else t.numpy().copy())
-    arrays.update(vit_attention_to_npz(state, len(net.vit.blocks), net.vit.blocks[0].attn.num_heads))
-    pos = state["pos_embedding"].detach().cpu().float().numpy()
-    arrays["Transformer/posembed_input/pos_embedding"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+    arrays = to_npz(state, _resnet_keys(net))
+    arrays.update(google_vit_npz_from_state(state, len(net.transformer.blocks), net.transformer.num_heads,
+                                            "transformer"))
+    pos = state["transformer.pos_embed"].detach().cpu().float().numpy()
+    arrays[POS_EMBED_KEY] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
     return arrays
-
-
-@register_network(
-    "transunet",
-    references={
-        "R50-ViT-B_16": dict(spatial_dims=2, in_channels=1, out_channels=9, img_size=224),
-        "tiny": dict(spatial_dims=2, in_channels=1, out_channels=3, img_size=64, resnet_units=(1, 1, 1),
-                     resnet_width=32, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
-                     head_channels=64, decoder_channels=(32, 32, 16, 16)),
-    },
-    description="TransUNet R50-ViT-B/16 hybrid encoder + cascaded upsampler (2D)",
-)
-def transunet(**config) -> TransUNet:
-    """TransUNet R50-ViT-B/16 hybrid encoder + cascaded upsampler (2D)."""
-    return TransUNet(**config)

@@ -1,9 +1,9 @@
 """3D TransUNet, encoder-only variant: an nnU-Net-style U-Net with a ViT on the bottleneck.
 
 Chen et al., "3D TransUNet: Advancing Medical Image Segmentation through Vision Transformers",
-arXiv:2310.07781, 2023 (docs/architectures.md section 1, "3D TransUNet"). Built on
-:class:`medseg.networks.unet.UNet` (MONAI ``DynUNet`` blocks) and the ViT blocks of
-:mod:`medseg.networks.transunet`; no upstream code is copied. The Mask2Former-style transformer
+arXiv:2310.07781, 2023 (../shared/docs/architectures.md section 1, "3D TransUNet"). Built on
+:class:`medseg.networks.unet.UNet` (MONAI ``DynUNet`` blocks) and the transformer bottleneck shared
+with the 2D TransUNet (:class:`~medseg.networks.blocks.TokenBottleneck`); no upstream code is copied. The Mask2Former-style transformer
 decoder variant of the paper is not implemented.
 
 Layout for an input ``(B, C, *S)`` (S divisible by the product of the strides, 32 by default):
@@ -11,12 +11,14 @@ Layout for an input ``(B, C, *S)`` (S divisible by the product of the strides, 3
 - CNN encoder: nnU-Net generic U-Net stages, 2 x (conv 3^d + InstanceNorm + LeakyReLU) each,
   channels ``(32, 64, 128, 256, 320, 320)`` (base 32, doubling, capped at 320), stride-2 conv
   downsampling, bottleneck at S/32.
-- ViT on the bottleneck: every bottleneck voxel is a token (1x1x1 conv patch embedding 320 -> 768),
-  learned position embedding sized for ``img_size`` (resized trilinearly for other input sizes),
-  12 pre-LN blocks (12 heads, MLP 3072) with LayerScale initialised to 1e-5, final LayerNorm,
-  then ``conv_more`` 1x1x1 768 -> 320 back onto the CNN path.
+- ``transformer`` on the bottleneck (:class:`~medseg.networks.blocks.TokenBottleneck`): every
+  bottleneck voxel is a token (1x1x1 conv patch embedding 320 -> 768), learned position embedding
+  sized for ``img_size`` (resized trilinearly for other input sizes), 12 pre-LN blocks (12 heads,
+  MLP 3072) with LayerScale initialised to 1e-5, final LayerNorm; then ``conv_more`` 1x1x1
+  768 -> 320 back onto the CNN path.
 - Decoder: the U-Net's transposed-conv decoder with skips; 1x1 head; native deep-supervision heads
-  on the decoder stages S/2 .. S/16 (``deep_supervision=4``, like nnU-Net's 5 segmentation outputs).
+  on the decoder stages S/2 .. S/16 (``deep_supervision=4``, like nnU-Net's 5 segmentation outputs;
+  ``deep_supervision_scales`` as :class:`~medseg.networks.unet.UNet`'s).
 
 Reference (``paper_encoder``): in 1, out 14 (BTCV), ``img_size=(128, 128, 128)`` (the paper's
 BraTS crop and nnU-Net's usual 3D patch ceiling; 4^3 = 64 bottleneck tokens): **116,816,806**
@@ -35,28 +37,29 @@ Taps (:class:`~medseg.networks.base.NetworkOutput`):
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from medseg.errors import ConfigError, PretrainedWeightsError
+from medseg.errors import ConfigError
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
-from medseg.networks.pretrained import load_state_dict_report
+from medseg.networks.blocks import TokenBottleneck
+from medseg.networks.pretrained import google_vit_state_from_npz, npz_arrays, unused_arrays
 from medseg.networks.registry import register_network
-from medseg.networks.transunet import (
-    ViTEncoder,
-    convert_npz,
-    resize_position_embedding,
-    vit_attention_from_npz,
-    vit_block_keys,
-)
 from medseg.networks.unet import UNet
 
+REFERENCES = {
+    "paper_encoder": dict(spatial_dims=3, in_channels=1, out_channels=14, img_size=(128, 128, 128)),
+    "tiny": dict(spatial_dims=3, in_channels=1, out_channels=3, img_size=(32, 32, 32), filters=(8, 16, 32, 32),
+                 deep_supervision=2, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64),
+}
 
+
+@register_network("transunet3d", references=REFERENCES,
+                  description="3D TransUNet (encoder-only): nnU-Net U-Net with a ViT-B bottleneck, LayerScale, "
+                              "deep supervision")
 class TransUNet3D(SegmentationNetwork):
     """3D TransUNet (encoder-only variant). See the module docstring for the layout and taps.
 
@@ -70,8 +73,8 @@ class TransUNet3D(SegmentationNetwork):
         hidden_size, num_layers, num_heads, mlp_dim: the bottleneck ViT (768, 12, 12, 3072).
         layer_scale: LayerScale initial value (1e-5); None disables LayerScale.
         dropout_rate, attention_dropout_rate: ViT embedding/MLP and attention dropout.
-        freeze_encoder: ``requires_grad=False`` on the ViT and its patch/position embedding (e.g.
-            to keep ImageNet ViT weights fixed while the CNN trains).
+        freeze_encoder: ``requires_grad=False`` on the ``transformer`` (ViT and its patch/position
+            embedding), e.g. to keep ImageNet ViT weights fixed while the CNN trains.
 
     Shapes: ``(B, in_channels, *S)`` -> ``(B, out_channels, *S)``.
 
@@ -98,23 +101,21 @@ class TransUNet3D(SegmentationNetwork):
             raise ConfigError(f"transunet3d: {error}") from None
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.input_divisor = self.unet.input_divisor
+        self.deep_supervision_scales = self.unet.deep_supervision_scales
         img_size = (img_size,) * spatial_dims if isinstance(img_size, int) else tuple(img_size)
         if len(img_size) != spatial_dims or any(s % d for s, d in zip(img_size, self.input_divisor)):
             raise ConfigError(f"transunet3d: img_size {img_size} must have {spatial_dims} sizes divisible by "
                               f"{self.input_divisor}")
         self.grid = tuple(s // d for s, d in zip(img_size, self.input_divisor))
+        try:
+            self.transformer = TokenBottleneck(spatial_dims, filters[-1], self.grid, hidden_size, num_layers, num_heads,
+                                               mlp_dim, dropout_rate, attention_dropout_rate, layer_scale=layer_scale)
+        except ValueError as error:
+            raise ConfigError(f"transunet3d: {error}") from None
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
-        self.patch_embed = conv(filters[-1], hidden_size, kernel_size=1)
-        self.pos_embedding = nn.Parameter(torch.zeros(1, math.prod(self.grid), hidden_size))
-        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
-        self.embed_dropout = nn.Dropout(dropout_rate)
-        self.vit = ViTEncoder(hidden_size, num_layers, num_heads, mlp_dim, dropout_rate, attention_dropout_rate,
-                              layer_scale=layer_scale)
         self.conv_more = conv(hidden_size, filters[-1], kernel_size=1)
         if freeze_encoder:
-            for module in (self.patch_embed, self.vit):
-                module.requires_grad_(False)
-            self.pos_embedding.requires_grad_(False)
+            self.transformer.requires_grad_(False)
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
         net = self.unet.net
@@ -122,12 +123,7 @@ class TransUNet3D(SegmentationNetwork):
         for down in net.downsamples:
             encoder.append(down(encoder[-1]))
         encoder.append(net.bottleneck(encoder[-1]))
-        tokens = self.patch_embed(encoder[-1])
-        grid = tokens.shape[2:]
-        tokens = tokens.flatten(2).transpose(1, 2)
-        tokens = self.embed_dropout(tokens + resize_position_embedding(self.pos_embedding, self.grid, grid))
-        tokens = self.vit(tokens)
-        vit_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+        vit_map = self.transformer(encoder[-1])  # (B, hidden, *S/32)
         y = self.conv_more(vit_map)
         decoder = [y]
         for up, skip in zip(net.upsamples, reversed(encoder[:-1])):
@@ -137,41 +133,22 @@ class TransUNet3D(SegmentationNetwork):
         heads = [head(decoder[-2 - i]) for i, head in enumerate(net.deep_supervision_heads)]
         return NetworkOutput(logits=logits, decoder=decoder, encoder=[*encoder, vit_map], deep_supervision=heads)
 
-    def load_pretrained(self, path: str | os.PathLike) -> dict[str, list[str]]:
-        """Initialise the bottleneck ViT from a Google ViT npz (e.g. ImageNet-21k ``ViT-B_16.npz``
-        or ``R50+ViT-B_16.npz``): the transformer blocks and the final LayerNorm.
+    def pretrained_state_dict(self, checkpoint: Any, source: str, **options: Any) -> dict[str, torch.Tensor]:
+        """The bottleneck ViT from a Google ViT npz (e.g. ImageNet-21k ``ViT-B_16.npz`` or
+        ``R50+ViT-B_16.npz``), read by :meth:`load_pretrained`: the transformer blocks and the final
+        LayerNorm.
 
         The 2D patch-embedding kernel and position embedding do not fit a 1x1x1 embedding of the
         CNN bottleneck and are reported as unexpected, as are the classifier keys; the CNN, the
-        embedding and ``conv_more`` keep their initialisation (reported as missing).
+        embedding, LayerScale and ``conv_more`` keep their initialisation (reported as missing).
 
         Raises:
-            PretrainedWeightsError: unreadable npz, or a ViT tensor of another width/depth shape.
+            PretrainedWeightsError: not an npz, or a ViT tensor of another width (from the loader).
         """
-        try:
-            with np.load(path) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as error:
-            raise PretrainedWeightsError(f"{os.fspath(path)}: not a readable npz file ({error})") from None
+        if options:
+            raise TypeError(f"TransUNet3D.load_pretrained: unknown options {sorted(options)}")
+        arrays = npz_arrays(checkpoint, source)
         used: set[str] = set()
-        layers = len(self.vit.blocks)
-        keys = vit_block_keys(layers) + [("Transformer/encoder_norm/scale", "vit.norm.weight", "vec"),
-                                         ("Transformer/encoder_norm/bias", "vit.norm.bias", "vec")]
-        state = convert_npz(arrays, keys, used)
-        state.update(vit_attention_from_npz(arrays, layers, used=used))
-        state.update({k: torch.from_numpy(np.asarray(v).copy()) for k, v in arrays.items() if k not in used})
-        return load_state_dict_report(self, state, source=os.fspath(path))
-
-
-@register_network(
-    "transunet3d",
-    references={
-        "paper_encoder": dict(spatial_dims=3, in_channels=1, out_channels=14, img_size=(128, 128, 128)),
-        "tiny": dict(spatial_dims=3, in_channels=1, out_channels=3, img_size=(32, 32, 32), filters=(8, 16, 32, 32),
-                     deep_supervision=2, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64),
-    },
-    description="3D TransUNet (encoder-only): nnU-Net U-Net with a ViT-B bottleneck, LayerScale, deep supervision",
-)
-def transunet3d(**config) -> TransUNet3D:
-    """3D TransUNet (encoder-only): nnU-Net U-Net with a ViT-B bottleneck, LayerScale, deep supervision."""
-    return TransUNet3D(**config)
+        state = google_vit_state_from_npz(arrays, len(self.transformer.blocks), "transformer", used)
+        state.update(unused_arrays(arrays, used))
+        return state

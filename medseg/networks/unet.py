@@ -9,7 +9,8 @@ replace its forward so the decoder/encoder features are exposed through :class:`
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import torch
 from monai.networks.nets import DynUNet
@@ -17,7 +18,31 @@ from monai.networks.nets import DynUNet
 from medseg.networks.base import NetworkOutput, SegmentationNetwork
 from medseg.networks.registry import register_network
 
+REFERENCES = {
+    "3d_fullres": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320)),
+    "3d_resenc": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320), res_block=True),
+    "2d": dict(spatial_dims=2, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512, 512, 512)),
+    "hippocampus": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(16, 32, 64, 128),
+                        strides=(1, 2, 2, 2), deep_supervision=2),
+    "tiny": dict(spatial_dims=3, in_channels=1, out_channels=2, filters=(8, 16, 32), deep_supervision=1),
+}
 
+
+def per_axis_strides(strides: Sequence[int | Sequence[int]], spatial_dims: int) -> list[tuple[int, ...]]:
+    """Each stride as a ``spatial_dims``-tuple."""
+    return [(int(s),) * spatial_dims if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
+
+
+def unet_deep_supervision_scales(strides: Sequence[int | Sequence[int]], spatial_dims: int,
+                                 heads: int) -> tuple[tuple[float, ...], ...]:
+    """Scales of DynUNet's heads, finest first: head ``i`` sits on the decoder stage at
+    ``1 / prod(strides[:i + 2])`` of the input, per axis."""
+    axes = per_axis_strides(strides, spatial_dims)
+    return tuple(tuple(1.0 / math.prod(s[a] for s in axes[:i + 2]) for a in range(spatial_dims))
+                 for i in range(heads))
+
+
+@register_network("unet", references=REFERENCES, description="nnU-Net-style plain/residual U-Net (MONAI DynUNet), 2D/3D")
 class UNet(SegmentationNetwork):
     """nnU-Net-style U-Net.
 
@@ -29,7 +54,8 @@ class UNet(SegmentationNetwork):
             Any input size divisible by the product of the strides per axis is accepted.
         kernel_sizes: per-stage kernel sizes; default 3 everywhere.
         res_block: residual encoder blocks (nnU-Net ResEnc style) instead of plain conv blocks.
-        deep_supervision: number of native deep-supervision heads (0 .. stages-2), finest first.
+        deep_supervision: number of native deep-supervision heads (0 .. stages-2), finest first;
+            head ``i`` at ``1 / prod(strides[:i + 2])`` of the input (``deep_supervision_scales``).
         norm_name: MONAI norm spec, instance norm by default.
 
     Shapes: ``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``.
@@ -57,11 +83,9 @@ class UNet(SegmentationNetwork):
         if not 0 <= deep_supervision <= stages - 2:
             raise ValueError(f"deep_supervision must be in 0..{stages - 2}")
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
-        divisor = [1] * spatial_dims
-        for stride in strides:
-            per_axis = [stride] * spatial_dims if isinstance(stride, int) else list(stride)
-            divisor = [d * s for d, s in zip(divisor, per_axis)]
-        self.input_divisor = tuple(divisor)
+        self.input_divisor = tuple(math.prod(s[a] for s in per_axis_strides(strides, spatial_dims))
+                                   for a in range(spatial_dims))
+        self.deep_supervision_scales = unet_deep_supervision_scales(strides, spatial_dims, deep_supervision)
         self.net = DynUNet(
             spatial_dims, in_channels, out_channels, kernel_size=kernel_sizes, strides=strides,
             upsample_kernel_size=strides[1:], filters=list(filters), dropout=dropout,
@@ -71,7 +95,6 @@ class UNet(SegmentationNetwork):
         )
         if deep_supervision == 0:  # DynUNet has no heads attribute then; keep forward_features uniform
             self.net.deep_supervision_heads = torch.nn.ModuleList()
-        self.num_deep_supervision = deep_supervision
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
         net = self.net
@@ -88,27 +111,7 @@ class UNet(SegmentationNetwork):
         heads = [head(decoder[-2 - i]) for i, head in enumerate(net.deep_supervision_heads)]
         return NetworkOutput(logits=logits, decoder=decoder, encoder=encoder, deep_supervision=heads)
 
-    def load_pretrained(self, path: str) -> dict[str, list[str]]:
-        """Load a medseg/MONAI DynUNet state dict (``torch.save``); see :func:`load_state_dict_report`."""
-        from medseg.networks.pretrained import load_state_dict_report
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k if k.startswith("net.") else f"net.{k}": v for k, v in state.items()}
-        return load_state_dict_report(self, state, source=path)
-
-
-@register_network(
-    "unet",
-    references={
-        "3d_fullres": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320)),
-        "3d_resenc": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320), res_block=True),
-        "2d": dict(spatial_dims=2, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512, 512, 512)),
-        "hippocampus": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(16, 32, 64, 128),
-                            strides=(1, 2, 2, 2), deep_supervision=2),
-        "tiny": dict(spatial_dims=3, in_channels=1, out_channels=2, filters=(8, 16, 32), deep_supervision=1),
-    },
-    description="nnU-Net-style plain/residual U-Net (MONAI DynUNet), 2D/3D",
-)
-def unet(**config) -> UNet:
-    """nnU-Net-style plain/residual U-Net (MONAI DynUNet), 2D/3D."""
-    return UNet(**config)
+    def pretrained_state_dict(self, checkpoint: Any, source: str, **options: Any) -> Mapping[str, torch.Tensor]:
+        """A medseg UNet or bare MONAI ``DynUNet`` state dict (keys without ``net.`` get it)."""
+        state = super().pretrained_state_dict(checkpoint, source, **options)
+        return {k if k.startswith("net.") else f"net.{k}": v for k, v in state.items()}

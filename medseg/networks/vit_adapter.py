@@ -1,15 +1,17 @@
 """A timm-compatible plain ViT and the ViT-Adapter around it, one level finer (CellVTA).
 
 * :class:`VisionTransformer` -- Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, with
-  LayerScale (Touvron et al., CaiT, ICCV 2021) as in DINOv2/UNI. Module and parameter names match
-  timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+  LayerScale (Touvron et al., CaiT, ICCV 2021) as in DINOv2/UNI, on the shared
+  :class:`~medseg.networks.blocks.ViTBlock`. Module and parameter names match timm's
+  ``VisionTransformer`` (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
   ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}``, ``norm``), so
   a timm/UNI state dict loads without renaming. Any input size divisible by the patch size works:
-  the position embedding is resampled bicubically to the token grid (timm ``dynamic_img_size``).
+  the position embedding is resampled bicubically to the token grid (timm ``dynamic_img_size``,
+  :func:`~medseg.networks.blocks.resample_abs_pos_embed`).
 * :class:`ViTAdapter` -- Chen et al., "Vision Transformer Adapter for Dense Predictions", ICLR
   2023: a convolutional Spatial Prior Module, Injectors (ViT tokens query the spatial features
   through multi-scale deformable attention) and Extractors (spatial features query the ViT tokens)
-  around ranges of ViT blocks. As in CellVTA (Yang et al., "CellVTA: Enhancing Vision Foundation
+  around ranges of ViT blocks (:class:`~medseg.networks.blocks.MultiScaleDeformableAttention`). As in CellVTA (Yang et al., "CellVTA: Enhancing Vision Foundation
   Models for Accurate Cell Segmentation and Classification", 2025) every level is one octave finer
   than in ViT-Adapter: outputs ``f1..f4`` at 1/2, 1/4, 1/8 and 1/16 of the input. The exact
   CellVTA Spatial Prior Module layout is taken from the project's architecture notes
@@ -25,11 +27,17 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from monai.networks.layers import DropPath, trunc_normal_
 from torch import nn
 
-from medseg.networks.deformable_attention import MultiScaleDeformableAttention, grid_reference_points
+from medseg.networks.blocks import (
+    MultiScaleDeformableAttention,
+    ViTBlock,
+    conv_bn_relu,
+    grid_reference_points,
+    init_linear_trunc_normal,
+    resample_abs_pos_embed,
+)
 
 # ---------------------------------------------------------------------------------------------
 # timm-compatible ViT
@@ -46,88 +54,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection: ``(B, N, D)`` -> ``(B, N, D)``."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Mlp(nn.Module):
-    """``fc1`` -> GELU -> ``fc2``."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    """Per-channel residual scale ``gamma`` (CaiT), initialised to ``init_values``."""
-
-    def __init__(self, dim: int, init_values: float):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))``."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, layer_scale: float | None = 1e-5,
-                 drop_path: float = 0.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def resample_position_embedding(pos_embed: torch.Tensor, grid: tuple[int, int], prefix_tokens: int = 1) -> torch.Tensor:
-    """Bicubically resample a square-grid position embedding ``(1, prefix + n*n, D)`` to ``grid``.
-
-    The prefix (class-token) embeddings are kept as they are; returns ``(1, prefix + gh*gw, D)``.
-
-    Raises:
-        ValueError: the patch part is not a square number of tokens.
-    """
-    prefix, patches = pos_embed[:, :prefix_tokens], pos_embed[:, prefix_tokens:]
-    side = math.isqrt(patches.shape[1])
-    if side * side != patches.shape[1]:
-        raise ValueError(f"position embedding with {patches.shape[1]} patch tokens is not a square grid")
-    if (side, side) == tuple(grid):
-        return pos_embed
-    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=tuple(grid), mode="bicubic", align_corners=False, antialias=True)
-    patches = patches.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
-    return torch.cat([prefix, patches], dim=1)
 
 
 class VisionTransformer(nn.Module):
@@ -158,19 +84,20 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pretrain_grid[0] * self.pretrain_grid[1], embed_dim))
         rates = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path_rate]
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, layer_scale, rate) for rate in rates)
+        self.blocks = nn.ModuleList(ViTBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, layer_scale=layer_scale,
+                                             drop_path=rate) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if not self.pos_embed.is_meta:
             trunc_normal_(self.pos_embed, std=0.02)
             nn.init.normal_(self.cls_token, std=1e-6)
-            self.apply(_init_linear)
+            self.apply(init_linear_trunc_normal)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """``(B, C, H, W)`` -> class token ``(B, 1, D)``, patch tokens ``(B, N, D)`` (position
         embedding added) and the token grid ``(H/p, W/p)``."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         tokens = self.patch_embed(x)
-        pos_embed = resample_position_embedding(self.pos_embed, grid, self.num_prefix_tokens)
+        pos_embed = resample_abs_pos_embed(self.pos_embed, grid, self.pretrain_grid, self.num_prefix_tokens)
         cls = self.cls_token.expand(x.shape[0], -1, -1) + pos_embed[:, :1]
         return cls, tokens + pos_embed[:, 1:], grid
 
@@ -182,21 +109,9 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-def _init_linear(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 # ---------------------------------------------------------------------------------------------
 # ViT-Adapter, one level finer
 # ---------------------------------------------------------------------------------------------
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> Convolution:
-    return Convolution(2, in_channels, out_channels, strides=stride, kernel_size=3, act="RELU", norm="BATCH",
-                       bias=False, adn_ordering="NA")
 
 
 class SpatialPriorModule(nn.Module):
@@ -211,10 +126,10 @@ class SpatialPriorModule(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: int = 64, embed_dim: int = 1024):
         super().__init__()
-        self.stem = nn.Sequential(_conv_bn_relu(in_channels, channels), _conv_bn_relu(channels, channels),
-                                  _conv_bn_relu(channels, channels))
+        self.stem = nn.Sequential(conv_bn_relu(2, in_channels, channels), conv_bn_relu(2, channels, channels),
+                                  conv_bn_relu(2, channels, channels))
         widths = (channels, channels, 2 * channels, 4 * channels, 4 * channels)
-        self.convs = nn.ModuleList(_conv_bn_relu(widths[i], widths[i + 1], stride=2) for i in range(4))
+        self.convs = nn.ModuleList(conv_bn_relu(2, widths[i], widths[i + 1], stride=2) for i in range(4))
         self.projections = nn.ModuleList(nn.Conv2d(width, embed_dim, kernel_size=1) for width in widths[1:])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -352,7 +267,7 @@ class ViTAdapter(nn.Module):
             nn.init.normal_(self.level_embed)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
+        batch = x.shape[0]
         c1, c2, c3, c4 = self.spm(x)
         c_shapes = [tuple(c.shape[-2:]) for c in (c2, c3, c4)]
         c = torch.cat([m.flatten(2).transpose(1, 2) + self.level_embed[i] for i, m in enumerate((c2, c3, c4))], dim=1)
@@ -381,7 +296,7 @@ class ViTAdapter(nn.Module):
 
 def _init_adapter(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
-        _init_linear(module)
+        init_linear_trunc_normal(module)
     elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
         nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
