@@ -1,6 +1,7 @@
 """Jobs survive a crash: SIGKILL ``medseg serve`` while a job runs, start it again on the same
 data dir; the interrupted job and the queued one complete, finished results stay downloadable.
-Then automatic retention clean-up deletes results of old jobs."""
+Then automatic retention clean-up deletes results of old jobs. Each test makes the jobs it needs in
+its own data dir, so each passes alone and in any order."""
 
 from __future__ import annotations
 
@@ -63,8 +64,28 @@ def test_sigkill_while_running_then_restart_completes_the_job(setup):
     assert not any((data / "jobs").glob("*/output.partial"))
 
 
-def test_retention_removes_old_results_automatically(setup):
-    data, models, key = setup
+@pytest.fixture
+def finished_jobs(setup, tmp_path):
+    """Two jobs finished by a server with the default retention, in a data dir of their own."""
+    _, models, _ = setup
+    data = tmp_path / "data"
+    key = create_key(data, "submit")
+    series = shared_path("dicom", "hippocampus_crop_study1")
+    server = Server(data, models).start()
+    try:
+        with server.client(key) as client:
+            ids = [client.post("/v1/jobs", files=dicom_files(series), data={"formats": formats}).json()["id"]
+                   for formats in ("seg,nifti,report,preview", "nifti,report")]
+            jobs = [wait_for(client, job_id) for job_id in ids]
+    finally:
+        server.stop()
+    assert [job["state"] for job in jobs] == ["succeeded", "succeeded"], jobs
+    assert len(list((data / "jobs").iterdir())) == len(jobs)
+    return data, models, key, jobs
+
+
+def test_retention_removes_old_results_automatically(finished_jobs):
+    data, models, key, jobs = finished_jobs
     server = Server(data, models, env={"MEDSEG_SERVICE_RETENTION_S": "1"}).start()
     try:
         with server.client(key) as client:
@@ -74,7 +95,8 @@ def test_retention_removes_old_results_automatically(setup):
                 if page["items"] and all(j["state"] == "expired" for j in page["items"]):
                     break
                 time.sleep(0.3)
-            assert page["total"] == 3 and all(j["state"] == "expired" for j in page["items"]), page
+            assert page["total"] == len(jobs) and all(j["state"] == "expired" for j in page["items"]), page
+            assert {j["id"] for j in page["items"]} == {j["id"] for j in jobs}
             job = page["items"][0]
             assert job["results"] == {}
             assert_problem(client.get(f"/v1/jobs/{job['id']}/result/nifti"), 410, "gone")

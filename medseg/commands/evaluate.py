@@ -10,10 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from medseg.errors import DatasetError
-from medseg.metrics import label_map_metrics, summarize
+
+# numpy and medseg.metrics (torch, MONAI) are imported in evaluate(), so that `medseg --help` stays fast
 
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -64,7 +63,10 @@ def evaluate(pred_dir: Path, label_dir: Path) -> tuple[dict[str, dict], dict[str
     Raises:
         DatasetError: no case pairs, or a pair on different grids.
     """
+    import numpy as np
+
     from medseg.io import read_image
+    from medseg.metrics import label_map_metrics, summarize
 
     predictions, labels = _index(pred_dir), _index(label_dir)
     cases = sorted(set(predictions) & set(labels))

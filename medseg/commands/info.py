@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.io.volume_files import describe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def series_summary(info) -> dict[str, Any]:
     """One series as a JSON-friendly dict; geometry errors are reported, not raised."""
+    from medseg.io.volume_files import describe
+
     entry = info.as_dict()
     try:
         image = info.read()
