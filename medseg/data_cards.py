@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, config_error
 from medseg.labels import Label, check_unique
 
 #: Folder of the bundled cards (``<repo>/data_cards``).
@@ -93,6 +93,4 @@ def load_data_card(path_or_name: str | Path) -> DataCard:
     try:
         return DataCard.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"data card {path.name}: {where}: {first['msg']}") from None
+        raise config_error(error, f"data card {path.name}") from None

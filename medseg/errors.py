@@ -151,3 +151,11 @@ class PretrainedWeightsError(MedsegError):
 
     code = "pretrained-weights"
     http_status = 422
+
+
+def config_error(error, source: str) -> ConfigError:
+    """One :class:`ConfigError` listing every problem of a pydantic ``ValidationError`` at once
+    (``source: a.b: msg; c: msg``), so a user fixes a config or card in one pass, not one per run."""
+    problems = [f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
+                for item in error.errors()]
+    return ConfigError(f"{source}: " + "; ".join(problems))

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, config_error
 from medseg.package import Normalization, PostProcessing
 
 
@@ -206,10 +206,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(root)"
-        more = f" (+{error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {key}: {first['msg']}{more}") from None
+        raise config_error(error, source) from None
 
 
 def resolve_path(value: str, base: Path) -> str:

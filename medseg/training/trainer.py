@@ -176,7 +176,7 @@ class Trainer:
         if self.fold < 0 or self.fold >= c.data.num_folds:
             raise ConfigError(f"data.fold: {self.fold} is outside 0..{c.data.num_folds - 1}")
 
-        self.card = load_training_data_card(c.data.data_card)
+        self.card = load_training_data_card(c.data.data_card, c.data.dataset_dir)
         self.plan = self._plan()
         fold = self.plan.folds[self.fold]
         self.spacing = tuple(c.data.spacing or self.plan.spacing)
