@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medseg.formats import strip_suffix
 from medseg.io.atomic import atomic_write
 from medseg.io.image import Image
 from medseg.labels import Label
@@ -74,11 +75,7 @@ def stem_for(meta: dict[str, Any], dicom: bool) -> str:
                  hashlib.sha1(uid.encode()).hexdigest()[:8] if uid else ""]
         stem = "_".join(p for p in parts if p)
         return stem or "series"
-    name = Path(str(meta.get("series_uid") or meta.get("source") or "image")).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".zip"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
+    name = strip_suffix(Path(str(meta.get("series_uid") or meta.get("source") or "image")).name)
     return _sanitize(name) or "image"
 
 
@@ -328,11 +325,11 @@ def write_preview(label_map: np.ndarray, image: Image, labels: Sequence[Label], 
     import matplotlib
 
     matplotlib.use("Agg", force=False)
-    import medseg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
+    import medseg
     from medseg.errors import InputShapeError
     from medseg.inference.statistics import label_statistics
 

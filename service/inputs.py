@@ -17,9 +17,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medseg.errors import (InputTooLargeError, MedsegError, ModalityMismatchError, SeriesMismatchError,
-                           NoImageDataError, UnreadableFileError, UnsafeArchiveError,
-                           UnsupportedInputError)
+from medseg.errors import (
+    InputTooLargeError,
+    MedsegError,
+    ModalityMismatchError,
+    NoImageDataError,
+    SeriesMismatchError,
+    UnreadableFileError,
+    UnsafeArchiveError,
+    UnsupportedInputError,
+)
+from medseg.formats import has_dicm_marker
 from medseg.package import MODEL_NAME_PATTERN, ModelCard
 from service.config import Settings
 from service.pipeline import RESULT_FORMATS
@@ -88,7 +96,7 @@ def sniff(path: Path) -> str:
         head = handle.read(352)
     if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
         return "zip"
-    if head[128:132] == b"DICM":
+    if has_dicm_marker(head):
         return "dicom"
     if head[:2] == b"\x1f\x8b":
         return "nifti-gz"

@@ -20,6 +20,7 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from medseg.errors import InputTooLargeError
+from medseg.formats import ARCHIVE_SUFFIX, DICOM_SUFFIX, VOLUME_SUFFIXES
 from service.config import Settings
 from service.problems import Problem
 
@@ -28,7 +29,7 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_BOUNDARY_CHARS = 70
 #: the characters RFC 2046 allows in a boundary (``bchars``; a space may not be the last one)
 _BOUNDARY = re.compile(rb"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
-KNOWN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".zip", ".dcm")
+KNOWN_SUFFIXES = (*VOLUME_SUFFIXES, ARCHIVE_SUFFIX, DICOM_SUFFIX)
 
 
 @dataclass

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from medseg.errors import DatasetError
+from medseg.formats import strip_suffix, volume_suffix
 
 # numpy and medseg.metrics (torch, MONAI) are imported in evaluate(), so that `medseg --help` stays fast
 
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,14 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _case(path: Path) -> str | None:
-    name = path.name
-    for suffix in SUFFIXES:
-        if name.endswith(suffix):
-            stem = name[: -len(suffix)]
-            for tag in ("_seg", ".label", "_label"):
-                stem = stem.removesuffix(tag)
-            return stem
-    return None
+    if not volume_suffix(path.name):
+        return None
+    stem = strip_suffix(path.name)
+    for tag in ("_seg", ".label", "_label"):
+        stem = stem.removesuffix(tag)
+    return stem
 
 
 def _index(folder: Path) -> dict[str, Path]:
@@ -46,8 +44,8 @@ def _index(folder: Path) -> dict[str, Path]:
 def _label_names(spec: str | None) -> dict[int, str]:
     if not spec:
         return {}
-    from medseg.package import resolve_model
     from medseg.errors import MedsegError
+    from medseg.package import resolve_model
 
     try:
         return {label.id: label.name for label in resolve_model(spec).card.labels}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import DatasetError
+from medseg.formats import strip_suffix, volume_suffix
 
-_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -32,10 +32,7 @@ class Case:
 
 
 def _stem(path: Path) -> str | None:
-    for suffix in _SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return None
+    return strip_suffix(path.name) if volume_suffix(path.name) else None
 
 
 def _files_by_case(folder: Path, label_ids: set[str] | None = None) -> dict[str, Path]:

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from medseg.errors import MedsegError
+from medseg.formats import has_dicm_marker
 from medseg.io.dicom_frames import ORIENTATION_DECIMALS, is_enhanced_multiframe
 from medseg.io.dicom_volume import read_dicom_volume
 from medseg.io.safety import CLI_POLICY, ReadPolicy
@@ -86,7 +87,7 @@ def read_header(path: str | Path) -> Dataset | None:
             preamble = handle.read(132)
     except OSError as error:
         raise UnreadableFileError(f"{path.name}: cannot open ({error.strerror})") from None
-    has_marker = len(preamble) == 132 and preamble[128:132] == b"DICM"
+    has_marker = has_dicm_marker(preamble)
     if not has_marker and preamble[:2] not in _RAW_DATASET_STARTS:
         return None  # neither Part 10 nor a raw dataset starting with group 0002/0008
     try:

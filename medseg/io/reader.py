@@ -11,7 +11,8 @@ import os
 import zipfile
 from pathlib import Path
 
-from medseg.errors import (MixedSeriesError, NoImageDataError, UnreadableFileError)
+from medseg.errors import MixedSeriesError, NoImageDataError, UnreadableFileError
+from medseg.formats import has_dicm_marker
 from medseg.io.archive import extract_zip
 from medseg.io.dicom_scan import scan_dicom_files
 from medseg.io.image import Image
@@ -100,7 +101,7 @@ def _has_dicm_marker(path: Path) -> bool:
             head = handle.read(132)
     except OSError:
         return False
-    return head[128:132] == b"DICM"
+    return has_dicm_marker(head)
 
 
 def _find_in_folder(folder: Path, source: str, policy: ReadPolicy, *,

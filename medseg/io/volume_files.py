@@ -16,15 +16,24 @@ from typing import Any
 
 import numpy as np
 
-from medseg.errors import (MissingGeometryError, UnreadableFileError, UnsafeInputError,
-                           UnsupportedInputError)
+from medseg import formats
+from medseg.errors import (
+    MissingGeometryError,
+    UnreadableFileError,
+    UnsafeInputError,
+    UnsupportedInputError,
+)
 from medseg.io.atomic import atomic_write
 from medseg.io.image import Image
-from medseg.io.safety import (CLI_POLICY, HEADER_LIMIT, ReadPolicy, check_declared_voxels,
-                              check_self_contained, check_stream_length)
+from medseg.io.safety import (
+    CLI_POLICY,
+    HEADER_LIMIT,
+    ReadPolicy,
+    check_declared_voxels,
+    check_self_contained,
+    check_stream_length,
+)
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = {".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage"}
 _LPS = np.diag([-1.0, -1.0, 1.0])
 _MODALITY_TOKENS = {"ct": "CT", "mr": "MR", "mri": "MR", "t1": "MR", "t2": "MR", "flair": "MR",
                     "pet": "PT", "pt": "PT"}
@@ -32,20 +41,13 @@ _MODALITY_TOKENS = {"ct": "CT", "mr": "MR", "mri": "MR", "t1": "MR", "t2": "MR",
 
 def volume_format(path: str | Path) -> str | None:
     """``"nifti"``, ``"nrrd"``, ``"metaimage"`` or ``None`` from the file name."""
-    name = Path(path).name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    return ITK_SUFFIXES.get(Path(name).suffix)
+    return formats.volume_format(Path(path).name)
 
 
 def guess_modality(path: str | Path) -> str:
     """Modality from a dcm2niix/BIDS sidecar JSON (``Modality``) or file-name tokens, else ``""``."""
     path = Path(path)
-    stem = path.name
-    for suffix in (*NIFTI_SUFFIXES, *ITK_SUFFIXES):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
+    stem = formats.strip_suffix(path.name)
     sidecar = path.with_name(stem + ".json")
     if sidecar.is_file():
         try:
@@ -186,7 +188,7 @@ def read_itk(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
         array = array[:, :, None, ...]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_affine(affine, path.name)
-    fmt = ITK_SUFFIXES.get(path.suffix.lower(), "itk")
+    fmt = volume_format(path) or "itk"
     return Image(array=np.ascontiguousarray(array), affine=affine,
                  meta={"format": fmt, "source": str(path), "modality": guess_modality(path)})
 
@@ -267,7 +269,7 @@ def write_nifti(image: Image, path: str | Path, *, label_map: bool | None = None
     import nibabel as nib
 
     path = Path(path)
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+    if not path.name.lower().endswith(formats.NIFTI_SUFFIXES):
         raise UnsupportedInputError(f"{path.name}: a NIfTI output must end in .nii or .nii.gz")
     array = np.asarray(image.array)
     if array.dtype == bool:
