@@ -144,9 +144,3 @@ class ModelGrid:
             return out.permute(*range(lead), *[lead + o for o in order])
         out = np.flip(array, flips) if flips else array
         return np.transpose(out, (*range(lead), *[lead + o for o in order]))
-
-
-def grid_for(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float],
-             orientation: str = "RAS") -> ModelGrid:
-    """The :class:`ModelGrid` from an ``(I, J, K)`` grid to ``spacing`` (mm) in ``orientation``."""
-    return ModelGrid(shape, affine, spacing, orientation)

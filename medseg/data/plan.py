@@ -62,10 +62,6 @@ class Fingerprint(BaseModel):
     intensity: IntensityStats
 
     @property
-    def median_spacing(self) -> tuple[float, float, float]:
-        return tuple(float(v) for v in np.median([c.spacing for c in self.cases], axis=0))
-
-    @property
     def median_shape(self) -> tuple[float, float, float]:
         return tuple(float(v) for v in np.median([c.shape for c in self.cases], axis=0))
 
