@@ -99,6 +99,40 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
             series.
     """
     notes = list(warnings or [])
+    frames, planes, first_ds = _decode_frames(files, series_name)
+    reference = frames[0]
+    _check_same_plane(frames, series_name)
+    normal = np.cross(reference.row_cosine, reference.column_cosine)
+    clusters = _slice_positions(frames, planes, normal, series_name, notes)
+    volumes = len(clusters[0])
+    array = _stack(frames, planes, clusters, volumes)
+    array, affine, resampled = _geometry(array, frames, clusters, normal, first_ds, series_name,
+                                         notes)
+    if volumes == 1:
+        array = array[..., 0]
+    source_files = [frames[c[0]].file for c in clusters]
+    image_meta = _dataset_meta(first_ds) if first_ds is not None else {}
+    image_meta.update(meta or {})
+    image_meta.update({
+        "instance_count": len({f.file for f in frames}),
+        "dicom_layout": ("mosaic" if reference.tile is not None
+                         else "multi-frame" if reference.frame_number is not None
+                         else "single-frame"),
+        "resampled": resampled,
+    })
+    if reference.frame_number is not None:
+        image_meta["dicom_frame_numbers"] = [frames[c[0]].frame_number for c in clusters]
+    if volumes > 1:
+        image_meta["volumes"] = volumes
+    for note in notes:
+        log.info("series %s: %s", series_name, note)
+    return Image(array=array, affine=affine, meta=image_meta, warnings=notes,
+                 dicom_source=None if resampled else source_files)
+
+
+def _decode_frames(files: list[str], series_name: str) -> tuple[list[Frame], list[np.ndarray], Any]:
+    """Every frame of every instance with its ``(rows, columns)`` stored plane, and the first
+    dataset (for series-level attributes)."""
     frames: list[Frame] = []
     planes: list[np.ndarray] = []
     first_ds = None
@@ -117,7 +151,11 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
             planes.append(frame_pixels(pixels, frame))
     if not frames:
         raise MissingGeometryError(f"series {series_name}: no image frames")
+    return frames, planes, first_ds
 
+
+def _check_same_plane(frames: list[Frame], series_name: str) -> None:
+    """All frames share orientation, matrix size and PixelSpacing (else UnsupportedInputError)."""
     reference = frames[0]
     for frame in frames[1:]:
         if frame.orientation_key() != reference.orientation_key():
@@ -132,11 +170,12 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
             raise UnsupportedInputError(
                 f"series {series_name}: frames with different PixelSpacing")
 
-    row, col = reference.row_cosine, reference.column_cosine
-    normal = np.cross(row, col)
-    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
 
-    # Cluster by position along the normal.
+def _slice_positions(frames: list[Frame], planes: list[np.ndarray], normal: np.ndarray,
+                     series_name: str, notes: list[str]) -> list[list[int]]:
+    """Frame indices per slice position along ``normal`` (sorted), each in time order with exact
+    duplicates dropped; every position holds the same number of frames (volumes)."""
+    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
     order = np.argsort(distances, kind="stable")
     clusters: list[list[int]] = []
     for index in order:
@@ -152,7 +191,6 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
                     f"series {series_name}: frames at the same slice location have different "
                     "in-plane positions")
 
-    # Within a position: time order, then drop exact duplicates.
     duplicates: list[str] = []  # file of each dropped frame
     for cluster in clusters:
         cluster.sort(key=lambda i: frames[i].temporal_key)
@@ -176,9 +214,13 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
         raise UnsupportedInputError(
             f"series {series_name}: slice positions hold different numbers of images "
             f"({min(counts)}..{max(counts)}); incomplete multi-volume series?")
-    volumes = counts.pop()
+    return clusters
 
-    # Rescale and stack as (I, J, K, T).
+
+def _stack(frames: list[Frame], planes: list[np.ndarray], clusters: list[list[int]],
+           volumes: int) -> np.ndarray:
+    """Rescaled (RescaleSlope/Intercept) planes stacked as ``(I, J, K, T)`` in the smallest
+    dtype that holds the values."""
     slopes = np.array([frames[c[t]].slope for c in clusters for t in range(volumes)])
     intercepts = np.array([frames[c[t]].intercept for c in clusters for t in range(volumes)])
     low = min(float(planes[i].min()) * s + b for c in clusters for i in c
@@ -188,7 +230,7 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
     low, high = min(low, high), max(low, high)
     dtype = _output_dtype([planes[i].dtype for c in clusters for i in c], slopes, intercepts,
                           low, high)
-    rows, cols = reference.shape
+    rows, cols = frames[0].shape
     array = np.empty((cols, rows, len(clusters), volumes), dtype=dtype)
     for k, cluster in enumerate(clusters):
         for t, index in enumerate(cluster):
@@ -198,8 +240,17 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
             else:
                 values = plane
             array[:, :, k, t] = values.T.astype(dtype, copy=False)
+    return array
 
-    # Geometry (LPS) on the regular grid through the first and last slice.
+
+def _geometry(array: np.ndarray, frames: list[Frame], clusters: list[list[int]],
+              normal: np.ndarray, first_ds: Any, series_name: str, notes: list[str]
+              ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The RAS+ affine on the regular grid through the first and last slice; a sheared (gantry
+    tilt) or unevenly spaced series is resampled onto a regular grid. Returns
+    ``(array, affine, resampled)``."""
+    reference = frames[0]
+    row, col = reference.row_cosine, reference.column_cosine
     row_spacing, col_spacing = reference.pixel_spacing
     positions = np.array([frames[c[0]].position for c in clusters])
     affine = np.eye(4)
@@ -232,28 +283,7 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
             resampled = True
         else:
             affine[:3, 2] = k_step
-    affine = LPS_TO_RAS @ affine
-
-    if volumes == 1:
-        array = array[..., 0]
-    source_files = [frames[c[0]].file for c in clusters]
-    image_meta = _dataset_meta(first_ds) if first_ds is not None else {}
-    image_meta.update(meta or {})
-    image_meta.update({
-        "instance_count": len({f.file for f in frames}),
-        "dicom_layout": ("mosaic" if reference.tile is not None
-                         else "multi-frame" if reference.frame_number is not None
-                         else "single-frame"),
-        "resampled": resampled,
-    })
-    if reference.frame_number is not None:
-        image_meta["dicom_frame_numbers"] = [frames[c[0]].frame_number for c in clusters]
-    if volumes > 1:
-        image_meta["volumes"] = volumes
-    for note in notes:
-        log.info("series %s: %s", series_name, note)
-    return Image(array=array, affine=affine, meta=image_meta, warnings=notes,
-                 dicom_source=None if resampled else source_files)
+    return array, LPS_TO_RAS @ affine, resampled
 
 
 def _resample_regular(array: np.ndarray, positions: np.ndarray, row: np.ndarray, col: np.ndarray,
