@@ -168,6 +168,15 @@ class Trainer:
         self.is_main = self.rank == 0
 
     def _setup(self) -> None:
+        """Set-up in its stages: plan and data card, network and loss, data, optimiser and LR
+        schedule, then the run's state (resumed or fresh) and its output folder."""
+        self._setup_plan()
+        self._setup_network()
+        self._setup_data()
+        self._setup_optimizer()
+        self._setup_state()
+
+    def _setup_plan(self) -> None:
         c = self.config
         if c.training.num_threads:
             torch.set_num_threads(c.training.num_threads)
@@ -178,7 +187,6 @@ class Trainer:
 
         self.card = load_training_data_card(c.data.data_card, c.data.dataset_dir)
         self.plan = self._plan()
-        fold = self.plan.folds[self.fold]
         self.spacing = tuple(c.data.spacing or self.plan.spacing)
         self.patch_size = tuple(c.data.patch_size or self.plan.patch_size)
         self.normalization = c.data.normalization or self.plan.normalization
@@ -187,6 +195,8 @@ class Trainer:
         self.batch_size = c.training.batch_size or self.plan.batch_size
         self.num_classes = max(label.id for label in self.card.labels) + 1
 
+    def _setup_network(self) -> None:
+        c = self.config
         torch.manual_seed(c.training.seed)
         net_config = {"spatial_dims": 3, "in_channels": len(self.modality), "out_channels": self.num_classes,
                       **c.network.config}
@@ -208,6 +218,9 @@ class Trainer:
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
 
+    def _setup_data(self) -> None:
+        c = self.config
+        fold = self.plan.folds[self.fold]
         self.cases = {case.case_id: case for case in self._cases()}
         missing = sorted(set(fold.train + fold.val) - set(self.cases))
         if missing:
@@ -231,6 +244,8 @@ class Trainer:
         self.iterations = c.training.iterations_per_epoch or len(self.train_cases) // (self.batch_size * self.world_size)
         self.total_iterations = self.iterations * c.training.epochs
 
+    def _setup_optimizer(self) -> None:
+        c = self.config
         params = [p for p in self.step_module.parameters() if p.requires_grad]
         o = c.optimizer
         if o.name == "adamw":
@@ -244,6 +259,8 @@ class Trainer:
         self.schedule = LRSchedule(self.total_iterations, s.name, s.power, s.warmup_iterations, s.min_lr / o.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
 
+    def _setup_state(self) -> None:
+        c = self.config
         self.start_epoch, self.global_step, self.elapsed = 0, 0, 0.0
         self.best_metric, self.best_epoch, self.best_summary = -math.inf, None, {}
         self.history: list[dict[str, Any]] = []
