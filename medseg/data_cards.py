@@ -1,7 +1,7 @@
 """Data cards: where a dataset comes from, its licence, modality, labels and spacing.
 
-One YAML file per dataset in ``data_cards/`` at the repository root (found through a path
-relative to this package, so ``load_data_card("hippocampus")`` works from any folder). Labels
+One YAML file per dataset in ``data_cards/`` at the repository root, packaged with medseg (see
+:data:`CARDS_DIR`), so ``load_data_card("hippocampus")`` works from any folder and after install. Labels
 carry the SNOMED CT codes that DICOM SEG needs (:class:`medseg.labels.Label`).
 """
 
@@ -15,8 +15,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from medseg.errors import ConfigError, config_error
 from medseg.labels import Label, check_unique
 
-#: Folder of the bundled cards (``<repo>/data_cards``).
-CARDS_DIR = Path(__file__).resolve().parents[1] / "data_cards"
+#: Folder of the bundled cards: ``medseg/data_card_files``, a link to ``<repo>/data_cards`` in a
+#: checkout and a packaged copy in an installed wheel (``package-data``), so cards load by name
+#: after a normal install too.
+CARDS_DIR = Path(__file__).parent / "data_card_files"
 
 
 class DataCard(BaseModel):

@@ -45,3 +45,19 @@ def test_every_missing_field_of_a_card_is_reported_at_once(tmp_path):
     for field in ("source", "licence", "modality", "labels.0.type"):
         assert field in message, message
     assert "\n" not in message
+
+
+def test_bundled_cards_live_in_the_package_and_are_packaged():
+    """A normal (non-editable) install carries the cards: they sit under the package folder and
+    pyproject's package-data names them."""
+    import tomllib
+    from pathlib import Path
+
+    import medseg
+    from medseg.data_cards import CARDS_DIR, available_data_cards
+
+    assert Path(medseg.__file__).parent in CARDS_DIR.parents or CARDS_DIR.parent == Path(medseg.__file__).parent
+    assert {"hippocampus", "sample_hippocampus_mr"} <= set(available_data_cards())
+    pyproject = tomllib.loads((Path(medseg.__file__).parents[1] / "pyproject.toml").read_text())
+    assert "data_card_files/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["medseg"]
+    assert load_data_card("hippocampus").licence
