@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 import medseg
-from service import api, dicomweb
+from service import api, dicomweb, web
 from service.auth import Principal, require
 from service.config import Settings
 from service.maintenance import Maintenance
@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_handlers(app)
     app.include_router(api.router)
     app.include_router(dicomweb.router)
+    app.include_router(web.router)  # GET / (the web page), /static/, the viewer's input NIfTI
     app.add_middleware(RequestLog)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
