@@ -32,9 +32,14 @@ def measure(label: str, size: int) -> dict[str, float]:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             net(torch.empty(1, net.in_channels, size, size))
     vit = count_parameters(net.vit)
-    return dict(total=count_parameters(net), vit=vit, adapter=count_parameters(net.backbone) - vit,
-                decoder=count_parameters(net.decoder), trainable=count_parameters(net, trainable_only=True),
-                gmacs=counter.get_total_flops() / 2e9)
+    return dict(
+        total=count_parameters(net),
+        vit=vit,
+        adapter=count_parameters(net.backbone) - vit,
+        decoder=count_parameters(net.decoder),
+        trainable=count_parameters(net, trainable_only=True),
+        gmacs=counter.get_total_flops() / 2e9,
+    )
 
 
 def time_step(label: str, size: int, device: str, repeats: int) -> tuple[float, float]:
@@ -69,15 +74,16 @@ def main() -> None:
     parser.add_argument("--time", metavar="DEVICE", help="also time a training step on DEVICE")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    header = (f"{'cellvta':<9}{'total':>14}{'ViT':>14}{'adapter':>13}{'decoder':>13}{'trainable':>13}"
-              f"{'GMACs':>9}")
+    header = f"{'cellvta':<9}{'total':>14}{'ViT':>14}{'adapter':>13}{'decoder':>13}{'trainable':>13}{'GMACs':>9}"
     if args.time:
         header += f"{'s/step':>9}{'peak GiB':>10}"
     print(header)
     for label in args.configs:
         m = measure(label, args.size)
-        row = (f"{label:<9}{m['total']:>14,}{m['vit']:>14,}{m['adapter']:>13,}{m['decoder']:>13,}"
-               f"{m['trainable']:>13,}{m['gmacs']:>9.1f}")
+        row = (
+            f"{label:<9}{m['total']:>14,}{m['vit']:>14,}{m['adapter']:>13,}{m['decoder']:>13,}"
+            f"{m['trainable']:>13,}{m['gmacs']:>9.1f}"
+        )
         if args.time:
             seconds, peak = time_step(label, args.size, args.time, args.repeats)
             row += f"{seconds:>9.3f}{peak:>10.1f}"

@@ -30,12 +30,10 @@ INPUTS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    default = Path(os.environ.get("MEDSEG_SHARED_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
+    default = Path(os.environ.get("MEDSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--data", type=Path, default=default)
     args = parser.parse_args()
-    print(f"{'input':36s} {'series':>6s} {'files':>6s} {'find s':>8s} {'read s':>8s} "
-          f"{'Mvox/s':>8s}")
+    print(f"{'input':36s} {'series':>6s} {'files':>6s} {'find s':>8s} {'read s':>8s} {'Mvox/s':>8s}")
     for name in INPUTS:
         path = args.data / name
         if not path.exists():
@@ -51,8 +49,10 @@ def main() -> None:
             read_times.append(time.perf_counter() - start)
         files = sum(info.instance_count for info in series)
         read = statistics.median(read_times)
-        print(f"{name:36s} {len(series):6d} {files:6d} {statistics.median(find_times):8.3f} "
-              f"{read:8.3f} {voxels / read / 1e6:8.2f}")
+        print(
+            f"{name:36s} {len(series):6d} {files:6d} {statistics.median(find_times):8.3f} "
+            f"{read:8.3f} {voxels / read / 1e6:8.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     patch = tuple(args.patch)
-    network = create_network("unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(16, 32, 64, 128),
-                             strides=(1, 2, 2, 2), deep_supervision=2)
+    network = create_network(
+        "unet",
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=3,
+        filters=(16, 32, 64, 128),
+        strides=(1, 2, 2, 2),
+        deep_supervision=2,
+    )
     x = torch.randn(args.batch, 1, *patch)
     label = torch.randint(0, 3, (args.batch, 1, *patch)).float()
 
@@ -72,21 +79,26 @@ def main() -> None:
         loss = build_loss(name, network, patch, kwargs, **options)
         with torch.no_grad():
             fixed = network(x, features=True)
-        features = [t.detach().requires_grad_() for t in [fixed.logits, *fixed.deep_supervision, *fixed.decoder,
-                                                          *fixed.encoder]]
+        features = [
+            t.detach().requires_grad_() for t in [fixed.logits, *fixed.deep_supervision, *fixed.decoder, *fixed.encoder]
+        ]
 
         def loss_step(loss=loss, features=features, fixed=fixed):
             k, ds = 1, len(fixed.deep_supervision)
-            output = type(fixed)(logits=features[0], deep_supervision=features[k:k + ds],
-                                 decoder=features[k + ds:k + ds + len(fixed.decoder)],
-                                 encoder=features[k + ds + len(fixed.decoder):])
+            output = type(fixed)(
+                logits=features[0],
+                deep_supervision=features[k : k + ds],
+                decoder=features[k + ds : k + ds + len(fixed.decoder)],
+                encoder=features[k + ds + len(fixed.decoder) :],
+            )
             loss.zero_grad()
             loss(output, label).backward()
 
         rows.append((title, timed(loss_step), sum(p.numel() for p in loss.parameters())))
 
-    print(f"batch {args.batch}, patch {'x'.join(map(str, patch))}, {args.threads} thread(s), "
-          f"median of {args.repeats}\n")
+    print(
+        f"batch {args.batch}, patch {'x'.join(map(str, patch))}, {args.threads} thread(s), median of {args.repeats}\n"
+    )
     print("| loss | forward + backward (ms) | own parameters |")
     print("| --- | ---: | ---: |")
     for title, ms, params in rows:

@@ -76,10 +76,17 @@ def run_one(name: str, repeats: int, device: str, threads: int) -> dict:
                 torch.cuda.synchronize()
             if i:  # the first run is a warm-up
                 times.append(time.perf_counter() - start)
-    result = {"network": name, "reference": label, "patch": "x".join(map(str, size)),
-              "parameters": count_parameters(net), "rss_built_mib": rss_built,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+    result = {
+        "network": name,
+        "reference": label,
+        "patch": "x".join(map(str, size)),
+        "parameters": count_parameters(net),
+        "rss_built_mib": rss_built,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "repeats": repeats,
+    }
     if device == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -107,8 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         if name not in PATCHES:
             print(f"skipping {name}: no benchmark patch size in PATCHES", file=sys.stderr)
             continue
-        command = [sys.executable, __file__, "--one", name, "--repeats", str(args.repeats),
-                   "--device", args.device, "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--repeats",
+            str(args.repeats),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
         except subprocess.TimeoutExpired:
@@ -127,17 +144,22 @@ def table(rows: list[dict], args) -> str:
     import torch
 
     memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
-    lines = [f"device {args.device}, torch {torch.__version__}, threads {args.threads}, batch 1, "
-             f"median of {args.repeats} forwards after 1 warm-up, inference_mode",
-             "", f"| network | reference | patch | parameters | RSS built MiB | {memory} | median s | min s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"device {args.device}, torch {torch.__version__}, threads {args.threads}, batch 1, "
+        f"median of {args.repeats} forwards after 1 warm-up, inference_mode",
+        "",
+        f"| network | reference | patch | parameters | RSS built MiB | {memory} | median s | min s |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['network']} | | | | | | error: {r['error']} | |")
             continue
         peak = r.get("peak_cuda_mib", r["peak_rss_mib"])
-        lines.append(f"| {r['network']} | {r['reference']} | {r['patch']} | {r['parameters']:,} | "
-                     f"{r['rss_built_mib']:.0f} | {peak:.0f} | {r['median_s']:.3f} | {r['min_s']:.3f} |")
+        lines.append(
+            f"| {r['network']} | {r['reference']} | {r['patch']} | {r['parameters']:,} | "
+            f"{r['rss_built_mib']:.0f} | {peak:.0f} | {r['median_s']:.3f} | {r['min_s']:.3f} |"
+        )
     return "\n".join(lines)
 
 

@@ -43,8 +43,9 @@ def machine() -> dict:
     """What the figures were measured on."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    physical = {(line_block.get("physical id"), line_block.get("core id"))
-                for line_block in _cpu_blocks(cpuinfo)} - {(None, None)}
+    physical = {(line_block.get("physical id"), line_block.get("core id")) for line_block in _cpu_blocks(cpuinfo)} - {
+        (None, None)
+    }
     versions = {}
     for package in ("torch", "monai", "openvino", "fastapi", "uvicorn"):
         try:
@@ -106,14 +107,26 @@ def serve_times(env: dict[str, str], work: Path, jobs: int) -> dict:
     import httpx
 
     data = work / "medseg-data"
-    key = subprocess.run([MEDSEG, "keys", "create", "--role", "submit", "--data-dir", str(data)], cwd=REPO,
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    key = subprocess.run(
+        [MEDSEG, "keys", "create", "--role", "submit", "--data-dir", str(data)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(work / "serve.log", "wb")
     started = time.perf_counter()
-    server = subprocess.Popen([MEDSEG, "serve", "--data-dir", str(data), "--port", str(port)], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [MEDSEG, "serve", "--data-dir", str(data), "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         while True:
             if server.poll() is not None:
@@ -146,8 +159,14 @@ def serve_times(env: dict[str, str], work: Path, jobs: int) -> dict:
                     raise RuntimeError(f"job {job_id} failed: {job.get('error')}")
                 seg = client.get(f"/v1/jobs/{job_id}/result/seg")
                 seg.raise_for_status()
-                rows.append({"upload_to_202_s": accepted, "upload_to_succeeded_s": done,
-                             "upload_to_seg_s": time.perf_counter() - t0, "seg_bytes": len(seg.content)})
+                rows.append(
+                    {
+                        "upload_to_202_s": accepted,
+                        "upload_to_succeeded_s": done,
+                        "upload_to_seg_s": time.perf_counter() - t0,
+                        "seg_bytes": len(seg.content),
+                    }
+                )
         return {"start_to_ready_s": ready, "jobs": rows}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -164,8 +183,11 @@ def measure(repeat: int, jobs: int) -> dict:
         raise SystemExit("the medseg command is not installed (pip install -e .)")
     with tempfile.TemporaryDirectory(prefix="medseg-readme-times-") as tmp:
         work = Path(tmp)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("MEDSEG_SERVICE_") and k not in ("MEDSEG_MODEL_PATH", "OMP_NUM_THREADS")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("MEDSEG_SERVICE_") and k not in ("MEDSEG_MODEL_PATH", "OMP_NUM_THREADS")
+        }
         env["MEDSEG_CACHE"] = str(work / "cache")  # empty: the first predict builds the converted model
         results: dict = {"machine": machine(), "repeat": repeat}
         results["help_s"] = [timed([MEDSEG, "--help"], env) for _ in range(repeat)]

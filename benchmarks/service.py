@@ -33,8 +33,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-SERIES = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data")) / "dicom" / \
-    "hippocampus_crop_study1"
+SERIES = (
+    Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data")) / "dicom" / "hippocampus_crop_study1"
+)
 
 
 def _free_port() -> int:
@@ -58,10 +59,16 @@ def _stand_in_model(root: Path) -> str:
     network = create_network(plan["network"]["name"], **config)
     hippocampus = Code(value="5976003", meaning="Hippocampus")
     card = ModelCard(
-        name="hippocampus-stand-in", network=NetworkSpec(name=plan["network"]["name"], config=config),
-        modality=["MR"], spacing=(1.0, 1.0, 1.0), patch_size=tuple(plan["validation"]["patch_size"]),
-        labels=[Label(id=1, name="anterior", type=hippocampus),
-                Label(id=2, name="posterior", type=hippocampus, color=(0, 0, 255))])
+        name="hippocampus-stand-in",
+        network=NetworkSpec(name=plan["network"]["name"], config=config),
+        modality=["MR"],
+        spacing=(1.0, 1.0, 1.0),
+        patch_size=tuple(plan["validation"]["patch_size"]),
+        labels=[
+            Label(id=1, name="anterior", type=hippocampus),
+            Label(id=2, name="posterior", type=hippocampus, color=(0, 0, 255)),
+        ],
+    )
     ModelPackage.save(root / card.name, card, network.state_dict())
     return card.name
 
@@ -85,9 +92,13 @@ def _run_one(client: httpx.Client) -> dict[str, float]:
         raise RuntimeError(f"job failed: {job['error']}")
     seg = client.get(f"/v1/jobs/{job_id}/result/seg")
     seg.raise_for_status()
-    return {"accepted_s": accepted, "seg_s": time.perf_counter() - start,
-            "predict_s": job["timings"].get("predict_s", 0.0), "write_s": job["timings"].get("write_s", 0.0),
-            "end": time.perf_counter()}
+    return {
+        "accepted_s": accepted,
+        "seg_s": time.perf_counter() - start,
+        "predict_s": job["timings"].get("predict_s", 0.0),
+        "write_s": job["timings"].get("write_s", 0.0),
+        "end": time.perf_counter(),
+    }
 
 
 def main() -> int:
@@ -114,8 +125,10 @@ def main() -> int:
     if model is None:
         model = _stand_in_model(root / "models")
         env["MEDSEG_MODEL_PATH"] = str(root / "models")
-        note = (" (untrained, same architecture and window as configs/hippocampus/unet.yaml: "
-                "the bundled hippocampus model is not installed yet)")
+        note = (
+            " (untrained, same architecture and window as configs/hippocampus/unet.yaml: "
+            "the bundled hippocampus model is not installed yet)"
+        )
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     env["MEDSEG_SERVICE_DEFAULT_MODEL"] = model
@@ -131,9 +144,24 @@ def main() -> int:
     store.dispose()
     port = _free_port()
     log = open(root / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "medseg", "serve", "--port", str(port),
-                               "--data-dir", str(data), "--workers", str(args.workers)],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "medseg",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data),
+            "--workers",
+            str(args.workers),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -151,9 +179,14 @@ def main() -> int:
         sequential = [_run_one(client) for _ in range(args.sequential)]
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            batch = list(pool.map(lambda _: _run_one(httpx.Client(
-                base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600)),
-                range(args.jobs)))
+            batch = list(
+                pool.map(
+                    lambda _: _run_one(
+                        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600)
+                    ),
+                    range(args.jobs),
+                )
+            )
         span = max(r["end"] for r in batch) - start
     finally:
         server.send_signal(signal.SIGTERM)
@@ -165,11 +198,19 @@ def main() -> int:
     print(f"{cpu}, {args.workers} worker(s)\n")
     median = statistics.median
     print("| measure | value |\n|---|---|")
-    print(f"| upload -> 202 accepted (median of {len(sequential)}) | {median(r['accepted_s'] for r in sequential):.2f} s |")
-    print(f"| upload -> SEG available, idle service (median of {len(sequential)}) | {median(r['seg_s'] for r in sequential):.2f} s |")
-    print(f"| of which predict / write outputs (median) | {median(r['predict_s'] for r in sequential):.2f} s / {median(r['write_s'] for r in sequential):.2f} s |")
+    print(
+        f"| upload -> 202 accepted (median of {len(sequential)}) | {median(r['accepted_s'] for r in sequential):.2f} s |"  # noqa: E501
+    )
+    print(
+        f"| upload -> SEG available, idle service (median of {len(sequential)}) | {median(r['seg_s'] for r in sequential):.2f} s |"  # noqa: E501
+    )
+    print(
+        f"| of which predict / write outputs (median) | {median(r['predict_s'] for r in sequential):.2f} s / {median(r['write_s'] for r in sequential):.2f} s |"  # noqa: E501
+    )
     print(f"| throughput, {args.jobs} jobs submitted at once | {args.jobs / span * 60:.1f} jobs/min |")
-    print(f"| upload -> SEG available under that load (median / max) | {median(r['seg_s'] for r in batch):.2f} s / {max(r['seg_s'] for r in batch):.2f} s |")
+    print(
+        f"| upload -> SEG available under that load (median / max) | {median(r['seg_s'] for r in batch):.2f} s / {max(r['seg_s'] for r in batch):.2f} s |"  # noqa: E501
+    )
     return 0
 
 

@@ -30,7 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +59,7 @@ def _lying_nifti() -> bytes:
 def _hostile(secret: Path) -> list[tuple[str, str, bytes]]:
     import nibabel as nib
 
-    mha = ("ObjectType = Image\nNDims = 3\nDimSize = 16 16 16\nElementType = MET_UCHAR\n"
-           "ElementDataFile = {}\n")
+    mha = "ObjectType = Image\nNDims = 3\nDimSize = 16 16 16\nElementType = MET_UCHAR\nElementDataFile = {}\n"
     nhdr = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16 16 16\nencoding: raw\ndata file: {}\n\n"
     pair = nib.Nifti1Pair(np.zeros((8, 8, 8), np.float32), np.eye(4)).header.binaryblock
     return [
@@ -92,19 +90,27 @@ def main() -> int:
                 statuses.append(response.status_code)
                 leaked = b"SECRET" in response.content or str(root).encode() in response.content
                 refused.append(response.status_code == 422 and not leaked)
-                rows.append((f"read through header: {name}",
-                             f"{response.status_code} {response.json().get('type', '').rsplit('/', 1)[-1]}"))
+                rows.append(
+                    (
+                        f"read through header: {name}",
+                        f"{response.status_code} {response.json().get('type', '').rsplit('/', 1)[-1]}",
+                    )
+                )
             rows.append(("header reads refused, nothing leaked", f"{sum(refused)} / {len(refused)}"))
 
-            for name, data_fields in [("overlap 0.99", {"overlap": "0.99"}),
-                                      ("model=../models/tiny-hippocampus", {"model": "../models/tiny-hippocampus"})]:
+            for name, data_fields in [
+                ("overlap 0.99", {"overlap": "0.99"}),
+                ("model=../models/tiny-hippocampus", {"model": "../models/tiny-hippocampus"}),
+            ]:
                 case = DATA / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
-                response = client.post("/v1/jobs", data=data_fields, files=[
-                    ("file", ("c.nii.gz", case.read_bytes(), "application/gzip"))])
+                response = client.post(
+                    "/v1/jobs", data=data_fields, files=[("file", ("c.nii.gz", case.read_bytes(), "application/gzip"))]
+                )
                 statuses.append(response.status_code)
                 rows.append((name, str(response.status_code)))
-            response = client.post("/v1/jobs", content=b"--x\r\n", headers={
-                "Content-Type": "multipart/form-data; boundary=" + "b" * 300})
+            response = client.post(
+                "/v1/jobs", content=b"--x\r\n", headers={"Content-Type": "multipart/form-data; boundary=" + "b" * 300}
+            )
             statuses.append(response.status_code)
             rows.append(("300-character multipart boundary", str(response.status_code)))
 
@@ -125,14 +131,20 @@ def main() -> int:
             rows.append(("  peak RSS rise during them", f"{rise:.0f} MB"))
 
             aorta = DATA / "vessels" / "aorta_angiography" / "aorta.mha"
-            long = client.post("/v1/jobs", data={"overlap": "0.9", "formats": "report"}, files=[
-                ("file", ("aorta.mha", aorta.read_bytes(), "x"))])
+            long = client.post(
+                "/v1/jobs",
+                data={"overlap": "0.9", "formats": "report"},
+                files=[("file", ("aorta.mha", aorta.read_bytes(), "x"))],
+            )
             long_id = long.json()["id"]
             while client.get(f"/v1/jobs/{long_id}").json()["progress"] <= 0:
                 time.sleep(0.1)
             case = DATA / "hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
-            short = client.post("/v1/jobs", data={"formats": "report"}, files=[
-                ("file", ("c.nii.gz", case.read_bytes(), "application/gzip"))]).json()["id"]
+            short = client.post(
+                "/v1/jobs",
+                data={"formats": "report"},
+                files=[("file", ("c.nii.gz", case.read_bytes(), "application/gzip"))],
+            ).json()["id"]
             client.delete(f"/v1/jobs/{long_id}")
             deleted = time.time()
             while (job := client.get(f"/v1/jobs/{short}").json())["started_at"] is None:
@@ -142,8 +154,11 @@ def main() -> int:
 
         def upload(_):
             with server.client(key, timeout=300) as c:
-                return c.post("/v1/jobs", data={"formats": "report"}, files=[
-                    ("file", ("c.nii.gz", case.read_bytes(), "application/gzip"))]).status_code
+                return c.post(
+                    "/v1/jobs",
+                    data={"formats": "report"},
+                    files=[("file", ("c.nii.gz", case.read_bytes(), "application/gzip"))],
+                ).status_code
 
         barrier = threading.Barrier(50)
 

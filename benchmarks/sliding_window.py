@@ -153,11 +153,20 @@ def make_package(folder: Path, name: str, roi: int, seed: int = 0) -> ModelPacka
     torch.manual_seed(seed)
     network = create_network(network_name, **config)
     classes = int(config["out_channels"])
-    labels = [Label(id=i, name=f"structure {i}", type=Code(value="123037004", meaning="Anatomical Structure"))
-              for i in range(1, classes)]
-    card = ModelCard(name=f"bench-{name}", network=NetworkSpec(name=network_name, config=config),
-                     modality=["CT"], labels=labels, spacing=(1.0, 1.0, 1.0), patch_size=(roi,) * 3,
-                     overlap=0.5, normalization=Normalization(scheme="zscore"))
+    labels = [
+        Label(id=i, name=f"structure {i}", type=Code(value="123037004", meaning="Anatomical Structure"))
+        for i in range(1, classes)
+    ]
+    card = ModelCard(
+        name=f"bench-{name}",
+        network=NetworkSpec(name=network_name, config=config),
+        modality=["CT"],
+        labels=labels,
+        spacing=(1.0, 1.0, 1.0),
+        patch_size=(roi,) * 3,
+        overlap=0.5,
+        normalization=Normalization(scheme="zscore"),
+    )
     return ModelPackage.save(folder / name, card, network.state_dict())
 
 
@@ -192,24 +201,45 @@ def engine_table(network: torch.nn.Module, x: torch.Tensor, roi: int, repeats: i
                     with torch.no_grad():
                         return monai_swi(x, (roi,) * 3, batch, network, 0.5, "gaussian")
             else:
+
                 def run(batch=batch):
                     return sliding_window_inference(x, (roi,) * 3, batch, network, 0.5, "gaussian")
+
             results[(engine, batch)] = timed(run, repeats)
-            print(f"  [{name}] engine {engine} sw_batch_size={batch}: {results[(engine, batch)][0]:.1f} s",
-                  flush=True)
+            print(f"  [{name}] engine {engine} sw_batch_size={batch}: {results[(engine, batch)][0]:.1f} s", flush=True)
     reference = results[("monai", 1)][3]
     best_monai = min(results[("monai", b)][0] for b in (1, 4))
     best_monai_cpu = min(results[("monai", b)][1] for b in (1, 4))
     rows = []
     for (engine, batch), (wall, cpu, peak, out) in results.items():
         span = float(reference.max() - reference.min()) or 1.0
-        rows.append([engine, batch, f"{voxels / wall / 1e3:.1f}", f"{voxels / cpu / 1e3:.1f}",
-                     f"{best_monai / wall:.2f}", f"{best_monai_cpu / cpu:.2f}",
-                     f"{float((out - reference).abs().max()) / span:.1e}", f"{peak / 2**20:.0f}"])
-    table(f"1. engine, {name}: input {tuple(x.shape[2:])}, window {roi}^3, overlap 0.5, gaussian, "
-          f"{torch.get_num_threads()} thread(s)",
-          ["engine", "sw_batch", "kvox/s wall", "kvox/s cpu", "x MONAI best (wall)", "x (cpu)",
-           "max diff / range", "peak RSS +MiB"], rows)
+        rows.append(
+            [
+                engine,
+                batch,
+                f"{voxels / wall / 1e3:.1f}",
+                f"{voxels / cpu / 1e3:.1f}",
+                f"{best_monai / wall:.2f}",
+                f"{best_monai_cpu / cpu:.2f}",
+                f"{float((out - reference).abs().max()) / span:.1e}",
+                f"{peak / 2**20:.0f}",
+            ]
+        )
+    table(
+        f"1. engine, {name}: input {tuple(x.shape[2:])}, window {roi}^3, overlap 0.5, gaussian, "
+        f"{torch.get_num_threads()} thread(s)",
+        [
+            "engine",
+            "sw_batch",
+            "kvox/s wall",
+            "kvox/s cpu",
+            "x MONAI best (wall)",
+            "x (cpu)",
+            "max diff / range",
+            "peak RSS +MiB",
+        ],
+        rows,
+    )
 
 
 def nnunet_predict(package: ModelPackage, image: Image, site: str):
@@ -226,38 +256,78 @@ def nnunet_predict(package: ModelPackage, image: Image, site: str):
     classes = card.num_classes
     patch = list(card.patch_size)
     plans = {
-        "dataset_name": "Dataset999_Bench", "plans_name": "nnUNetPlans",
+        "dataset_name": "Dataset999_Bench",
+        "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
         "original_median_shape_after_transp": list(image.shape[::-1]),
-        "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {
-            "max": 1.0, "mean": 0.0, "median": 0.0, "min": 0.0, "percentile_00_5": 0.0,
-            "percentile_99_5": 1.0, "std": 1.0}},
-        "configurations": {"3d_fullres": {
-            "data_identifier": "bench", "preprocessor_name": "DefaultPreprocessor", "batch_size": 1,
-            "patch_size": patch, "median_image_size_in_voxels": list(image.shape[::-1]),
-            "spacing": [1.0, 1.0, 1.0], "normalization_schemes": ["ZScoreNormalization"],
-            "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape",
-            "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                   "force_separate_z": None},
-            "architecture": {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []},
-            "batch_dice": False}},
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": 1.0,
+                "mean": 0.0,
+                "median": 0.0,
+                "min": 0.0,
+                "percentile_00_5": 0.0,
+                "percentile_99_5": 1.0,
+                "std": 1.0,
+            }
+        },
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "bench",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 1,
+                "patch_size": patch,
+                "median_image_size_in_voxels": list(image.shape[::-1]),
+                "spacing": [1.0, 1.0, 1.0],
+                "normalization_schemes": ["ZScoreNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_probabilities_kwargs": {
+                    "is_seg": False,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "architecture": {"network_class_name": "unused", "arch_kwargs": {}, "_kw_requires_import": []},
+                "batch_dice": False,
+            }
+        },
     }
-    dataset_json = {"channel_names": {"0": "CT"}, "file_ending": ".nii.gz", "numTraining": 1,
-                    "labels": {"background": 0, **{f"c{i}": i for i in range(1, classes)}}}
+    dataset_json = {
+        "channel_names": {"0": "CT"},
+        "file_ending": ".nii.gz",
+        "numTraining": 1,
+        "labels": {"background": 0, **{f"c{i}": i for i in range(1, classes)}},
+    }
     network = package.load_network()
     plans_manager = PlansManager(plans)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"),
-                                verbose=False, allow_tqdm=False)
-    predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration("3d_fullres"),
-                                    [network.state_dict()], dataset_json, "nnUNetTrainer", None)
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=False,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        network,
+        plans_manager,
+        plans_manager.get_configuration("3d_fullres"),
+        [network.state_dict()],
+        dataset_json,
+        "nnUNetTrainer",
+        None,
+    )
     volume = np.asarray(image.array, dtype=np.float32).transpose(2, 1, 0)[None]  # (c, z, y, x)
 
     def run():
@@ -272,36 +342,78 @@ def predictor_table(package: ModelPackage, image: Image, repeats: int, name: str
     network = package.load_network()
     started = time.perf_counter()
     predictor = Predictor(package)  # runtime auto
-    predictor.predict(Image(image.array[:package.card.patch_size[0]], image.affine, dict(image.meta)))  # warm-up
+    predictor.predict(Image(image.array[: package.card.patch_size[0]], image.affine, dict(image.meta)))  # warm-up
     setup = time.perf_counter() - started
     print(f"  [{name}] medseg Predictor ready ({predictor.runtime}, setup + warm-up {setup:.0f} s)", flush=True)
-    m_wall, m_cpu, m_peak, (labels, probabilities) = timed(lambda: monai_reference(network, package.card, image), repeats)
+    m_wall, m_cpu, m_peak, (labels, probabilities) = timed(
+        lambda: monai_reference(network, package.card, image), repeats
+    )
     print(f"  [{name}] MONAI pipeline: {m_wall:.1f} s", flush=True)
     o_wall, o_cpu, o_peak, prediction = timed(lambda: predictor.predict(image, return_probabilities=True), repeats)
     print(f"  [{name}] medseg Predictor: {o_wall:.1f} s", flush=True)
     diff = float(np.abs(prediction.probabilities - probabilities).max())
     agree = float((prediction.label_map.array == labels).mean())
-    rows.append(["MONAI (eager)", f"{voxels / m_wall / 1e3:.1f}", f"{voxels / m_cpu / 1e3:.1f}", "1.00", "1.00",
-                 "-", "-", f"{m_peak / 2**20:.0f}"])
-    rows.append([f"medseg Predictor ({predictor.runtime})", f"{voxels / o_wall / 1e3:.1f}",
-                 f"{voxels / o_cpu / 1e3:.1f}", f"{m_wall / o_wall:.2f}", f"{m_cpu / o_cpu:.2f}",
-                 f"{diff:.1e}", f"{100 * agree:.3f} %", f"{o_peak / 2**20:.0f}"])
+    rows.append(
+        [
+            "MONAI (eager)",
+            f"{voxels / m_wall / 1e3:.1f}",
+            f"{voxels / m_cpu / 1e3:.1f}",
+            "1.00",
+            "1.00",
+            "-",
+            "-",
+            f"{m_peak / 2**20:.0f}",
+        ]
+    )
+    rows.append(
+        [
+            f"medseg Predictor ({predictor.runtime})",
+            f"{voxels / o_wall / 1e3:.1f}",
+            f"{voxels / o_cpu / 1e3:.1f}",
+            f"{m_wall / o_wall:.2f}",
+            f"{m_cpu / o_cpu:.2f}",
+            f"{diff:.1e}",
+            f"{100 * agree:.3f} %",
+            f"{o_peak / 2**20:.0f}",
+        ]
+    )
     del prediction, probabilities
     if nnunet_site:
         try:
             run = nnunet_predict(package, image, nnunet_site)
             n_wall, n_cpu, n_peak, _ = timed(run, repeats)
             print(f"  [{name}] nnU-Net v2: {n_wall:.1f} s", flush=True)
-            rows.append(["nnU-Net v2 predictor", f"{voxels / n_wall / 1e3:.1f}", f"{voxels / n_cpu / 1e3:.1f}",
-                         f"{m_wall / n_wall:.2f}", f"{m_cpu / n_cpu:.2f}", "n/a (own grid)", "-",
-                         f"{n_peak / 2**20:.0f}"])
+            rows.append(
+                [
+                    "nnU-Net v2 predictor",
+                    f"{voxels / n_wall / 1e3:.1f}",
+                    f"{voxels / n_cpu / 1e3:.1f}",
+                    f"{m_wall / n_wall:.2f}",
+                    f"{m_cpu / n_cpu:.2f}",
+                    "n/a (own grid)",
+                    "-",
+                    f"{n_peak / 2**20:.0f}",
+                ]
+            )
         except Exception as error:  # report, do not hide, why it could not run
-            rows.append(["nnU-Net v2 predictor", f"failed: {type(error).__name__}: {error}"[:80],
-                         "", "", "", "", "", ""])
-    table(f"2. predictor end to end, {name}: {image.shape} image -> label map, window "
-          f"{package.card.patch_size[0]}^3, overlap 0.5, gaussian, {torch.get_num_threads()} thread(s)",
-          ["pipeline", "kvox/s wall", "kvox/s cpu", "x MONAI (wall)", "x (cpu)", "prob max diff",
-           "labels equal", "peak RSS +MiB"], rows)
+            rows.append(
+                ["nnU-Net v2 predictor", f"failed: {type(error).__name__}: {error}"[:80], "", "", "", "", "", ""]
+            )
+    table(
+        f"2. predictor end to end, {name}: {image.shape} image -> label map, window "
+        f"{package.card.patch_size[0]}^3, overlap 0.5, gaussian, {torch.get_num_threads()} thread(s)",
+        [
+            "pipeline",
+            "kvox/s wall",
+            "kvox/s cpu",
+            "x MONAI (wall)",
+            "x (cpu)",
+            "prob max diff",
+            "labels equal",
+            "peak RSS +MiB",
+        ],
+        rows,
+    )
 
 
 def trained_table(name: str, cases: int) -> None:
@@ -327,27 +439,54 @@ def trained_table(name: str, cases: int) -> None:
     for path in files:
         image = read_image(path)
         voxels += int(np.prod(image.shape))
-        w, c, _, (labels, probabilities) = timed(lambda: monai_reference(network, package.card, image), 1)
+        w, c, _, (labels, probabilities) = timed(lambda: monai_reference(network, package.card, image), 1)  # noqa: B023 (called at once)
         wall["monai"] += w
         cpu["monai"] += c
         for runtime, predictor in predictors.items():
-            w, c, _, prediction = timed(lambda: predictor.predict(image, return_probabilities=True), 1)
+            w, c, _, prediction = timed(lambda: predictor.predict(image, return_probabilities=True), 1)  # noqa: B023
             wall[runtime] += w
             cpu[runtime] += c
             worst[runtime][0] = max(worst[runtime][0], float(np.abs(prediction.probabilities - probabilities).max()))
             worst[runtime][1] = min(worst[runtime][1], float((prediction.label_map.array == labels).mean()))
-    rows = [["MONAI (eager)", f"{voxels / wall['monai'] / 1e3:.0f}", f"{voxels / cpu['monai'] / 1e3:.0f}", "1.00",
-             "1.00", "-", "-"]]
+    rows = [
+        [
+            "MONAI (eager)",
+            f"{voxels / wall['monai'] / 1e3:.0f}",
+            f"{voxels / cpu['monai'] / 1e3:.0f}",
+            "1.00",
+            "1.00",
+            "-",
+            "-",
+        ]
+    ]
     for runtime in predictors:
-        rows.append([f"medseg Predictor ({runtime})", f"{voxels / wall[runtime] / 1e3:.0f}",
-                     f"{voxels / cpu[runtime] / 1e3:.0f}", f"{wall['monai'] / wall[runtime]:.2f}",
-                     f"{cpu['monai'] / cpu[runtime]:.2f}", f"{worst[runtime][0]:.1e}", f"{100 * worst[runtime][1]:.3f} %"])
+        rows.append(
+            [
+                f"medseg Predictor ({runtime})",
+                f"{voxels / wall[runtime] / 1e3:.0f}",
+                f"{voxels / cpu[runtime] / 1e3:.0f}",
+                f"{wall['monai'] / wall[runtime]:.2f}",
+                f"{cpu['monai'] / cpu[runtime]:.2f}",
+                f"{worst[runtime][0]:.1e}",
+                f"{100 * worst[runtime][1]:.3f} %",
+            ]
+        )
     card = package.card
-    table(f"4. bundled trained model '{name}' ({card.network.name} {card.network.config.get('filters')}, window "
-          f"{tuple(card.patch_size)}), {len(files)} real MSD hippocampus images, end to end, "
-          f"{torch.get_num_threads()} thread(s)",
-          ["pipeline", "kvox/s wall", "kvox/s cpu", "x MONAI (wall)", "x (cpu)", "prob max diff (worst)",
-           "labels equal (worst)"], rows)
+    table(
+        f"4. bundled trained model '{name}' ({card.network.name} {card.network.config.get('filters')}, window "
+        f"{tuple(card.patch_size)}), {len(files)} real MSD hippocampus images, end to end, "
+        f"{torch.get_num_threads()} thread(s)",
+        [
+            "pipeline",
+            "kvox/s wall",
+            "kvox/s cpu",
+            "x MONAI (wall)",
+            "x (cpu)",
+            "prob max diff (worst)",
+            "labels equal (worst)",
+        ],
+        rows,
+    )
 
 
 MEMORY_VARIANTS = ("MONAI", "medseg float32", "medseg float16")
@@ -382,22 +521,47 @@ def memory_table(shape: tuple[int, int, int], roi: int, classes: int = 100) -> N
 
     rows = []
     for variant in MEMORY_VARIANTS:
-        result = subprocess.run([sys.executable, __file__, "--memory-child", variant, "--shape", *map(str, shape),
-                                 "--roi", str(roi), "--threads", str(torch.get_num_threads())],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                variant,
+                "--shape",
+                *map(str, shape),
+                "--roi",
+                str(roi),
+                "--threads",
+                str(torch.get_num_threads()),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peak, wall, dtype = result.stdout.split()[-3:]
         dtype = torch.float16 if dtype.endswith("float16") else torch.float32
-        rows.append([variant, f"{int(peak) / 2**20:.0f}", f"{stitching_bytes(shape, classes, 1, dtype) / 2**20:.0f}",
-                     f"{float(wall):.1f}"])
-    table(f"3. stitching memory: {classes} classes, input {shape}, window {roi}^3, overlap 0.5, sw_batch_size 1, "
-          "cheap 1x1x1 predictor, one fresh process each",
-          ["engine", "peak RSS +MiB", "formula MiB (output + weight map)", "wall s"], rows)
+        rows.append(
+            [
+                variant,
+                f"{int(peak) / 2**20:.0f}",
+                f"{stitching_bytes(shape, classes, 1, dtype) / 2**20:.0f}",
+                f"{float(wall):.1f}",
+            ]
+        )
+    table(
+        f"3. stitching memory: {classes} classes, input {shape}, window {roi}^3, overlap 0.5, sw_batch_size 1, "
+        "cheap 1x1x1 predictor, one fresh process each",
+        ["engine", "peak RSS +MiB", "formula MiB (output + weight map)", "wall s"],
+        rows,
+    )
     ct = (512, 512, 300)
-    print(f"   512 x 512 x 300 CT, 100 classes: float32 {stitching_bytes(ct, 100) / 1e9:.1f} GB, "
-          f"float16 {stitching_bytes(ct, 100, 1, torch.float16) / 1e9:.1f} GB of stitching buffers "
-          "(one K x voxels buffer + a float32 weight map) plus window-sized temporaries; the Predictor "
-          "then softmaxes in place, resamples 8 channels at a time and keeps a running argmax on the "
-          "input grid (2 x input voxels x 4 bytes).")
+    print(
+        f"   512 x 512 x 300 CT, 100 classes: float32 {stitching_bytes(ct, 100) / 1e9:.1f} GB, "
+        f"float16 {stitching_bytes(ct, 100, 1, torch.float16) / 1e9:.1f} GB of stitching buffers "
+        "(one K x voxels buffer + a float32 weight map) plus window-sized temporaries; the Predictor "
+        "then softmaxes in place, resamples 8 channels at a time and keeps a running argmax on the "
+        "input grid (2 x input voxels x 4 bytes)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,11 +573,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--tables", default="engine,predictor", help="engine,predictor")
     parser.add_argument("--memory", action="store_true", help="add the stitching memory table")
-    parser.add_argument("--trained", default=None, metavar="MODEL",
-                        help="add table 4 for a trained model package (e.g. the bundled 'hippocampus')")
+    parser.add_argument(
+        "--trained",
+        default=None,
+        metavar="MODEL",
+        help="add table 4 for a trained model package (e.g. the bundled 'hippocampus')",
+    )
     parser.add_argument("--cases", type=int, default=6, help="images for table 4 (default 6)")
-    parser.add_argument("--memory-shape", type=int, nargs=3, default=(192, 192, 96),
-                        help="input of the memory table (default 192 192 96, window 64^3)")
+    parser.add_argument(
+        "--memory-shape",
+        type=int,
+        nargs=3,
+        default=(192, 192, 96),
+        help="input of the memory table (default 192 192 96, window 64^3)",
+    )
     parser.add_argument("--nnunet-site", default=None, help="folder with nnunetv2 installed (--target)")
     parser.add_argument("--memory-child", default=None, choices=MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -424,8 +597,11 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(args.memory_child, shape, args.roi)
         return 0
     tables = args.tables.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: "
+        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as folder:
         os.environ.setdefault("MEDSEG_CACHE", str(Path(folder) / "cache"))
         image = real_input(shape)

@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every sub-command in :mod:`medseg.commands`."""
     import medseg.commands as commands
 
-    parser = argparse.ArgumentParser(prog="medseg", description="Medical image segmentation.",
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="medseg",
+        description="Medical image segmentation.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"medseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -82,13 +82,14 @@ def load_data_card(path_or_name: str | Path) -> DataCard:
             raise ConfigError(f"data card {path}: no such file")
         path = CARDS_DIR / f"{path_or_name}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown data card {str(path_or_name)!r}; bundled cards: "
-                              + (", ".join(available_data_cards()) or "none"))
+            raise ConfigError(
+                f"unknown data card {str(path_or_name)!r}; bundled cards: "
+                + (", ".join(available_data_cards()) or "none")
+            )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"data card {path.name}: unreadable YAML "
-                          f"({type(error).__name__})") from None
+        raise ConfigError(f"data card {path.name}: unreadable YAML ({type(error).__name__})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"data card {path.name}: expected a mapping at the top level")
     raw.setdefault("name", path.stem)

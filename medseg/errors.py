@@ -156,6 +156,5 @@ class PretrainedWeightsError(MedsegError):
 def config_error(error, source: str) -> ConfigError:
     """One :class:`ConfigError` listing every problem of a pydantic ``ValidationError`` at once
     (``source: a.b: msg; c: msg``), so a user fixes a config or card in one pass, not one per run."""
-    problems = [f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}"
-                for item in error.errors()]
+    problems = [f"{'.'.join(str(part) for part in item['loc']) or '(root)'}: {item['msg']}" for item in error.errors()]
     return ConfigError(f"{source}: " + "; ".join(problems))

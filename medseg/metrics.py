@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,8 @@ def summarize(per_case: list[dict[int, dict[str, float]]]) -> dict[str, dict[str
     for c in classes:
         summary[str(c)] = {
             key: float(np.nanmean([case[c][key] for case in per_case if c in case]))
-            if any(math.isfinite(case[c][key]) for case in per_case if c in case) else float("nan")
+            if any(math.isfinite(case[c][key]) for case in per_case if c in case)
+            else float("nan")
             for key in ("dice", "hd95")
         }
     if classes:

@@ -5,7 +5,7 @@ added by the inference engine's owners in this module too (one implementation ea
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -69,8 +69,9 @@ class ModelGrid:
         resampled: whether the spacing step interpolates.
     """
 
-    def __init__(self, input_shape: Sequence[int], input_affine: np.ndarray,
-                 spacing: Sequence[float], orientation: str = "RAS"):
+    def __init__(
+        self, input_shape: Sequence[int], input_affine: np.ndarray, spacing: Sequence[float], orientation: str = "RAS"
+    ):
         import nibabel as nib
 
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -95,8 +96,7 @@ class ModelGrid:
         if not self.resampled:
             return self.oriented_shape
         current = np.linalg.norm(self.oriented_affine[:3, :3], axis=0)
-        return tuple(max(1, int(round(n * c / t)))
-                     for n, c, t in zip(self.oriented_shape, current, self.spacing))
+        return tuple(max(1, int(round(n * c / t))) for n, c, t in zip(self.oriented_shape, current, self.spacing))
 
     def to_model(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``(C, I, J, K)`` on the input grid -> a new float32 ``(C, *model_shape)`` tensor on the
@@ -128,7 +128,8 @@ class ModelGrid:
 
         image = MetaTensor(array, affine=torch.as_tensor(self.model_affine))
         out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
-            image, dst_affine=torch.as_tensor(self.oriented_affine), spatial_size=self.oriented_shape)
+            image, dst_affine=torch.as_tensor(self.oriented_affine), spatial_size=self.oriented_shape
+        )
         return out.as_tensor()
 
     def to_input(self, array: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:

@@ -34,7 +34,9 @@ def write_series(nifti: Path, out_dir: Path) -> list[Path]:
     row_cosine = affine[:3, 0] / spacing[0]  # direction of increasing column index = i
     column_cosine = affine[:3, 1] / spacing[1]  # direction of increasing row index = j
     case = nifti.name.split(".")[0]
-    study_uid, series_uid, frame_uid = (generate_uid(entropy_srcs=[case, part]) for part in ("study", "series", "frame"))
+    study_uid, series_uid, frame_uid = (
+        generate_uid(entropy_srcs=[case, part]) for part in ("study", "series", "frame")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k in range(data.shape[2]):

@@ -33,11 +33,15 @@ def main() -> int:
         trainer._validate(epoch=0)
         now = trainer.best_summary
     stored = package.card.metrics.get("validation", {})
-    print(f"| label | Dice stored ({stored.get('num_cases')} cases) | Dice via Predictor ({now['num_cases']} cases) "
-          "| HD95 stored (mm) | HD95 via Predictor (mm) |\n|---|---|---|---|---|")
+    print(
+        f"| label | Dice stored ({stored.get('num_cases')} cases) | Dice via Predictor ({now['num_cases']} cases) "
+        "| HD95 stored (mm) | HD95 via Predictor (mm) |\n|---|---|---|---|---|"
+    )
     for name, dice in now["dice"].items():
-        print(f"| {name} | {stored.get('dice', {}).get(name, float('nan')):.4f} | {dice:.4f} | "
-              f"{stored.get('hd95_mm', {}).get(name, float('nan')):.3f} | {now['hd95_mm'][name]:.3f} |")
+        print(
+            f"| {name} | {stored.get('dice', {}).get(name, float('nan')):.4f} | {dice:.4f} | "
+            f"{stored.get('hd95_mm', {}).get(name, float('nan')):.3f} | {now['hd95_mm'][name]:.3f} |"
+        )
     print(json.dumps(now, indent=1))
     return 0
 

@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 
 import medseg
 from service import api, dicomweb, web
@@ -44,17 +44,22 @@ def create_app(settings: Settings) -> FastAPI:
         metrics = Metrics(store)
         pool = WorkerPool(settings, store, queue, metrics)
         state = app.state
-        state.settings, state.store, state.queue, state.metrics, state.pool = (
-            settings, store, queue, metrics, pool)
+        state.settings, state.store, state.queue, state.metrics, state.pool = (settings, store, queue, metrics, pool)
         requeued = store.requeue_interrupted(settings.lease_s, node=settings.node_id)
         for job_id in requeued:
             log.warning("job re-queued after restart", extra={"job_id": job_id})
         maintenance = Maintenance(state)
         pool.start()
         maintenance.start()
-        log.info("service started", extra={"workers": settings.workers, "node": settings.node_id,
-                                           "requeued": len(requeued),
-                                           "database": store.engine.dialect.name})
+        log.info(
+            "service started",
+            extra={
+                "workers": settings.workers,
+                "node": settings.node_id,
+                "requeued": len(requeued),
+                "database": store.engine.dialect.name,
+            },
+        )
         try:
             yield
         finally:
@@ -64,12 +69,17 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("service stopped")
 
     app = FastAPI(
-        title="medseg service", version=medseg.__version__, lifespan=lifespan,
-        openapi_url=None, docs_url=None, redoc_url=None,  # the schema is served behind a key
+        title="medseg service",
+        version=medseg.__version__,
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,  # the schema is served behind a key
         description="Segment medical images: upload a study (or push it over DICOMweb STOW-RS), "
-                    "get a DICOM SEG, a NIfTI label map, a JSON volume report and a preview. "
-                    "Every endpoint except /healthz and /readyz needs `Authorization: Bearer <key>`."
-                    " Errors are RFC 9457 problem+json.")
+        "get a DICOM SEG, a NIfTI label map, a JSON volume report and a preview. "
+        "Every endpoint except /healthz and /readyz needs `Authorization: Bearer <key>`."
+        " Errors are RFC 9457 problem+json.",
+    )
     app.state.settings = settings
     install_handlers(app)
     app.include_router(api.router)
@@ -77,15 +87,17 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(web.router)  # GET / (the web page), /static/, the viewer's input NIfTI
     app.add_middleware(RequestLog)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
-                           allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type"],
-                           expose_headers=["Location"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Location"],
+        )
 
     def openapi():
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version,
-                                 description=app.description, routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
             app.openapi_schema = problem_openapi(schema)
         return app.openapi_schema
@@ -111,23 +123,33 @@ def problem_openapi(schema: dict) -> dict:
             if not isinstance(responses, dict):
                 continue
             if "422" in responses:  # only problem+json, whatever else FastAPI merged in
-                responses["422"] = {"description": HTTPStatus(422).phrase,
-                                    "content": {MEDIA_TYPE: {"schema": problem}}}
+                responses["422"] = {"description": HTTPStatus(422).phrase, "content": {MEDIA_TYPE: {"schema": problem}}}
             if "401" in responses and "503" not in responses:
                 responses["503"] = {
                     "description": "Service Unavailable (storage fault; retry later)",
-                    "headers": {"Retry-After": {"description": "seconds to wait before retrying",
-                                                "schema": {"type": "integer"}}},
-                    "content": {MEDIA_TYPE: {"schema": problem}}}
-    upload = (schema.get("paths", {}).get("/v1/jobs", {}).get("post", {}).get("requestBody", {})
-              .get("content", {}).get("multipart/form-data", {}).get("schema", {}))
+                    "headers": {
+                        "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+                    },
+                    "content": {MEDIA_TYPE: {"schema": problem}},
+                }
+    upload = (
+        schema.get("paths", {})
+        .get("/v1/jobs", {})
+        .get("post", {})
+        .get("requestBody", {})
+        .get("content", {})
+        .get("multipart/form-data", {})
+        .get("schema", {})
+    )
     if isinstance(upload.get("properties", {}).get("file"), dict):
         upload["properties"]["file"].setdefault("minItems", 1)
     components = schema.get("components", {}).get("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):  # the first refers to the second
         if name in components:
-            rest = {**schema, "components": {**schema["components"], "schemas": {
-                k: v for k, v in components.items() if k != name}}}
+            rest = {
+                **schema,
+                "components": {**schema["components"], "schemas": {k: v for k, v in components.items() if k != name}},
+            }
             if f'"#/components/schemas/{name}"' not in json.dumps(rest):
                 del components[name]
     return schema
@@ -155,6 +177,12 @@ class RequestLog:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            self.log.info("request", extra={
-                "method": scope.get("method"), "route": getattr(route, "path", None) or scope.get("path"),
-                "status": status[0], "ms": round((time.perf_counter() - start) * 1000, 1)})
+            self.log.info(
+                "request",
+                extra={
+                    "method": scope.get("method"),
+                    "route": getattr(route, "path", None) or scope.get("path"),
+                    "status": status[0],
+                    "ms": round((time.perf_counter() - start) * 1000, 1),
+                },
+            )

@@ -30,8 +30,9 @@ ROLES = ("read", "submit", "admin")
 _KEY = re.compile(r"^msk_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="medseg"'}
 # declares the scheme in the OpenAPI document; the header itself is checked by authenticate()
-bearer_scheme = HTTPBearer(auto_error=False, scheme_name="apiKey",
-                           description="a medseg API key: `medseg keys create --role submit`")
+bearer_scheme = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", description="a medseg API key: `medseg keys create --role submit`"
+)
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,11 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
         Problem: 401 when the header is missing, malformed, or the key unknown or revoked.
     """
     if not authorization:
-        raise Problem(401, "unauthorized", "an API key is required: 'Authorization: Bearer <key>'",
-                      _CHALLENGE)
+        raise Problem(401, "unauthorized", "an API key is required: 'Authorization: Bearer <key>'", _CHALLENGE)
     scheme, _, token = authorization.strip().partition(" ")
     match = _KEY.match(token.strip()) if scheme.lower() == "bearer" else None
     if match is None:
-        raise Problem(401, "unauthorized", "malformed Authorization header (expected 'Bearer msk_...')",
-                      _CHALLENGE)
+        raise Problem(401, "unauthorized", "malformed Authorization header (expected 'Bearer msk_...')", _CHALLENGE)
     with store.session() as session:
         row = session.get(ApiKey, match.group(1))
     # compare even when the id is unknown, so timing does not tell which ids exist
@@ -110,12 +109,10 @@ def authenticate(store: Store, authorization: str | None) -> Principal:
 def require(role: str):
     """A FastAPI dependency: the authenticated :class:`Principal`, at least ``role`` (else 403)."""
 
-    def dependency(request: Request,
-                   _: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> Principal:
+    def dependency(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> Principal:
         principal = authenticate(request.app.state.store, request.headers.get("authorization"))
         if not principal.allows(role):
-            raise Problem(403, "forbidden", f"this key's role '{principal.role}' may not do this "
-                          f"(needs '{role}')")
+            raise Problem(403, "forbidden", f"this key's role '{principal.role}' may not do this (needs '{role}')")
         request.state.principal = principal
         return principal
 

@@ -38,7 +38,7 @@ from service import jobs as job_ops
 from service.auth import Principal, require
 from service.config import Settings
 from service.problems import Problem, problem_responses
-from service.store import StowSeries, Store
+from service.store import Store, StowSeries
 from service.uploads import Received, multipart_boundary, receive_multipart
 
 log = logging.getLogger("medseg.service.stow")
@@ -51,8 +51,7 @@ _lock = threading.Lock()  # serialises series bookkeeping with the quiet-period 
 
 STOW_BODY = {
     "required": True,
-    "content": {"multipart/related; type=\"application/dicom\"": {"schema": {
-        "type": "string", "format": "binary"}}},
+    "content": {'multipart/related; type="application/dicom"': {"schema": {"type": "string", "format": "binary"}}},
 }
 STOW_RESPONSES = {
     200: {"description": "all instances stored", "content": {DICOM_JSON: {}}},
@@ -66,16 +65,25 @@ def _series_key(owner: str, series_uid: str) -> str:
     return hashlib.sha256(f"{owner}|{series_uid}".encode()).hexdigest()[:32]
 
 
-@router.post("/studies", summary="STOW-RS: store instances", status_code=200,
-             openapi_extra={"requestBody": STOW_BODY}, responses=STOW_RESPONSES)
+@router.post(
+    "/studies",
+    summary="STOW-RS: store instances",
+    status_code=200,
+    openapi_extra={"requestBody": STOW_BODY},
+    responses=STOW_RESPONSES,
+)
 async def stow_studies(request: Request, principal: Principal = Depends(require("submit"))):
     return await _stow(request, principal, None)
 
 
-@router.post("/studies/{study_uid}", summary="STOW-RS: store instances of one study",
-             status_code=200, openapi_extra={"requestBody": STOW_BODY}, responses=STOW_RESPONSES)
-async def stow_study(request: Request, study_uid: str,
-                     principal: Principal = Depends(require("submit"))):
+@router.post(
+    "/studies/{study_uid}",
+    summary="STOW-RS: store instances of one study",
+    status_code=200,
+    openapi_extra={"requestBody": STOW_BODY},
+    responses=STOW_RESPONSES,
+)
+async def stow_study(request: Request, study_uid: str, principal: Principal = Depends(require("submit"))):
     return await _stow(request, principal, study_uid)
 
 
@@ -85,8 +93,9 @@ async def _stow(request: Request, principal: Principal, study_uid: str | None) -
     _, params = multipart_boundary(request, "related")
     part_type = params.get(b"type", b"application/dicom").decode("latin-1").lower()
     if part_type != "application/dicom":
-        raise Problem(415, "unsupported-media-type",
-                      f"STOW-RS accepts type=\"application/dicom\" parts, not '{part_type[:60]}'")
+        raise Problem(
+            415, "unsupported-media-type", f"STOW-RS accepts type=\"application/dicom\" parts, not '{part_type[:60]}'"
+        )
     model = settings.stow_model or settings.default_model
     try:
         card = resolve_model(model, allow_path=False).card
@@ -99,8 +108,8 @@ async def _stow(request: Request, principal: Principal, study_uid: str | None) -
         if not received.files:
             raise Problem(400, "bad-request", "STOW-RS request without any instance")
         body, stored, failed = await run_in_threadpool(
-            store_instances, received, state.store, settings, principal.key_id, study_uid,
-            card)
+            store_instances, received, state.store, settings, principal.key_id, study_uid, card
+        )
     finally:
         shutil.rmtree(batch, ignore_errors=True)
     state.metrics.stow_instances.labels("stored").inc(stored)
@@ -109,17 +118,18 @@ async def _stow(request: Request, principal: Principal, study_uid: str | None) -
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
-def store_instances(received: Received, store: Store, settings: Settings, owner: str,
-                    study_uid: str | None, card) -> tuple[dict, int, int]:
+def store_instances(
+    received: Received, store: Store, settings: Settings, owner: str, study_uid: str | None, card
+) -> tuple[dict, int, int]:
     """File each received instance under its series; returns (response body, stored, failed).
 
     Instances whose modality does not fit ``card`` are acknowledged and dropped, by the same rule
     as ``medseg predict`` (:func:`medseg.inference.matching.modality_mismatch`: an empty Modality
     fits)."""
-    from medseg.inference.matching import modality_mismatch
-
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from medseg.inference.matching import modality_mismatch
 
     referenced: list[dict] = []
     failures: list[dict] = []
@@ -129,8 +139,7 @@ def store_instances(received: Received, store: Store, settings: Settings, owner:
             ds = pydicom.dcmread(part.path, stop_before_pixels=True)
             sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
             series_uid, study = str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
-        except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError,
-                TypeError):
+        except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError, TypeError):
             failures.append(_sop_item("", "", CANNOT_UNDERSTAND))
             continue
         if not all(_UID.match(u) for u in (sop_uid, series_uid, study)):
@@ -144,8 +153,7 @@ def store_instances(received: Received, store: Store, settings: Settings, owner:
             ignored += 1  # acknowledged, not for this model (e.g. our own SEG echoed back)
             referenced.append(_sop_item(sop_class, sop_uid))
             continue
-        if not _file_instance(store, settings, owner, part.path, sop_uid, series_uid, study,
-                              modality):
+        if not _file_instance(store, settings, owner, part.path, sop_uid, series_uid, study, modality):
             failures.append(_sop_item(sop_class, sop_uid, OUT_OF_RESOURCES))
             continue
         referenced.append(_sop_item(sop_class, sop_uid))
@@ -154,8 +162,10 @@ def store_instances(received: Received, store: Store, settings: Settings, owner:
         body["00081198"] = {"vr": "SQ", "Value": failures}
     if referenced:
         body["00081199"] = {"vr": "SQ", "Value": referenced}
-    log.info("stow received", extra={"key_id": owner, "stored": len(referenced) - ignored,
-                                     "ignored": ignored, "failed": len(failures)})
+    log.info(
+        "stow received",
+        extra={"key_id": owner, "stored": len(referenced) - ignored, "ignored": ignored, "failed": len(failures)},
+    )
     return body, len(referenced), len(failures)
 
 
@@ -170,8 +180,16 @@ def _sop_item(sop_class: str, sop_uid: str, reason: int | None = None) -> dict:
     return item
 
 
-def _file_instance(store: Store, settings: Settings, owner: str, path: Path, sop_uid: str,
-                   series_uid: str, study_uid: str, modality: str) -> bool:
+def _file_instance(
+    store: Store,
+    settings: Settings,
+    owner: str,
+    path: Path,
+    sop_uid: str,
+    series_uid: str,
+    study_uid: str,
+    modality: str,
+) -> bool:
     """Move one instance into its series folder and record it; False past ``max_instances``.
 
     The row is written (and flushed, which takes the store's write lock) before the file moves,
@@ -193,9 +211,17 @@ def _file_instance(store: Store, settings: Settings, owner: str, path: Path, sop
                 with store.session() as session:
                     row = session.get(StowSeries, key)
                     if row is None:
-                        row = StowSeries(key=key, owner=owner, series_uid=series_uid,
-                                         study_uid=study_uid, modality=modality, instances=0,
-                                         first_at=now, last_at=now, state="collecting")
+                        row = StowSeries(
+                            key=key,
+                            owner=owner,
+                            series_uid=series_uid,
+                            study_uid=study_uid,
+                            modality=modality,
+                            instances=0,
+                            first_at=now,
+                            last_at=now,
+                            state="collecting",
+                        )
                         session.add(row)
                     elif row.state != "collecting":  # sent again after its job was made
                         row.state, row.first_at, row.job_id = "collecting", now, None
@@ -232,20 +258,33 @@ def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list
     created = []
     with _lock:
         with store.session() as session:
-            rows = list(session.scalars(select(StowSeries).where(
-                StowSeries.state == "collecting", StowSeries.last_at < cutoff)))
+            rows = list(
+                session.scalars(select(StowSeries).where(StowSeries.state == "collecting", StowSeries.last_at < cutoff))
+            )
         for row in rows:
             series_dir = settings.stow_dir / row.key
             job_id = job_ops.new_job_id()
             instances = _stored_instances(series_dir)  # what is on disk, not a counter
             if instances:
-                job_input = {"kind": "dicom", "path": "input", "series_uid": row.series_uid,
-                             "study_uid": row.study_uid, "modality": row.modality,
-                             "instances": instances}
-                job_ops.create_job(store, settings, job_id=job_id, owner=row.owner, source="stow",
-                                   model=model, job_input=job_input, input_dir=series_dir,
-                                   options={"tta": False, "overlap": None,
-                                            "formats": ["seg", "nifti", "report", "preview"]})
+                job_input = {
+                    "kind": "dicom",
+                    "path": "input",
+                    "series_uid": row.series_uid,
+                    "study_uid": row.study_uid,
+                    "modality": row.modality,
+                    "instances": instances,
+                }
+                job_ops.create_job(
+                    store,
+                    settings,
+                    job_id=job_id,
+                    owner=row.owner,
+                    source="stow",
+                    model=model,
+                    job_input=job_input,
+                    input_dir=series_dir,
+                    options={"tta": False, "overlap": None, "formats": ["seg", "nifti", "report", "preview"]},
+                )
                 created.append(job_id)
             with store.session() as session:
                 current = session.get(StowSeries, row.key)

@@ -22,9 +22,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("medseg.service.http")
 
 _TIMEOUT_BODY = b"request headers not received in time\n"
-_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                     % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
 
 
 class HeaderTimeoutH11Protocol(H11Protocol):
@@ -75,8 +76,10 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         if self.transport.is_closing() or not self._waiting_for_headers():
             return
         partial = self.conn.their_state is h11.IDLE and bool(self.conn.trailing_data[0])
-        log.info("connection closed: request headers not received in time",
-                 extra={"timeout_s": self.header_timeout_s, "partial": partial})
+        log.info(
+            "connection closed: request headers not received in time",
+            extra={"timeout_s": self.header_timeout_s, "partial": partial},
+        )
         if partial:
             self.transport.write(_TIMEOUT_RESPONSE)
         try:
@@ -89,5 +92,4 @@ class HeaderTimeoutH11Protocol(H11Protocol):
 def h11_protocol(header_timeout_s: float) -> type[HeaderTimeoutH11Protocol]:
     """A :class:`HeaderTimeoutH11Protocol` class with this header deadline (seconds), to pass to
     uvicorn as ``http=``."""
-    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,),
-                {"header_timeout_s": float(header_timeout_s)})
+    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout_s": float(header_timeout_s)})

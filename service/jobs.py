@@ -30,9 +30,18 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def create_job(store: Store, settings: Settings, *, job_id: str, owner: str, source: str,
-               model: str, options: dict[str, Any], job_input: dict[str, Any],
-               input_dir: Path) -> Job:
+def create_job(
+    store: Store,
+    settings: Settings,
+    *,
+    job_id: str,
+    owner: str,
+    source: str,
+    model: str,
+    options: dict[str, Any],
+    job_input: dict[str, Any],
+    input_dir: Path,
+) -> Job:
     """Move ``input_dir`` to ``<job>/input`` and store the job as ``queued``; returns the row.
 
     On failure nothing is left behind and nothing is lost: no row is stored, ``input_dir`` is
@@ -44,17 +53,36 @@ def create_job(store: Store, settings: Settings, *, job_id: str, owner: str, sou
     try:
         os.replace(input_dir, job_dir / "input")
         moved = True
-        job = Job(id=job_id, owner=owner, source=source, model=model, options=options,
-                  input=job_input, state=QUEUED, created_at=time.time(), attempts=0, progress=0.0,
-                  results={}, timings={"validate_s": job_input.pop("validate_s", 0.0)})
+        job = Job(
+            id=job_id,
+            owner=owner,
+            source=source,
+            model=model,
+            options=options,
+            input=job_input,
+            state=QUEUED,
+            created_at=time.time(),
+            attempts=0,
+            progress=0.0,
+            results={},
+            timings={"validate_s": job_input.pop("validate_s", 0.0)},
+        )
         store.add(job)
     except BaseException:
         if moved:
             os.replace(job_dir / "input", input_dir)
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
-    log.info("job queued", extra={"job_id": job_id, "source": source, "model": model,
-                                  "key_id": owner, "instances": job_input.get("instances")})
+    log.info(
+        "job queued",
+        extra={
+            "job_id": job_id,
+            "source": source,
+            "model": model,
+            "key_id": owner,
+            "instances": job_input.get("instances"),
+        },
+    )
     return job
 
 
@@ -81,8 +109,7 @@ def expire_jobs(store: Store, settings: Settings, now: float | None = None) -> l
     """Delete the files of jobs finished more than ``retention_s`` ago; they become ``expired``."""
     cutoff = (now or time.time()) - settings.retention_s
     with store.session() as session:
-        ids = list(session.scalars(select(Job.id).where(
-            Job.state.in_((SUCCEEDED, FAILED)), Job.finished_at < cutoff)))
+        ids = list(session.scalars(select(Job.id).where(Job.state.in_((SUCCEEDED, FAILED)), Job.finished_at < cutoff)))
     for job_id in ids:
         shutil.rmtree(settings.jobs_dir / job_id, ignore_errors=True)
         store.update_job(job_id, where_state=(SUCCEEDED, FAILED), state=EXPIRED, results={})
@@ -90,8 +117,7 @@ def expire_jobs(store: Store, settings: Settings, now: float | None = None) -> l
     return ids
 
 
-def list_jobs(store: Store, principal: Principal, state: str | None, limit: int,
-              offset: int) -> tuple[list[Job], int]:
+def list_jobs(store: Store, principal: Principal, state: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
     """A page of the jobs ``principal`` may see, newest first, and the total count."""
     query = select(Job)
     count = select(func.count()).select_from(Job)
@@ -101,8 +127,7 @@ def list_jobs(store: Store, principal: Principal, state: str | None, limit: int,
         query, count = query.where(Job.state == state), count.where(Job.state == state)
     with store.session() as session:
         total = int(session.scalar(count))
-        rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id)
-                                    .offset(offset).limit(limit)))
+        rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)))
     return rows, total
 
 
@@ -144,13 +169,24 @@ def job_view(job: Job, store: Store, base_url: str = "") -> JobView:
     shown_input = {k: v for k, v in (job.input or {}).items() if k not in ("path", "formats")}
     results = {name: f"{base_url}/v1/jobs/{job.id}/result/{name}" for name in (job.results or {})}
     return JobView(
-        id=job.id, state=job.state, source=job.source, model=job.model,
-        created_at=_time(job.created_at), started_at=_time(job.started_at),
-        finished_at=_time(job.finished_at), progress=job.progress or 0.0,
-        queue_position=store.queue_position(job), attempts=job.attempts or 0, input=shown_input,
+        id=job.id,
+        state=job.state,
+        source=job.source,
+        model=job.model,
+        created_at=_time(job.created_at),
+        started_at=_time(job.started_at),
+        finished_at=_time(job.finished_at),
+        progress=job.progress or 0.0,
+        queue_position=store.queue_position(job),
+        attempts=job.attempts or 0,
+        input=shown_input,
         options=job.options or {},
         timings={k: round(float(v), 4) for k, v in (job.timings or {}).items()},
-        statistics=job.statistics, error=job.error, results=results, push=job.push)
+        statistics=job.statistics,
+        error=job.error,
+        results=results,
+        push=job.push,
+    )
 
 
 def result_path(settings: Settings, job: Job, name: str) -> Path | None:
@@ -161,5 +197,15 @@ def result_path(settings: Settings, job: Job, name: str) -> Path | None:
     return path if path.is_file() and (settings.jobs_dir / job.id).resolve() in path.parents else None
 
 
-__all__ = ["create_job", "cancel_job", "expire_jobs", "list_jobs", "job_view", "JobView", "JobPage",
-           "visible", "result_path", "new_job_id"]
+__all__ = [
+    "create_job",
+    "cancel_job",
+    "expire_jobs",
+    "list_jobs",
+    "job_view",
+    "JobView",
+    "JobPage",
+    "visible",
+    "result_path",
+    "new_job_id",
+]

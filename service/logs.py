@@ -27,7 +27,11 @@ import traceback
 import warnings
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
-    "message", "asctime", "color_message", "taskName"}
+    "message",
+    "asctime",
+    "color_message",
+    "taskName",
+}
 
 
 #: loggers whose messages and extra fields are medseg's own (written to carry no patient data)
@@ -39,8 +43,7 @@ WITHHELD = "library log message withheld"
 def _trusted(record: logging.LogRecord) -> bool:
     if record.name == WARNINGS_LOGGER:  # ours (below) or the stock captureWarnings text
         return hasattr(record, "warning_category")
-    return any(record.name == name or record.name.startswith(name + ".")
-               for name in TRUSTED_LOGGERS)
+    return any(record.name == name or record.name.startswith(name + ".") for name in TRUSTED_LOGGERS)
 
 
 def _short_path(filename: str) -> str:
@@ -50,7 +53,7 @@ def _short_path(filename: str) -> str:
         if marker in path:
             return path.rsplit(marker, 1)[1]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))).replace(os.sep, "/") + "/"
-    return path[len(root):] if path.startswith(root) else os.path.basename(path)
+    return path[len(root) :] if path.startswith(root) else os.path.basename(path)
 
 
 def _type_name(exc_type: type | None) -> str:
@@ -68,8 +71,7 @@ def format_traceback(exc_info) -> str:
     exc_type, value, tb = exc_info
     if value is None and exc_type is None:
         return ""
-    summary = traceback.TracebackException(exc_type, value, tb, lookup_lines=False,
-                                           capture_locals=False)
+    summary = traceback.TracebackException(exc_type, value, tb, lookup_lines=False, capture_locals=False)
     lines: list[str] = []
     seen: set[int] = set()
 
@@ -79,17 +81,14 @@ def format_traceback(exc_info) -> str:
         seen.add(id(te))
         if te.__cause__ is not None:
             emit(te.__cause__, indent)
-            lines.append(f"{indent}\nThe above exception was the direct cause of the following "
-                         "exception:\n\n")
+            lines.append(f"{indent}\nThe above exception was the direct cause of the following exception:\n\n")
         elif te.__context__ is not None and not te.__suppress_context__:
             emit(te.__context__, indent)
-            lines.append(f"{indent}\nDuring handling of the above exception, another exception "
-                         "occurred:\n\n")
+            lines.append(f"{indent}\nDuring handling of the above exception, another exception occurred:\n\n")
         if te.stack:
             lines.append(f"{indent}Traceback (most recent call last):\n")
             for frame in te.stack:
-                lines.append(f'{indent}  File "{frame.filename}", line {frame.lineno}, '
-                             f"in {frame.name}\n")
+                lines.append(f'{indent}  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
         lines.append(f"{indent}{_type_name(te.exc_type)} (message withheld)\n")
         for number, sub in enumerate(getattr(te, "exceptions", None) or [], start=1):
             lines.append(f"{indent}  +-- sub-exception {number}:\n")
@@ -109,8 +108,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                  + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -137,9 +135,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     if file is not None:  # an explicit file: not a log line, the stock behaviour
         _stock_showwarning(message, category, filename, lineno, file, line)
         return
-    logging.getLogger(WARNINGS_LOGGER).warning("library warning", extra={
-        "warning_category": _type_name(category),
-        "warning_source": f"{_short_path(filename)}:{lineno}"})
+    logging.getLogger(WARNINGS_LOGGER).warning(
+        "library warning",
+        extra={"warning_category": _type_name(category), "warning_source": f"{_short_path(filename)}:{lineno}"},
+    )
 
 
 _stock_showwarning = warnings.showwarning
@@ -148,15 +147,14 @@ _stock_showwarning = warnings.showwarning
 def _log_uncaught(exc_type, value, tb, thread_name: str | None = None) -> None:
     """``sys.excepthook`` / ``threading.excepthook``: a JSON record, not a raw traceback."""
     logging.getLogger("medseg.service").error(
-        "uncaught exception", exc_info=(exc_type, value, tb),
-        extra={"thread_name": thread_name} if thread_name else {})
+        "uncaught exception", exc_info=(exc_type, value, tb), extra={"thread_name": thread_name} if thread_name else {}
+    )
 
 
 def _thread_excepthook(args) -> None:
     if args.exc_type is SystemExit:
         return
-    _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback,
-                  args.thread.name if args.thread else None)
+    _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback, args.thread.name if args.thread else None)
 
 
 def configure(level: int = logging.INFO) -> None:

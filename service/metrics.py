@@ -19,24 +19,36 @@ class Metrics:
 
     def __init__(self, store: Store):
         self.registry = CollectorRegistry()
-        self.submitted = Counter("medseg_jobs_submitted", "Jobs accepted, by source",
-                                 ["source"], registry=self.registry)
-        self.rejected = Counter("medseg_uploads_rejected", "Requests refused, by problem code",
-                                ["code"], registry=self.registry)
-        self.finished = Counter("medseg_jobs_finished", "Jobs finished, by final state",
-                                ["state"], registry=self.registry)
-        self.latency = Histogram("medseg_job_latency_seconds",
-                                 "Seconds from job submission to results available",
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.processing = Histogram("medseg_job_processing_seconds",
-                                    "Seconds a worker spent reading, segmenting and writing a job",
-                                    buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.received_bytes = Counter("medseg_received_bytes", "Request body bytes received",
-                                      ["endpoint"], registry=self.registry)
-        self.stow_instances = Counter("medseg_stow_instances", "STOW-RS instances, by outcome",
-                                      ["outcome"], registry=self.registry)
-        self.pushes = Counter("medseg_pacs_pushes", "SEG pushes to the PACS, by outcome",
-                              ["outcome"], registry=self.registry)
+        self.submitted = Counter(
+            "medseg_jobs_submitted", "Jobs accepted, by source", ["source"], registry=self.registry
+        )
+        self.rejected = Counter(
+            "medseg_uploads_rejected", "Requests refused, by problem code", ["code"], registry=self.registry
+        )
+        self.finished = Counter(
+            "medseg_jobs_finished", "Jobs finished, by final state", ["state"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "medseg_job_latency_seconds",
+            "Seconds from job submission to results available",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.processing = Histogram(
+            "medseg_job_processing_seconds",
+            "Seconds a worker spent reading, segmenting and writing a job",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.received_bytes = Counter(
+            "medseg_received_bytes", "Request body bytes received", ["endpoint"], registry=self.registry
+        )
+        self.stow_instances = Counter(
+            "medseg_stow_instances", "STOW-RS instances, by outcome", ["outcome"], registry=self.registry
+        )
+        self.pushes = Counter(
+            "medseg_pacs_pushes", "SEG pushes to the PACS, by outcome", ["outcome"], registry=self.registry
+        )
         self.registry.register(_JobStateCollector(store))
 
     def job_finished(self, state: str, latency_s: float, processing_s: float | None) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from service.config import Settings
 
@@ -30,8 +30,7 @@ def push_instances(settings: Settings, paths: Sequence[os.PathLike], attempts: i
     from dicomweb_client.api import DICOMwebClient
 
     datasets = [pydicom.dcmread(Path(p)) for p in paths]
-    client = DICOMwebClient(settings.pacs_url, headers=dict(settings.pacs_headers),
-                            timeout=settings.pacs_timeout_s)
+    client = DICOMwebClient(settings.pacs_url, headers=dict(settings.pacs_headers), timeout=settings.pacs_timeout_s)
     last = ""
     for attempt in range(attempts):
         try:

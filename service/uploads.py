@@ -69,17 +69,22 @@ def multipart_boundary(request: Request, subtype: str) -> tuple[bytes, dict[byte
     """
     media, params = parse_options_header(request.headers.get("content-type", ""))
     if media.lower() != f"multipart/{subtype}".encode():
-        raise Problem(415, "unsupported-media-type",
-                      f"expected a multipart/{subtype} body, got '{media.decode('latin-1') or 'none'}'")
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            f"expected a multipart/{subtype} body, got '{media.decode('latin-1') or 'none'}'",
+        )
     boundary = params.get(b"boundary")
     if not boundary:
         raise Problem(400, "bad-request", "multipart body without a boundary parameter")
     if len(boundary) > MAX_BOUNDARY_CHARS:
-        raise Problem(400, "bad-request", f"multipart boundary of {len(boundary)} characters; "
-                      f"RFC 2046 allows at most {MAX_BOUNDARY_CHARS}")
+        raise Problem(
+            400,
+            "bad-request",
+            f"multipart boundary of {len(boundary)} characters; RFC 2046 allows at most {MAX_BOUNDARY_CHARS}",
+        )
     if not _BOUNDARY.fullmatch(boundary):
-        raise Problem(400, "bad-request",
-                      "multipart boundary with characters RFC 2046 does not allow")
+        raise Problem(400, "bad-request", "multipart boundary with characters RFC 2046 does not allow")
     return boundary, params
 
 
@@ -92,11 +97,13 @@ def check_declared_size(request: Request, settings: Settings) -> None:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise InputTooLargeError(
-            f"upload of {int(declared)} bytes exceeds the limit of {settings.max_upload_bytes} bytes")
+            f"upload of {int(declared)} bytes exceeds the limit of {settings.max_upload_bytes} bytes"
+        )
 
 
-async def receive_multipart(request: Request, dest: Path, settings: Settings, subtype: str,
-                            file_field: str | None = "file") -> Received:
+async def receive_multipart(
+    request: Request, dest: Path, settings: Settings, subtype: str, file_field: str | None = "file"
+) -> Received:
     """Stream a multipart body into ``dest`` (created); on any error ``dest`` is removed.
 
     ``subtype`` is ``form-data`` (parts named ``file_field`` are files, others are fields) or
@@ -113,8 +120,7 @@ async def receive_multipart(request: Request, dest: Path, settings: Settings, su
             async for chunk in request.stream():
                 sink.received += len(chunk)
                 if sink.received > settings.max_upload_bytes:
-                    raise InputTooLargeError(
-                        f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
+                    raise InputTooLargeError(f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
                 parser.write(chunk)
             parser.finalize()
         if sink.error is not None:
@@ -124,8 +130,9 @@ async def receive_multipart(request: Request, dest: Path, settings: Settings, su
     except TimeoutError:
         sink.close()
         shutil.rmtree(dest, ignore_errors=True)
-        raise Problem(408, "request-timeout",
-                      f"request body not received within {settings.request_timeout_s:g} s") from None
+        raise Problem(
+            408, "request-timeout", f"request body not received within {settings.request_timeout_s:g} s"
+        ) from None
     except Exception as error:
         sink.close()
         shutil.rmtree(dest, ignore_errors=True)
@@ -193,15 +200,17 @@ class _Sink:
         is_file = self.subtype == "related" or name == self.file_field
         if not is_file:
             if filename and self.file_field is not None:
-                self._fail(Problem(422, "invalid-request",
-                                   f"unexpected file field '{name[:40]}' (files go in '{self.file_field}')"))
+                self._fail(
+                    Problem(
+                        422, "invalid-request", f"unexpected file field '{name[:40]}' (files go in '{self.file_field}')"
+                    )
+                )
             if sum(len(v) for v in self.result.fields.values()) >= self.settings.max_form_fields:
                 self._fail(Problem(422, "invalid-request", "too many form fields"))
             self._field_name, self._field = name, bytearray()
             return
         if len(self.result.files) >= self.settings.max_instances:
-            self._fail(InputTooLargeError(
-                f"more than {self.settings.max_instances} files in one request"))
+            self._fail(InputTooLargeError(f"more than {self.settings.max_instances} files in one request"))
         index = len(self.result.files)
         path = self.dest / f"{index:05d}{suffix_of(filename)}"
         self._file = open(path, "wb")

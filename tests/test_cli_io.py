@@ -55,15 +55,15 @@ def test_convert_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(b"\x00not dicom" * 100)
     assert main(["convert", str(garbage), str(out)]) == 2
-    assert main(["convert", str(shared_path("dicom", "hippocampus_crop_study1")),
-                 str(tmp_path / "out.png")]) == 2
+    assert main(["convert", str(shared_path("dicom", "hippocampus_crop_study1")), str(tmp_path / "out.png")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.dcm"]
 
 
 def test_medseg_info_subprocess_on_a_real_folder():
     folder = shared_path("dicom", "hippocampus_crop_study1")
-    result = subprocess.run([sys.executable, "-m", "medseg", "info", str(folder), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "medseg", "info", str(folder), "--json"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     [entry] = json.loads(result.stdout)
     assert entry["shape"] == [35, 51, 32] and entry["instance_count"] == 32

@@ -9,12 +9,23 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from medseg.cli import EXIT_CODES, main
 
-HEAVY = ("torch", "monai", "numpy", "SimpleITK", "nibabel", "scipy", "pydicom", "highdicom", "fastapi",
-         "sqlalchemy", "uvicorn")
+HEAVY = (
+    "torch",
+    "monai",
+    "numpy",
+    "SimpleITK",
+    "nibabel",
+    "scipy",
+    "pydicom",
+    "highdicom",
+    "fastapi",
+    "sqlalchemy",
+    "uvicorn",
+)
 
 _PROBE = """
 import contextlib, io, json, sys
@@ -26,15 +37,26 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 
 
 def _imported_by(*argv: str) -> tuple[int, set[str]]:
-    result = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True,
-                            timeout=120, cwd=REPO, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120, cwd=REPO, check=False
+    )
     assert result.returncode == 0, result.stderr
     probe = json.loads(result.stdout.strip().splitlines()[-1])
     return probe["code"], {name.split(".")[0] for name in probe["modules"]}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"], ["serve", "--help"], ["train", "--help"],
-                                  ["models", "--help"], ["evaluate", "--help"], ["--version"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["predict", "--help"],
+        ["serve", "--help"],
+        ["train", "--help"],
+        ["models", "--help"],
+        ["evaluate", "--help"],
+        ["--version"],
+    ],
+)
 def test_help_imports_nothing_heavy(argv):
     code, modules = _imported_by(*argv)
     assert code == 0
@@ -43,12 +65,21 @@ def test_help_imports_nothing_heavy(argv):
 
 def test_importtime_of_help_lists_no_heavy_module():
     """The same through the real entry point, as ``python -X importtime -m medseg --help``."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "medseg", "--help"], capture_output=True,
-                            text=True, timeout=120, cwd=REPO, check=False)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "medseg", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "usage: medseg" in result.stdout
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-                if line.startswith("import time:") and "|" in line}
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
     assert "medseg" in imported
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
@@ -61,15 +92,18 @@ def test_top_level_help_documents_the_exit_codes(capsys):
         assert f"\n  {code}" in out
 
 
-@pytest.mark.parametrize("argv", [
-    [],                                          # no command
-    ["no-such-command"],
-    ["predict"],                                 # missing INPUT, --model, --output
-    ["predict", "x.nii.gz", "--model", "hippocampus", "--output", "out", "--no-such-flag"],
-    ["plan", "dataset", "--folds", "three"],     # not an int
-    ["keys", "create"],                          # --role required
-    ["train", "configs/hippocampus/unet.yaml", "training.epochs=1", "--fold", "abc"],  # train's own parser
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],  # no command
+        ["no-such-command"],
+        ["predict"],  # missing INPUT, --model, --output
+        ["predict", "x.nii.gz", "--model", "hippocampus", "--output", "out", "--no-such-flag"],
+        ["plan", "dataset", "--folds", "three"],  # not an int
+        ["keys", "create"],  # --role required
+        ["train", "configs/hippocampus/unet.yaml", "training.epochs=1", "--fold", "abc"],  # train's own parser
+    ],
+)
 def test_usage_errors_return_2_without_raising(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -88,7 +122,8 @@ def test_version_returns_0(capsys):
 
 
 def test_usage_error_exit_status_of_the_process_is_2():
-    result = subprocess.run([sys.executable, "-m", "medseg", "predict"], capture_output=True, text=True,
-                            timeout=120, cwd=REPO, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "medseg", "predict"], capture_output=True, text=True, timeout=120, cwd=REPO, check=False
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

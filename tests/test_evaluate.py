@@ -8,8 +8,8 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import REPO, shared_path
+
 from medseg.cli import main
 from medseg.metrics import label_map_metrics
 
@@ -30,7 +30,9 @@ def folders(tmp_path):
         image = nib.load(src)
         label = np.rint(image.get_fdata()).astype(np.uint8)
         prediction = label.copy()
-        prediction[:, :, : label.shape[2] // 2][prediction[:, :, : label.shape[2] // 2] == 2] = 0  # drop half of posterior
+        prediction[:, :, : label.shape[2] // 2][prediction[:, :, : label.shape[2] // 2] == 2] = (
+            0  # drop half of posterior
+        )
         nib.save(nib.Nifti1Image(prediction, image.affine), pred_dir / src.name)
         expected[case] = {c: _dice(prediction == c, label == c) for c in (1, 2)}
     return pred_dir, label_dir, expected
@@ -45,7 +47,8 @@ def test_evaluate_reports_dice_per_class(folders, capsys):
             assert report["cases"][case][str(c)]["dice"] == pytest.approx(dice[c], abs=1e-5)
     assert report["cases"]["hippocampus_001"]["1"]["hd95"] == pytest.approx(0.0)
     assert report["summary"]["mean"]["dice"] == pytest.approx(
-        np.mean([np.mean([d[1] for d in expected.values()]), np.mean([d[2] for d in expected.values()])]), abs=1e-5)
+        np.mean([np.mean([d[1] for d in expected.values()]), np.mean([d[2] for d in expected.values()])]), abs=1e-5
+    )
 
 
 def test_evaluate_table_and_errors(folders, capsys, tmp_path):

@@ -16,7 +16,6 @@ from tests.conftest import shared_path
 TOLERANCE = 1e-4  # max abs difference relative to the output range
 
 
-
 def _close(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert ours.shape == reference.shape
     span = float(reference.max() - reference.min()) or 1.0
@@ -48,10 +47,10 @@ def test_matches_monai_2d_anisotropic_overlap(mode, overlap):
     network = _conv(2, 1, 3)
     x = torch.randn(1, 1, 70, 45)
     with torch.no_grad():
-        reference = monai_sliding_window_inference(x, (32, 64), 2, network, (overlap, 0.3), mode,
-                                                   sigma_scale=(0.125, 0.2))
-    ours = sliding_window_inference(x, (32, 64), 2, network, (overlap, 0.3), mode,
-                                    sigma_scale=(0.125, 0.2))
+        reference = monai_sliding_window_inference(
+            x, (32, 64), 2, network, (overlap, 0.3), mode, sigma_scale=(0.125, 0.2)
+        )
+    ours = sliding_window_inference(x, (32, 64), 2, network, (overlap, 0.3), mode, sigma_scale=(0.125, 0.2))
     _close(ours, reference)
 
 
@@ -59,10 +58,10 @@ def test_input_smaller_than_window_and_whole_axis_roi():
     network = _conv(3, 1, 2)
     x = torch.randn(1, 1, 10, 12, 9)
     with torch.no_grad():
-        reference = monai_sliding_window_inference(x, (16, -1, 16), 1, network, 0.5, "gaussian",
-                                                   padding_mode="replicate")
-    ours = sliding_window_inference(x, (16, -1, 16), 1, network, 0.5, "gaussian",
-                                    padding_mode="replicate")
+        reference = monai_sliding_window_inference(
+            x, (16, -1, 16), 1, network, 0.5, "gaussian", padding_mode="replicate"
+        )
+    ours = sliding_window_inference(x, (16, -1, 16), 1, network, 0.5, "gaussian", padding_mode="replicate")
     assert ours.shape == (1, 2, 10, 12, 9)
     _close(ours, reference)
 
@@ -109,21 +108,20 @@ def test_float16_accumulator_and_cpu_output():
     network = _conv(3, 1, 4)
     x = torch.randn(1, 1, 30, 30, 30)
     reference = sliding_window_inference(x, (16, 16, 16), 2, network, 0.5, "gaussian")
-    half = sliding_window_inference(x, (16, 16, 16), 2, network, 0.5, "gaussian",
-                                    accumulator_dtype=torch.float16, device="cpu")
+    half = sliding_window_inference(
+        x, (16, 16, 16), 2, network, 0.5, "gaussian", accumulator_dtype=torch.float16, device="cpu"
+    )
     assert half.dtype == torch.float16
     span = float(reference.max() - reference.min())
     assert float((half.float() - reference).abs().max()) <= 2e-3 * span
-    assert stitching_bytes((512, 512, 300), 100, accumulator_dtype=torch.float16) == \
-        512 * 512 * 300 * (100 * 2 + 4)
+    assert stitching_bytes((512, 512, 300), 100, accumulator_dtype=torch.float16) == 512 * 512 * 300 * (100 * 2 + 4)
 
 
 def test_progress_callback_and_window_count():
     network = _conv(3, 1, 2)
     x = torch.randn(1, 1, 40, 30, 20)
     calls = []
-    sliding_window_inference(x, (16, 16, 16), 3, network, 0.5,
-                             progress=lambda done, total: calls.append((done, total)))
+    sliding_window_inference(x, (16, 16, 16), 3, network, 0.5, progress=lambda done, total: calls.append((done, total)))
     total = grid_windows((40, 30, 20), (16, 16, 16), 0.5)
     assert calls[-1] == (total, total) and len(calls) == -(-total // 3)
 
@@ -132,8 +130,7 @@ def test_process_fn_and_buffering_delegate_to_monai():
     network = _conv(3, 1, 2)
     x = torch.randn(1, 1, 40, 30, 20)
     with torch.no_grad():
-        reference = monai_sliding_window_inference(x, (16, 16, 16), 2, network, 0.5, "gaussian",
-                                                   buffer_steps=2)
+        reference = monai_sliding_window_inference(x, (16, 16, 16), 2, network, 0.5, "gaussian", buffer_steps=2)
     ours = sliding_window_inference(x, (16, 16, 16), 2, network, 0.5, "gaussian", buffer_steps=2)
     _close(ours, reference)
 

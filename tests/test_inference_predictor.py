@@ -26,14 +26,11 @@ from medseg.package import ModelCard, ModelPackage, NetworkSpec, PostProcessing
 from tests.conftest import shared_path
 
 LABELS = [
-    Label(id=1, name="anterior hippocampus", color=(255, 80, 0),
-          type=Code(value="5300007", meaning="Hippocampus")),
-    Label(id=2, name="posterior hippocampus", color=(0, 120, 255),
-          type=Code(value="5300007", meaning="Hippocampus")),
+    Label(id=1, name="anterior hippocampus", color=(255, 80, 0), type=Code(value="5300007", meaning="Hippocampus")),
+    Label(id=2, name="posterior hippocampus", color=(0, 120, 255), type=Code(value="5300007", meaning="Hippocampus")),
 ]
 # MSD Task04 training crops span 31-43 x 40-59 x 24-47 mm (1 mm voxels, RAS)
 HIPPOCAMPUS_FOV = {"min": [31, 40, 24], "max": [43, 59, 47]}
-
 
 
 def make_package(path: Path, spacing=(1.0, 1.0, 1.0), seed: int = 0, **card_fields) -> ModelPackage:
@@ -42,9 +39,17 @@ def make_package(path: Path, spacing=(1.0, 1.0, 1.0), seed: int = 0, **card_fiel
     # deep_supervision=1: the unet builder fails with 0 heads on MONAI 1.6.1 (reported)
     config = dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1)
     network = create_network("unet", **config)
-    fields = dict(name="hippocampus-test", version="0.0.1", network=NetworkSpec(name="unet", config=config),
-                  modality=["MR"], labels=LABELS, spacing=spacing, patch_size=(24, 32, 24), overlap=0.5,
-                  training={"field_of_view_mm": HIPPOCAMPUS_FOV})
+    fields = dict(
+        name="hippocampus-test",
+        version="0.0.1",
+        network=NetworkSpec(name="unet", config=config),
+        modality=["MR"],
+        labels=LABELS,
+        spacing=spacing,
+        patch_size=(24, 32, 24),
+        overlap=0.5,
+        training={"field_of_view_mm": HIPPOCAMPUS_FOV},
+    )
     fields.update(card_fields)
     return ModelPackage.save(path, ModelCard(**fields), network.state_dict())
 
@@ -177,10 +182,10 @@ def test_field_of_view_rule(package, hippocampus):
 
 def test_postprocessing_largest_component_and_small_blobs():
     label_map = np.zeros((20, 20, 20), np.uint8)
-    label_map[2:6, 2:6, 2:6] = 1      # 64 voxels
+    label_map[2:6, 2:6, 2:6] = 1  # 64 voxels
     label_map[10:12, 10:12, 10:12] = 1  # 8 voxels, a second component
     label_map[15:19, 15:19, 1:3] = 2  # 32 voxels
-    label_map[0, 19, 19] = 2          # a single voxel
+    label_map[0, 19, 19] = 2  # a single voxel
     largest = clean_label_map(label_map.copy(), (1, 1, 1), PostProcessing(largest_component=True))
     assert np.bincount(largest.ravel()).tolist() == [8000 - 96, 64, 32]
     # spacing 1 x 1 x 2 mm: the 8-voxel blob is 16 mm^3, the single voxel 2 mm^3
@@ -211,8 +216,15 @@ def test_statistics_on_real_labels():
 def test_2d_model_runs_slice_by_slice(tmp_path, hippocampus):
     torch.manual_seed(0)
     config = dict(spatial_dims=2, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1)
-    card = ModelCard(name="hippocampus-2d", network=NetworkSpec(name="unet", config=config), modality=["MR"],
-                     labels=LABELS, spacing=(1.0, 1.0, 1.0), patch_size=(32, 32), overlap=0.25)
+    card = ModelCard(
+        name="hippocampus-2d",
+        network=NetworkSpec(name="unet", config=config),
+        modality=["MR"],
+        labels=LABELS,
+        spacing=(1.0, 1.0, 1.0),
+        patch_size=(32, 32),
+        overlap=0.25,
+    )
     package = ModelPackage.save(tmp_path / "2d", card, create_network("unet", **config).state_dict())
     prediction = Predictor(package, runtime="eager").predict(hippocampus)
     assert prediction.label_map.shape == hippocampus.shape
@@ -222,16 +234,19 @@ def test_2d_model_runs_slice_by_slice(tmp_path, hippocampus):
     from monai.inferers import sliding_window_inference as monai_sliding_window_inference
 
     from medseg.preprocess import normalize_intensity
+
     volume = normalize_intensity(np.asarray(hippocampus.array, dtype=np.float32), card.normalization)
     with torch.no_grad():
-        logits = monai_sliding_window_inference(torch.from_numpy(volume[None, None, :, :, k]), (32, 32), 1,
-                                                network, 0.25, "gaussian")
+        logits = monai_sliding_window_inference(
+            torch.from_numpy(volume[None, None, :, :, k]), (32, 32), 1, network, 0.25, "gaussian"
+        )
     agree = (logits[0].argmax(0).numpy() == prediction.label_map.array[:, :, k]).mean()
     assert agree >= 0.999
 
 
 def test_bundled_trained_model_default_runtime_matches_monai():
-    from medseg.package import BUNDLED_MODELS, ModelPackage as Package
+    from medseg.package import BUNDLED_MODELS
+    from medseg.package import ModelPackage as Package
 
     if not (BUNDLED_MODELS / "hippocampus" / "configs" / "metadata.json").is_file():
         pytest.skip("no bundled hippocampus model")
@@ -258,7 +273,6 @@ def test_from_network_is_the_packaged_predictor_without_a_package(resampling_pac
     np.testing.assert_array_equal(result.label_map.array, packaged.label_map.array)
     np.testing.assert_array_equal(result.label_map.affine, hippocampus.affine)
     assert result.statistics == packaged.statistics
-    limited = Predictor.from_network(resampling_package.load_network(), resampling_package.card,
-                                     max_windows=1)
+    limited = Predictor.from_network(resampling_package.load_network(), resampling_package.card, max_windows=1)
     with pytest.raises(WorkBudgetError, match="limit of 1"):
         limited.predict(hippocampus)

@@ -9,12 +9,12 @@ from medseg.inference.runtime import GroupInstanceNorm, NetworkRuntime, auto_sw_
 from medseg.networks import create_network
 
 
-
 @pytest.fixture(scope="module")
 def network():
     torch.manual_seed(0)
-    return create_network("unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16),
-                          deep_supervision=1).eval()
+    return create_network(
+        "unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1
+    ).eval()
 
 
 def test_group_norm_is_instance_norm():

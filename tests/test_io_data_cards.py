@@ -17,7 +17,9 @@ def test_hippocampus_card_by_name_from_any_folder(tmp_path, monkeypatch):
     assert isinstance(card, DataCard) and "hippocampus" in available_data_cards()
     assert card.licence == "CC-BY-SA-4.0" and card.modality == ["MR"]
     assert [(label.id, label.name) for label in card.labels] == [
-        (1, "anterior hippocampus"), (2, "posterior hippocampus")]
+        (1, "anterior hippocampus"),
+        (2, "posterior hippocampus"),
+    ]
     # the type code is DICOM's (PS3.16) SNOMED CT code for the hippocampus
     assert {label.type.value for label in card.labels} == {codes.SCT.Hippocampus.value}
     assert card.spacing == (1.0, 1.0, 1.0)
@@ -27,8 +29,10 @@ def test_hippocampus_card_by_name_from_any_folder(tmp_path, monkeypatch):
 
 def test_card_by_path_and_errors(tmp_path):
     good = tmp_path / "mine.yaml"
-    good.write_text("source: here\nlicence: CC0-1.0\nmodality: [CT]\nlabels:\n"
-                    "  - {id: 1, name: liver, type: {value: '10200004', meaning: Liver}}\n")
+    good.write_text(
+        "source: here\nlicence: CC0-1.0\nmodality: [CT]\nlabels:\n"
+        "  - {id: 1, name: liver, type: {value: '10200004', meaning: Liver}}\n"
+    )
     card = load_data_card(good)
     assert card.name == "mine" and card.labels[0].category.value == "123037004"
     with pytest.raises(ConfigError, match="hippocampus"):
@@ -36,14 +40,18 @@ def test_card_by_path_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_data_card(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("source: here\nlicence: x\nmodality: [CT]\nlabels:\n"
-                   "  - {id: 0, name: background, type: {value: '1', meaning: x}}\n")
+    bad.write_text(
+        "source: here\nlicence: x\nmodality: [CT]\nlabels:\n"
+        "  - {id: 0, name: background, type: {value: '1', meaning: x}}\n"
+    )
     with pytest.raises(ConfigError, match=r"labels\.0\.id"):
         load_data_card(bad)
     duplicate = tmp_path / "dup.yaml"
-    duplicate.write_text("source: s\nlicence: x\nmodality: [CT]\nlabels:\n"
-                         "  - {id: 1, name: a, type: {value: '1', meaning: x}}\n"
-                         "  - {id: 1, name: b, type: {value: '1', meaning: x}}\n")
+    duplicate.write_text(
+        "source: s\nlicence: x\nmodality: [CT]\nlabels:\n"
+        "  - {id: 1, name: a, type: {value: '1', meaning: x}}\n"
+        "  - {id: 1, name: b, type: {value: '1', meaning: x}}\n"
+    )
     with pytest.raises(ConfigError, match="unique"):
         load_data_card(duplicate)
     broken = tmp_path / "broken.yaml"

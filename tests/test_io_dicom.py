@@ -40,16 +40,14 @@ def test_hippocampus_crop_series_geometry_and_pixels():
         np.testing.assert_allclose(image.affine @ [0, 0, k, 1], header[:, 3], atol=1e-4)
     meta = image.meta
     assert meta["series_uid"] == info.uid and meta["instance_count"] == 32
-    assert {"modality", "study_uid", "series_description", "series_number", "manufacturer",
-            "source"} <= set(meta)
+    assert {"modality", "study_uid", "series_description", "series_number", "manufacturer", "source"} <= set(meta)
     assert not {"patient_name", "patient_id", "PatientName", "PatientID"} & set(meta)
 
 
 def test_slices_sorted_by_position_not_instance_number_or_name():
     folder = shared_path("dicom", "hippocampus_crop_study1")
     image = read_image(folder)
-    z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
-         for p in image.dicom_source]
+    z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in image.dicom_source]
     assert z == sorted(z) and len(set(z)) == len(z)
     names = [p.rsplit("/", 1)[1] for p in image.dicom_source]
     assert names != sorted(names)  # "10.dcm" sorts before "2.dcm": order is not by name
@@ -70,11 +68,10 @@ def test_study_export_groups_by_series_uid_and_uses_gapped_spacing():
     first = pydicom.dcmread(image.dicom_source[0], stop_before_pixels=True)
     last = pydicom.dcmread(image.dicom_source[-1], stop_before_pixels=True)
     lps = np.diag([-1.0, -1.0, 1.0])
-    np.testing.assert_allclose(image.affine[:3, 3], lps @ np.array(first.ImagePositionPatient,
-                                                                   dtype=float), atol=1e-4)
-    np.testing.assert_allclose(image.affine @ [0, 0, 21, 1],
-                               [*(lps @ np.array(last.ImagePositionPatient, dtype=float)), 1],
-                               atol=1e-3)
+    np.testing.assert_allclose(image.affine[:3, 3], lps @ np.array(first.ImagePositionPatient, dtype=float), atol=1e-4)
+    np.testing.assert_allclose(
+        image.affine @ [0, 0, 21, 1], [*(lps @ np.array(last.ImagePositionPatient, dtype=float)), 1], atol=1e-3
+    )
     assert image.warnings == []
 
 
@@ -96,8 +93,7 @@ def test_ct_rescale_gives_hounsfield_units():
     first = pydicom.dcmread(image.dicom_source[0])
     slope, intercept = float(first.RescaleSlope), float(first.RescaleIntercept)
     assert intercept == -1024
-    np.testing.assert_array_equal(image.array[:, :, 0],
-                                  first.pixel_array.T.astype(np.int32) * slope + intercept)
+    np.testing.assert_array_equal(image.array[:, :, 0], first.pixel_array.T.astype(np.int32) * slope + intercept)
     assert image.array.min() < -900  # air
     assert image.meta["modality"] == "CT"
 
@@ -114,8 +110,9 @@ def test_localizer_other_orientation_and_duplicate_slices_are_skipped(tmp_path):
     reference = read_image(shared_path("dicom", "hippocampus_crop_study1"))
     uid = reference.meta["series_uid"]
     # a real slice of another (oblique) series filed under this series' UID, as a scout would be
-    oblique = next(p for p in sorted(shared_path("dicom", "mr_brain_study3_export").rglob("*.dcm"))
-                   if "T1post" in str(p))
+    oblique = next(
+        p for p in sorted(shared_path("dicom", "mr_brain_study3_export").rglob("*.dcm")) if "T1post" in str(p)
+    )
     ds = pydicom.dcmread(oblique)
     ds.SeriesInstanceUID = uid
     ds.save_as(folder / "zz_scout.dcm")
@@ -156,8 +153,8 @@ def test_enhanced_multiframe_reads_like_the_single_frame_series(tmp_path):
     reference = read_image(shared_path("dicom", "hippocampus_crop_study1"))
     datasets = [pydicom.dcmread(p) for p in reversed(reference.dicom_source)]
     multiframe = hd.legacy.LegacyConvertedEnhancedMRImage(
-        datasets, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
-        instance_number=1)
+        datasets, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(), instance_number=1
+    )
     multiframe.save_as(tmp_path / "enhanced.dcm")
     image = read_image(tmp_path / "enhanced.dcm")
     assert image.meta["dicom_layout"] == "multi-frame"
@@ -169,8 +166,9 @@ def test_enhanced_multiframe_reads_like_the_single_frame_series(tmp_path):
     from medseg.io import read_seg, write_seg
 
     labels = (image.array > np.percentile(image.array, 90)).astype(np.uint8)
-    seg_path = write_seg(image.with_array(labels), image, load_data_card("hippocampus").labels[:1],
-                         tmp_path / "seg.dcm")
+    seg_path = write_seg(
+        image.with_array(labels), image, load_data_card("hippocampus").labels[:1], tmp_path / "seg.dcm"
+    )
     np.testing.assert_array_equal(read_seg(seg_path, image).array, labels)
 
 
@@ -189,30 +187,30 @@ def test_gantry_tilt_is_resampled_onto_a_correct_orthogonal_grid():
     np.testing.assert_allclose(direction.T @ direction, np.eye(3), atol=1e-6)  # no shear
     # Compare, slice by slice, the world position of the skull between each input slice (own
     # header geometry) and the output slice at the same distance along the normal.
-    files = sorted(folder.iterdir(), key=lambda p: float(
-        pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    files = sorted(
+        folder.iterdir(), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+    )
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     normal_ras = image.direction[:, 2]
     checked = 0
     for path in files[1:13]:  # the regularly spaced part: output slices coincide with inputs
         ds = pydicom.dcmread(path)
         lps = _lps_affine_from_header(path)
-        world = (np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)
+        world = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
         distance = float((world[:3, 3] - image.affine[:3, 3]) @ normal_ras)
         k = int(round(distance / image.spacing[2]))
         assert abs(k * image.spacing[2] - distance) < 0.05
         hu = ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-        expected = _bone_centroid_world(hu, lambda ij: (world @ [*ij, 0, 1])[:3])
-        got = _bone_centroid_world(image.array[:, :, k],
-                                   lambda ij: (image.affine @ [*ij, k, 1])[:3])
+        expected = _bone_centroid_world(hu, lambda ij: (world @ [*ij, 0, 1])[:3])  # noqa: B023
+        got = _bone_centroid_world(image.array[:, :, k], lambda ij: (image.affine @ [*ij, k, 1])[:3])  # noqa: B023
         assert np.linalg.norm(got - expected) < 1.0
         checked += 1
     assert checked == 12
     # a naive stack (ignoring the shear) would be off by > 10 mm at the 12th slice
-    shear = (np.array(pydicom.dcmread(files[12], stop_before_pixels=True).ImagePositionPatient,
-                      dtype=float) - np.array(first.ImagePositionPatient, dtype=float))
-    assert np.linalg.norm(shear - (shear @ [0, 0.3173047, 0.9483237]) *
-                          np.array([0, 0.3173047, 0.9483237])) > 10
+    shear = np.array(pydicom.dcmread(files[12], stop_before_pixels=True).ImagePositionPatient, dtype=float) - np.array(
+        first.ImagePositionPatient, dtype=float
+    )
+    assert np.linalg.norm(shear - (shear @ [0, 0.3173047, 0.9483237]) * np.array([0, 0.3173047, 0.9483237])) > 10
 
 
 def test_raw_datasets_without_part10_header_are_read(tmp_path):
@@ -222,8 +220,7 @@ def test_raw_datasets_without_part10_header_are_read(tmp_path):
         ds = pydicom.dcmread(path)
         ds.preamble = None
         ds.file_meta = pydicom.dataset.FileMetaDataset()
-        pydicom.dcmwrite(tmp_path / path.stem, ds, enforce_file_format=False,
-                         implicit_vr=False, little_endian=True)
+        pydicom.dcmwrite(tmp_path / path.stem, ds, enforce_file_format=False, implicit_vr=False, little_endian=True)
     assert (tmp_path / "1").read_bytes()[128:132] != b"DICM"
     image = read_image(tmp_path)
     np.testing.assert_array_equal(image.array, read_image(source).array)

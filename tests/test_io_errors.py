@@ -13,8 +13,7 @@ import pydicom
 import pytest
 
 import medseg.io.archive as archive
-from medseg.errors import (MedsegError, MissingGeometryError, NoImageDataError,
-                           UnreadableFileError, UnsafeArchiveError)
+from medseg.errors import MedsegError, MissingGeometryError, NoImageDataError, UnreadableFileError, UnsafeArchiveError
 from medseg.io import find_series, read_image
 from tests.conftest import shared_path
 
@@ -63,8 +62,9 @@ def test_zip_of_a_series_reads_like_the_folder_and_is_cleaned_up(tmp_path, priva
     assert list(private_tmpdir.iterdir()) == []
 
 
-@pytest.mark.parametrize("bad_name", ["../evil.dcm", "/tmp/evil.dcm", "a/../../evil.dcm",
-                                      "C:\\evil.dcm", "..\\evil.dcm"])
+@pytest.mark.parametrize(
+    "bad_name", ["../evil.dcm", "/tmp/evil.dcm", "a/../../evil.dcm", "C:\\evil.dcm", "..\\evil.dcm"]
+)
 def test_path_traversal_names_are_refused_before_extraction(tmp_path, private_tmpdir, bad_name):
     real = next(shared_path(*HIPPO).iterdir())
     target = tmp_path / "evil.zip"
@@ -158,8 +158,7 @@ def test_folder_without_dicom(tmp_path):
         read_image(shared_path("dicom", "seg_examples", "data", "test_files", "sr_document.dcm"))
 
 
-@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient",
-                                     "PixelSpacing"])
+@pytest.mark.parametrize("keyword", ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"])
 def test_missing_geometry_tags(tmp_path, keyword):
     folder = tmp_path / "series"
     folder.mkdir()

@@ -49,12 +49,15 @@ def test_same_series_in_nine_files_is_deduplicated():
     _assert_same_world(image, shared_path("dicom", "dcm_qa_ts", "Ref", "1.nii"))
 
 
-@pytest.mark.parametrize("folder, reference", [
-    ("20180918GE/mr_0004", "DCM2NIIX_regression_test_4.nii"),  # GE, interleaved, 150 files
-    ("20180918GE/mr_0007", "DCM2NIIX_regression_test_7.nii"),  # GE, sequential S->I
-    ("20180918Si/mr_0003", "EPI_PE=AP_3.nii"),  # Siemens mosaic time series
-    ("20180918Si/mr_0005", "EPI_PE=RL_5.nii"),
-])
+@pytest.mark.parametrize(
+    "folder, reference",
+    [
+        ("20180918GE/mr_0004", "DCM2NIIX_regression_test_4.nii"),  # GE, interleaved, 150 files
+        ("20180918GE/mr_0007", "DCM2NIIX_regression_test_7.nii"),  # GE, sequential S->I
+        ("20180918Si/mr_0003", "EPI_PE=AP_3.nii"),  # Siemens mosaic time series
+        ("20180918Si/mr_0005", "EPI_PE=RL_5.nii"),
+    ],
+)
 def test_multi_volume_epi_matches_dcm2niix(folder, reference):
     [info] = find_series(shared_path("dicom", "dcm_qa_nih", "In", *folder.split("/")))
     image = info.read()

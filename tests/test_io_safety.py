@@ -9,8 +9,14 @@ import gzip
 import numpy as np
 import pytest
 
-from medseg.errors import (InputTooLargeError, MissingGeometryError, UnreadableFileError,
-                           UnsafeInputError, UnsupportedInputError, redact_paths)
+from medseg.errors import (
+    InputTooLargeError,
+    MissingGeometryError,
+    UnreadableFileError,
+    UnsafeInputError,
+    UnsupportedInputError,
+    redact_paths,
+)
 from medseg.io import read_image
 from medseg.io.safety import ReadPolicy, detached_data_files
 from tests.conftest import shared_path
@@ -46,8 +52,9 @@ def test_a_same_folder_pair_reads_like_the_original(real_mhd):
         read_image(header, policy=SERVICE)
 
 
-@pytest.mark.parametrize("value", ["/etc/passwd", "../pair/case.raw", "sub/case.raw", "..",
-                                   "LIST", "case%03d.raw 1 3 1"])
+@pytest.mark.parametrize(
+    "value", ["/etc/passwd", "../pair/case.raw", "sub/case.raw", "..", "LIST", "case%03d.raw 1 3 1"]
+)
 def test_a_data_file_elsewhere_is_refused_before_any_read(real_mhd, value, tmp_path):
     header, _ = real_mhd
     (tmp_path / "sub").mkdir()
@@ -65,8 +72,11 @@ def test_nrrd_detached_forms(tmp_path):
     good = tmp_path / "good.nhdr"
     good.write_text(base + "data file: scan.raw\n\n")
     assert read_image(good).shape == (8, 8, 8)
-    for name, field in [("abs.nhdr", f"data file: {data}\n"), ("up.nhdr", "datafile: ../x.raw\n"),
-                        ("list.nhdr", f"data file: LIST\n{data}\n")]:
+    for name, field in [
+        ("abs.nhdr", f"data file: {data}\n"),
+        ("up.nhdr", "datafile: ../x.raw\n"),
+        ("list.nhdr", f"data file: LIST\n{data}\n"),
+    ]:
         (tmp_path / name).write_text(base + field + ("\n" if "LIST" not in field else ""))
         with pytest.raises(UnsafeInputError):
             read_image(tmp_path / name)
@@ -128,8 +138,10 @@ def test_singular_affine_and_rgb_are_refused_with_one_line(tmp_path):
 
 
 def test_messages_never_carry_absolute_paths():
-    assert redact_paths("cannot read /srv/medseg/incoming/ab12/00000.mha (ITK: /etc/passwd)") == \
-        "cannot read 00000.mha (ITK: passwd)"
+    assert (
+        redact_paths("cannot read /srv/medseg/incoming/ab12/00000.mha (ITK: /etc/passwd)")
+        == "cannot read 00000.mha (ITK: passwd)"
+    )
     assert redact_paths("spacing 0.7/1.5 mm, ratio 3/4") == "spacing 0.7/1.5 mm, ratio 3/4"
     error = UnreadableFileError("/data/jobs/x/input/scan.nii.gz: truncated")
     assert str(error) == "scan.nii.gz: truncated"

@@ -11,15 +11,14 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom import config
-from pydicom.dataelem import DataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from tests.conftest import shared_path
 
 #: what real PACS exports carry (and highdicom refused)
-REAL_WORLD = {"PatientName": "Zebedee Quixote-Marple", "PatientBirthDate": "1970-03-21",
-              "PatientSex": "female"}
+REAL_WORLD = {"PatientName": "Zebedee Quixote-Marple", "PatientBirthDate": "1970-03-21", "PatientSex": "female"}
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
@@ -56,40 +55,56 @@ def _dataset(**values: str) -> Dataset:
 
 
 def test_unrepairable_values_are_emptied_and_named_by_keyword_only():
-    values = {"PatientBirthDate": "sometime in spring", "PatientSex": "unknown",
-              "PatientAge": "forty-two", "StudyTime": "25:61", "StudyDate": "1970-02-31",
-              "OtherPatientNames": "A^B^C^D^E^F^G", "PatientID": "x" * 80}
+    values = {
+        "PatientBirthDate": "sometime in spring",
+        "PatientSex": "unknown",
+        "PatientAge": "forty-two",
+        "StudyTime": "25:61",
+        "StudyDate": "1970-02-31",
+        "OtherPatientNames": "A^B^C^D^E^F^G",
+        "PatientID": "x" * 80,
+    }
     ds = _dataset(**values)
     messages = repair_patient_study(ds)
     for keyword in values:
         assert ds[keyword].value in ("", None), keyword
-        assert any(m.startswith(f"{keyword}:") and "empty" in m for m in messages), (keyword,
-                                                                                   messages)
+        assert any(m.startswith(f"{keyword}:") and "empty" in m for m in messages), (keyword, messages)
     text = " ".join(messages)
     assert not any(value in text for value in values.values())
     assert "spring" not in text and "unknown" not in text
 
 
 def test_common_export_values_are_repaired():
-    ds = _dataset(PatientBirthDate="1970.03.21", StudyDate="2020-01-19", PatientSex="male",
-                  PatientAge="45Y", StudyTime="01:03:13", PatientIdentityRemoved="yes",
-                  PatientName="Zebedee Quixote-Marple")
+    ds = _dataset(
+        PatientBirthDate="1970.03.21",
+        StudyDate="2020-01-19",
+        PatientSex="male",
+        PatientAge="45Y",
+        StudyTime="01:03:13",
+        PatientIdentityRemoved="yes",
+        PatientName="Zebedee Quixote-Marple",
+    )
     messages = repair_patient_study(ds)
     assert ds.PatientBirthDate == "19700321" and ds.StudyDate == "20200119"
     assert ds.PatientSex == "M" and ds.PatientAge == "045Y" and ds.StudyTime == "010313"
     assert ds.PatientIdentityRemoved == "YES"
     assert str(ds.PatientName) == "Zebedee Quixote-Marple^"  # a family name alone, explicitly
     assert len(messages) == 7 and all("repaired" in m or "trailing" in m for m in messages)
-    for sex, code in (("F", "F"), ("woman", "F"), ("f", "F"), ("Other", "O"), ("o", "O"),
-                      ("man", "M"), ("", "")):
+    for sex, code in (("F", "F"), ("woman", "F"), ("f", "F"), ("Other", "O"), ("o", "O"), ("man", "M"), ("", "")):
         ds = _dataset(PatientSex=sex)
         repair_patient_study(ds)
         assert ds.PatientSex == code, sex
 
 
 def test_valid_values_are_left_alone():
-    ds = _dataset(PatientName="Avasarala^Chrisjen", PatientBirthDate="19700321", PatientSex="F",
-                  PatientAge="045Y", StudyTime="010313.5", PatientID="PGBM-002")
+    ds = _dataset(
+        PatientName="Avasarala^Chrisjen",
+        PatientBirthDate="19700321",
+        PatientSex="F",
+        PatientAge="045Y",
+        StudyTime="010313.5",
+        PatientID="PGBM-002",
+    )
     assert repair_patient_study(ds) == []
     assert str(ds.PatientName) == "Avasarala^Chrisjen" and ds.PatientBirthDate == "19700321"
 
@@ -108,8 +123,9 @@ def test_write_seg_repairs_copies_and_leaves_the_files_alone(tmp_path):
     labels = np.zeros(image.array.shape[:3], dtype=np.int64)
     labels[4:12, 4:12, 4:12] = 1
     warnings: list[str] = []
-    path = write_seg(image.with_array(labels), image, load_data_card("hippocampus").labels,
-                     tmp_path / "seg.dcm", warnings=warnings)
+    path = write_seg(
+        image.with_array(labels), image, load_data_card("hippocampus").labels, tmp_path / "seg.dcm", warnings=warnings
+    )
     seg = pydicom.dcmread(path)
     assert seg.PatientBirthDate == "19700321" and seg.PatientSex == "F"
     assert str(seg.PatientName) == "Zebedee Quixote-Marple^"
@@ -125,8 +141,7 @@ def test_cli_predict_writes_the_seg_for_real_world_values(tmp_path, capsys):
 
     series = real_world_series(tmp_path / "series")
     out = tmp_path / "out"
-    code = main(["predict", str(series), "--model", "hippocampus", "--output", str(out),
-                 "--formats", "seg,json"])
+    code = main(["predict", str(series), "--model", "hippocampus", "--output", str(out), "--formats", "seg,json"])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     seg_path = next(out.glob("*.seg.dcm"))

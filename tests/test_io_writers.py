@@ -66,8 +66,9 @@ def test_write_nifti_float_label_map_is_cast_and_failure_leaves_nothing(hippocam
 
 def test_seg_round_trip_on_source_grid(hippocampus, tmp_path):
     labels = _label_map(hippocampus)
-    path = write_seg(hippocampus.with_array(labels), hippocampus, LABELS, tmp_path / "seg.dcm",
-                     algorithm_version="test-1")
+    path = write_seg(
+        hippocampus.with_array(labels), hippocampus, LABELS, tmp_path / "seg.dcm", algorithm_version="test-1"
+    )
     ds = pydicom.dcmread(path)
     assert ds.Modality == "SEG" and ds.SegmentationType == "BINARY"
     assert len(ds.SegmentSequence) == 2
@@ -79,10 +80,8 @@ def test_seg_round_trip_on_source_grid(hippocampus, tmp_path):
     assert len(first.RecommendedDisplayCIELabValue) == 3
     source_uid = hippocampus.meta["series_uid"]
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source_uid
-    referenced = {item.ReferencedSOPInstanceUID
-                  for item in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
-    assert referenced == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                          for p in hippocampus.dicom_source}
+    referenced = {item.ReferencedSOPInstanceUID for item in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in hippocampus.dicom_source}
     assert ds.StudyInstanceUID == hippocampus.meta["study_uid"]
 
     back = read_seg(path, hippocampus)
@@ -92,8 +91,7 @@ def test_seg_round_trip_on_source_grid(hippocampus, tmp_path):
 
     # without the source: the SEG's own plane positions give the same labels in world space
     alone = read_seg(path)
-    world = alone.affine @ np.c_[np.argwhere(alone.array == 2), np.ones(
-        int((alone.array == 2).sum()))].T
+    world = alone.affine @ np.c_[np.argwhere(alone.array == 2), np.ones(int((alone.array == 2).sum()))].T
     voxels = np.round(np.linalg.solve(hippocampus.affine, world)[:3].T).astype(int)
     assert len(voxels) == int((labels == 2).sum())
     assert np.all(labels[tuple(voxels.T)] == 2)
@@ -102,14 +100,12 @@ def test_seg_round_trip_on_source_grid(hippocampus, tmp_path):
 def test_seg_keeps_sparse_label_ids_and_allows_empty_segments(hippocampus, tmp_path):
     labels = _label_map(hippocampus)
     labels[labels == 2] = 7
-    cards = [LABELS[0], Label(id=7, name="seven", type=HIPPOCAMPUS),
-             Label(id=9, name="absent", type=HIPPOCAMPUS)]
+    cards = [LABELS[0], Label(id=7, name="seven", type=HIPPOCAMPUS), Label(id=9, name="absent", type=HIPPOCAMPUS)]
     path = write_seg(hippocampus.with_array(labels), hippocampus, cards, tmp_path / "seg.dcm")
     assert len(pydicom.dcmread(path).SegmentSequence) == 3
     np.testing.assert_array_equal(read_seg(path, hippocampus).array, labels)
 
-    empty = write_seg(hippocampus.with_array(np.zeros_like(labels)), hippocampus, LABELS,
-                      tmp_path / "empty.dcm")
+    empty = write_seg(hippocampus.with_array(np.zeros_like(labels)), hippocampus, LABELS, tmp_path / "empty.dcm")
     assert read_seg(empty, hippocampus).array.max() == 0
 
 

@@ -60,10 +60,12 @@ def test_focal_tversky_softmax_averages_classes_and_weighs_false_negatives_more(
     loss = FocalTverskyLoss()(logits, label)
     assert loss.item() == pytest.approx(sum(per_class) / 2, rel=1e-5)
     # missing foreground costs more than the same amount of spurious foreground (alpha 0.7 > beta 0.3)
-    missed = FocalTverskyLoss(activation=None, to_onehot_y=False)(torch.tensor([0.0, 0.0]).reshape(1, 1, 2, 1, 1),
-                                                                  torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1))
-    spurious = FocalTverskyLoss(activation=None, to_onehot_y=False)(torch.tensor([1.0, 1.0]).reshape(1, 1, 2, 1, 1),
-                                                                    torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1))
+    missed = FocalTverskyLoss(activation=None, to_onehot_y=False)(
+        torch.tensor([0.0, 0.0]).reshape(1, 1, 2, 1, 1), torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1)
+    )
+    spurious = FocalTverskyLoss(activation=None, to_onehot_y=False)(
+        torch.tensor([1.0, 1.0]).reshape(1, 1, 2, 1, 1), torch.tensor([1.0, 0.0]).reshape(1, 1, 2, 1, 1)
+    )
     assert missed > spurious
 
 
@@ -116,8 +118,9 @@ def test_mip_softmax_projects_each_class_and_skips_background():
     for c in (1, 2):  # background excluded
         pm = p[0, c].amax(-1)
         ym = (label[0, 0] == c).float().amax(-1)
-        expected += focal_tversky_by_hand(float((pm * ym).sum()), float(((1 - pm) * ym).sum()),
-                                          float((pm * (1 - ym)).sum()))
+        expected += focal_tversky_by_hand(
+            float((pm * ym).sum()), float(((1 - pm) * ym).sum()), float((pm * (1 - ym)).sum())
+        )
     loss = MIPLoss(axis="z", activation="softmax")(logits, label)
     assert loss.item() == pytest.approx(expected / 2, rel=1e-5)  # mean over the foreground classes
 
@@ -186,8 +189,9 @@ def test_deep_supervision_weights_levels_and_downsamples_the_target_nearest():
 
 
 def test_deep_supervision_on_a_network_trains_every_used_head():
-    net = create_network("unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16, 16),
-                         deep_supervision=2)
+    net = create_network(
+        "unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16, 16), deep_supervision=2
+    )
     loss = build_loss("dice_ce", net, (16, 16, 16))
     assert isinstance(loss, DeepSupervisionLoss)
     output = net(torch.randn(2, 1, 16, 16, 16), features=True)
@@ -227,8 +231,9 @@ def test_side_head_deconv_upsamples_by_shared_transposed_convolutions():
 
 
 def tiny_unet():
-    return create_network("unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16, 16),
-                          deep_supervision=1)
+    return create_network(
+        "unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16, 16), deep_supervision=1
+    )
 
 
 def test_dsd_loss_is_deep_supervision_plus_t2_weighted_kl():
@@ -247,8 +252,9 @@ def test_dsd_loss_is_deep_supervision_plus_t2_weighted_kl():
         return F.kl_div(F.log_softmax(s / temp, 1), F.softmax(t / temp, 1), reduction="none").sum(1).mean()
 
     expected = seg(output.logits, y) + sum(seg(d, y) for d in decoder)
-    expected = expected + 9.0 * (sum(kl(decoder[-1], d) for d in decoder[:-1])
-                                 + sum(kl(encoder[-1], e) for e in encoder[:-1]))
+    expected = expected + 9.0 * (
+        sum(kl(decoder[-1], d) for d in decoder[:-1]) + sum(kl(encoder[-1], e) for e in encoder[:-1])
+    )
     assert dsd(output, y).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -256,8 +262,7 @@ def test_dsd_loss_is_deep_supervision_plus_t2_weighted_kl():
 def test_dsd_teacher_gradient_is_switchable(detach):
     torch.manual_seed(0)
     net = tiny_unet()
-    dsd = DualSelfDistillationLoss(net, DiceCELoss(to_onehot_y=True, softmax=True), (16, 16, 16),
-                                   detach_teacher=detach)
+    dsd = DualSelfDistillationLoss(net, DiceCELoss(to_onehot_y=True, softmax=True), (16, 16, 16), detach_teacher=detach)
     output = net(torch.randn(1, 1, 16, 16, 16), features=True)
     decoder, encoder = dsd.side_logits(output, (16, 16, 16))
     dsd.distillation(decoder, encoder).backward()

@@ -21,9 +21,19 @@ from medseg.package import BUNDLED_MODELS, METADATA, WEIGHTS, ModelCard, ModelPa
 from tests.test_inference_predictor import make_package
 
 SAMPLE = Path(__file__).resolve().parents[1] / "medseg" / "samples" / "hippocampus_mr"
-MONAI_KEYS = {"schema", "version", "monai_version", "pytorch_version", "numpy_version",
-              "required_packages_version", "task", "description", "authors", "copyright",
-              "network_data_format"}
+MONAI_KEYS = {
+    "schema",
+    "version",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
+}
 
 
 def _sha256(path: Path) -> str:
@@ -35,13 +45,14 @@ def two_packages(tmp_path_factory):
     """Two packages with one name and version ('hippocampus 0.1.0', like a retraining of the
     bundled model) but different weights."""
     root = tmp_path_factory.mktemp("models")
-    return [make_package(root / f"run{seed}" / "hippocampus", seed=seed, name="hippocampus",
-                         version="0.1.0") for seed in (0, 1)]
+    return [
+        make_package(root / f"run{seed}" / "hippocampus", seed=seed, name="hippocampus", version="0.1.0")
+        for seed in (0, 1)
+    ]
 
 
 def _predict(model: str, out: Path) -> tuple[dict, pydicom.Dataset]:
-    assert main(["predict", str(SAMPLE), "--model", model, "--output", str(out),
-                 "--formats", "json,seg"]) == 0
+    assert main(["predict", str(SAMPLE), "--model", model, "--output", str(out), "--formats", "json,seg"]) == 0
     report = json.loads(next(out.glob("*.json")).read_text())
     return report, pydicom.dcmread(next(out.glob("*.seg.dcm")))
 
@@ -81,9 +92,10 @@ def test_save_replaces_a_stale_hash_and_keeps_a_given_training_time(two_packages
 
 def test_trained_at_must_be_iso_8601_with_a_time_zone(two_packages):
     fields = two_packages[0].card.model_dump()
-    assert ModelCard(**{**fields, "trained_at": dt.datetime(2027, 1, 2, 3, 4, 5,
-                                                            tzinfo=dt.timezone.utc)}).trained_at \
+    assert (
+        ModelCard(**{**fields, "trained_at": dt.datetime(2027, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)}).trained_at
         == "2027-01-02T03:04:05Z"
+    )
     for bad in ("2027-01-02T03:04:05", "yesterday"):
         with pytest.raises(ValueError, match="time zone|ISO 8601"):
             ModelCard(**{**fields, "trained_at": bad})
@@ -92,8 +104,9 @@ def test_trained_at_must_be_iso_8601_with_a_time_zone(two_packages):
 
 
 def test_weights_changed_after_export_are_refused(two_packages, tmp_path):
-    package = ModelPackage.save(tmp_path / "p", two_packages[0].card,
-                                torch.load(two_packages[0].path / WEIGHTS, weights_only=True))
+    package = ModelPackage.save(
+        tmp_path / "p", two_packages[0].card, torch.load(two_packages[0].path / WEIGHTS, weights_only=True)
+    )
     package.load_network()
     (package.path / WEIGHTS).write_bytes((two_packages[1].path / WEIGHTS).read_bytes())
     with pytest.raises(UnreadableFileError, match="does not match"):
@@ -116,8 +129,7 @@ def test_two_packages_with_one_name_and_version_differ_in_report_and_seg(two_pac
         assert f"weights_sha256={card.weights_sha256}" in algorithm.AlgorithmParameters
         assert f"trained_at={card.trained_at}" in algorithm.AlgorithmParameters
         assert seg.ContentDescription == f"hippocampus 0.1.0 sha256:{card.weights_short}"
-        seen.append((model["weights_sha256"], seg.ContentDescription,
-                     str(algorithm.AlgorithmParameters)))
+        seen.append((model["weights_sha256"], seg.ContentDescription, str(algorithm.AlgorithmParameters)))
     assert all(a != b for a, b in zip(*seen))
 
 
@@ -153,8 +165,7 @@ def test_models_lists_installed_packages(two_packages, tmp_path, monkeypatch):
     code, out, err = _models(["--packages", "--json"])
     assert code == 0 and err == ""
     rows = json.loads(out)
-    assert [r["path"] for r in rows] == [str(p.path) for p in two_packages] + [
-        str(BUNDLED_MODELS / "hippocampus")]
+    assert [r["path"] for r in rows] == [str(p.path) for p in two_packages] + [str(BUNDLED_MODELS / "hippocampus")]
     assert [r["weights_sha256"] for r in rows[:2]] == [p.card.weights_sha256 for p in two_packages]
     assert [r["shadowed"] for r in rows] == [False, True, True]
     assert rows[2]["hash_source"] == "computed" and rows[2]["trained_at"] is None
@@ -164,8 +175,10 @@ def test_models_lists_installed_packages(two_packages, tmp_path, monkeypatch):
     lines = out.splitlines()
     assert lines[0].split() == ["model", "version", "sha256", "trained_at", "path"]
     for package in two_packages:
-        assert any(line.split()[:4] == ["hippocampus", "0.1.0", package.card.weights_short,
-                                        package.card.trained_at] for line in lines)
+        assert any(
+            line.split()[:4] == ["hippocampus", "0.1.0", package.card.weights_short, package.card.trained_at]
+            for line in lines
+        )
     assert lines[lines.index("") + 1].split() == ["network", "reference", "parameters", "config"]
 
     monkeypatch.setenv("MEDSEG_MODEL_PATH", str(tmp_path))

@@ -60,9 +60,13 @@ def test_table_and_filter(capsys):
 
 
 def test_unknown_network_is_one_line_error_exit_2():
-    result = subprocess.run([sys.executable, "-m", "medseg", "models", "no_such_net"],
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "medseg", "models", "no_such_net"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "no_such_net" in result.stderr and "Traceback" not in result.stderr
-

@@ -31,8 +31,8 @@ from medseg.networks import (
     create_network,
     list_networks,
     network_entry,
+    registry,
 )
-from medseg.networks import registry
 
 NETWORKS = list_networks()
 ALL_REFERENCES = [(n, label) for n in NETWORKS for label in network_entry(n).references]
@@ -40,13 +40,23 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medseg"
 
 # heads each reference declares (the documented layouts; see each network's module docstring)
 EXPECTED_HEADS = {
-    ("unet", "tiny"): 1, ("unet", "hippocampus"): 2, ("unet", "3d_fullres"): 0,
-    ("transunet3d", "tiny"): 2, ("transunet3d", "paper_encoder"): 4,
-    ("stunet", "tiny"): 4, ("stunet", "B"): 4, ("stunet", "H"): 4,
-    ("dformer", "tiny"): 2, ("dformer", "paper"): 0, ("dformer", "paper_ds"): 2,
-    ("transunet", "tiny"): 0, ("transunet", "R50-ViT-B_16"): 0,
-    ("swin_unetr", "tiny"): 0, ("swin_unetr", "BTCV"): 0,
-    ("cellvta", "tiny"): 0, ("cellvta", "L"): 0,
+    ("unet", "tiny"): 1,
+    ("unet", "hippocampus"): 2,
+    ("unet", "3d_fullres"): 0,
+    ("transunet3d", "tiny"): 2,
+    ("transunet3d", "paper_encoder"): 4,
+    ("stunet", "tiny"): 4,
+    ("stunet", "B"): 4,
+    ("stunet", "H"): 4,
+    ("dformer", "tiny"): 2,
+    ("dformer", "paper"): 0,
+    ("dformer", "paper_ds"): 2,
+    ("transunet", "tiny"): 0,
+    ("transunet", "R50-ViT-B_16"): 0,
+    ("swin_unetr", "tiny"): 0,
+    ("swin_unetr", "BTCV"): 0,
+    ("cellvta", "tiny"): 0,
+    ("cellvta", "L"): 0,
 }
 
 
@@ -80,12 +90,23 @@ def test_every_network_has_an_expected_head_count():
 
 
 def test_declared_scales_of_anisotropic_configurations():
-    unet = meta("unet", spatial_dims=3, in_channels=1, out_channels=2, filters=(4, 8, 16, 16),
-                strides=(1, (2, 2, 1), 2, (1, 2, 2)), deep_supervision=2)
+    unet = meta(
+        "unet",
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        filters=(4, 8, 16, 16),
+        strides=(1, (2, 2, 1), 2, (1, 2, 2)),
+        deep_supervision=2,
+    )
     assert unet.deep_supervision_scales == ((0.5, 0.5, 1.0), (0.25, 0.25, 0.5))
     stunet = meta("stunet", variant="tiny", pool_strides=[(1, 2, 2), 2, 2, (1, 2, 2), 1])
-    assert stunet.deep_supervision_scales == ((1.0, 0.5, 0.5), (0.5, 0.25, 0.25), (0.25, 0.125, 0.125),
-                                              (0.25, 0.0625, 0.0625))
+    assert stunet.deep_supervision_scales == (
+        (1.0, 0.5, 0.5),
+        (0.5, 0.25, 0.25),
+        (0.25, 0.125, 0.125),
+        (0.25, 0.0625, 0.0625),
+    )
     assert meta("stunet", variant="tiny", deep_supervision=False).deep_supervision_scales == ()
     assert meta("dformer", variant="tiny", deep_supervision=False).deep_supervision_scales == ()
 
@@ -227,7 +248,8 @@ def test_variant_by_name_like_timm_create_model():
 @pytest.mark.parametrize("name,label", ALL_REFERENCES, ids=[f"{n}-{label}" for n, label in ALL_REFERENCES])
 def test_every_variant_builds_by_name(name, label):
     assert count_parameters(meta(name, variant=label)) == count_parameters(
-        meta(name, **network_entry(name).references[label]))
+        meta(name, **network_entry(name).references[label])
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +258,9 @@ def test_every_variant_builds_by_name(name, label):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_one_load_pretrained_for_every_network(name, tmp_path):
     net = meta(name, variant="tiny")
-    assert type(net).load_pretrained is SegmentationNetwork.load_pretrained, \
+    assert type(net).load_pretrained is SegmentationNetwork.load_pretrained, (
         f"{name}: convert in pretrained_state_dict, do not override load_pretrained"
+    )
     with pytest.raises(PretrainedWeightsError, match="absent.pt"):
         net.load_pretrained(tmp_path / "absent.pt")
     garbage = tmp_path / "garbage.pt"
@@ -266,9 +289,19 @@ def test_checkpoint_files_are_read_in_one_place():
 # ---------------------------------------------------------------------------------------------
 # shared blocks: one implementation each, clean import graph
 # ---------------------------------------------------------------------------------------------
-SHARED = {"Attention", "Mlp", "LayerScale", "ViTBlock", "TokenBottleneck", "MultiScaleDeformableAttention",
-          "multi_scale_deformable_attention", "grid_reference_points", "resample_abs_pos_embed",
-          "init_linear_trunc_normal", "conv_bn_relu"}
+SHARED = {
+    "Attention",
+    "Mlp",
+    "LayerScale",
+    "ViTBlock",
+    "TokenBottleneck",
+    "MultiScaleDeformableAttention",
+    "multi_scale_deformable_attention",
+    "grid_reference_points",
+    "resample_abs_pos_embed",
+    "init_linear_trunc_normal",
+    "conv_bn_relu",
+}
 
 
 def _definitions(path: Path) -> set[str]:
@@ -336,19 +369,26 @@ def _module_name(path: Path) -> str:
 
 
 def test_import_graph_has_no_cycles_and_blocks_import_no_network():
-    graph = {_module_name(p): {m for m in _imports(p) if _module_path(m) is not None}
-             for p in _python_files("networks") + _python_files("losses")}
+    graph = {
+        _module_name(p): {m for m in _imports(p) if _module_path(m) is not None}
+        for p in _python_files("networks") + _python_files("losses")
+    }
     for module, imported in graph.items():
         if module.startswith("medseg.networks.blocks"):
             assert all(m.startswith("medseg.networks.blocks") for m in imported), (module, imported)
         if module in ("medseg.networks.pretrained", "medseg.networks.base"):
             assert imported <= {"medseg.errors", "medseg.networks.pretrained"}, (module, imported)
         if module.startswith("medseg.losses"):
-            assert not {m for m in imported if m.startswith("medseg.networks")} - {"medseg.networks.base"}, \
-                (module, imported)
+            assert not {m for m in imported if m.startswith("medseg.networks")} - {"medseg.networks.base"}, (
+                module,
+                imported,
+            )
     # package __init__ modules aggregate their children; the cycle check is over the other modules
-    edges = {m: {i for i in imported if i in graph and not graph_is_package(i)}
-             for m, imported in graph.items() if not graph_is_package(m)}
+    edges = {
+        m: {i for i in imported if i in graph and not graph_is_package(i)}
+        for m, imported in graph.items()
+        if not graph_is_package(m)
+    }
     state: dict[str, int] = {}
 
     def visit(module: str, stack: list[str]) -> None:

@@ -10,17 +10,19 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import shared_path
 from medseg.errors import ConfigError, InputShapeError, PretrainedWeightsError
 from medseg.networks import count_parameters, create_network, network_entry
-from medseg.networks.cellvta import CellVTA, CellVTAOutput
 from medseg.networks.blocks import (
-    MultiScaleDeformableAttention, grid_reference_points, multi_scale_deformable_attention, resample_abs_pos_embed,
+    MultiScaleDeformableAttention,
+    grid_reference_points,
+    multi_scale_deformable_attention,
+    resample_abs_pos_embed,
 )
+from medseg.networks.cellvta import CellVTA, CellVTAOutput
 from medseg.networks.vit_adapter import VisionTransformer
+from tests.conftest import shared_path
 
 REFERENCES = network_entry("cellvta").references
-
 
 
 def tiny(**overrides) -> CellVTA:
@@ -42,7 +44,7 @@ def naive_msda(value, shapes, locations, weights):
         for q in range(queries):
             for m in range(heads):
                 for lvl, (height, width) in enumerate(shapes):
-                    grid = value[b, starts[lvl]:starts[lvl + 1], m].reshape(height, width, channels)
+                    grid = value[b, starts[lvl] : starts[lvl + 1], m].reshape(height, width, channels)
                     for p in range(points):
                         x = locations[b, q, m, lvl, p, 0].item() * width - 0.5
                         y = locations[b, q, m, lvl, p, 1].item() * height - 0.5
@@ -76,8 +78,9 @@ def test_deformable_attention_is_differentiable_in_values_locations_and_weights(
     value = torch.randn(1, 13, 1, 2, dtype=torch.float64, requires_grad=True)
     locations = (torch.rand(1, 2, 1, 2, 2, 2, dtype=torch.float64) * 0.8 + 0.1).requires_grad_()
     weights = torch.rand(1, 2, 1, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v, loc, w: multi_scale_deformable_attention(v, shapes, loc, w),
-                                    (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: multi_scale_deformable_attention(v, shapes, loc, w), (value, locations, weights)
+    )
 
 
 def test_deformable_attention_module_initial_points_and_shapes():
@@ -114,30 +117,55 @@ def conv_bn(i, o, k=3, bias=True):
 
 def expected_counts(dim, depth, n_types=6, n_tissues=19, heads=8, points=4, spm=64, dec=(64, 128, 256, 512)):
     """Counts written out from the architecture description (../shared/docs/architectures.md section 6)."""
-    block = 2 * 2 * dim + linear(dim, 3 * dim) + linear(dim, dim) + 2 * dim + linear(dim, 4 * dim) + linear(4 * dim, dim)
+    block = (
+        2 * 2 * dim + linear(dim, 3 * dim) + linear(dim, dim) + 2 * dim + linear(dim, 4 * dim) + linear(4 * dim, dim)
+    )
     vit = 3 * dim * 16 * 16 + dim + dim + (1 + 14 * 14) * dim + depth * block + 2 * dim
     widths = [3, spm, spm, spm, spm, 2 * spm, 4 * spm, 4 * spm]
     spm_count = sum(conv_bn(widths[i], widths[i + 1], bias=False) for i in range(7))
     spm_count += sum(linear(w, dim) for w in (spm, 2 * spm, 4 * spm, 4 * spm))
 
     def msda(levels):
-        return linear(dim, heads * levels * points * 2) + linear(dim, heads * levels * points) \
-            + linear(dim, dim // 2) + linear(dim // 2, dim)
+        return (
+            linear(dim, heads * levels * points * 2)
+            + linear(dim, heads * levels * points)
+            + linear(dim, dim // 2)
+            + linear(dim // 2, dim)
+        )
 
     injector = 2 * 2 * dim + msda(3) + dim
     hidden = dim // 4
     extractor = 2 * 2 * dim + msda(1) + linear(dim, hidden) + 10 * hidden + linear(hidden, dim) + 2 * dim
     adapter = spm_count + 3 * dim + 4 * injector + 6 * extractor + (dim * dim * 4 + dim) + 4 * 2 * dim
     c0, c1, c2, c3 = dec
-    shared = conv_bn(3, c0 // 2) + conv_bn(c0 // 2, c0) + conv_bn(dim, c1) + conv_bn(c1, c1) \
-        + conv_bn(dim, c2) + conv_bn(c2, c2) + conv_bn(dim, c3) + conv_bn(c3, c3)
+    shared = (
+        conv_bn(3, c0 // 2)
+        + conv_bn(c0 // 2, c0)
+        + conv_bn(dim, c1)
+        + conv_bn(c1, c1)
+        + conv_bn(dim, c2)
+        + conv_bn(c2, c2)
+        + conv_bn(dim, c3)
+        + conv_bn(c3, c3)
+    )
 
     def branch(out):
-        return (dim * c3 * 4 + c3) + conv_bn(c3, c3) \
-            + conv_bn(2 * c3, c3) + 2 * conv_bn(c3, c3) + (c3 * c2 * 4 + c2) \
-            + conv_bn(2 * c2, c2) + conv_bn(c2, c2) + (c2 * c1 * 4 + c1) \
-            + conv_bn(2 * c1, c1) + conv_bn(c1, c1) + (c1 * c0 * 4 + c0) \
-            + conv_bn(2 * c0, c0) + conv_bn(c0, c0) + linear(c0, out)
+        return (
+            (dim * c3 * 4 + c3)
+            + conv_bn(c3, c3)
+            + conv_bn(2 * c3, c3)
+            + 2 * conv_bn(c3, c3)
+            + (c3 * c2 * 4 + c2)
+            + conv_bn(2 * c2, c2)
+            + conv_bn(c2, c2)
+            + (c2 * c1 * 4 + c1)
+            + conv_bn(2 * c1, c1)
+            + conv_bn(c1, c1)
+            + (c1 * c0 * 4 + c0)
+            + conv_bn(2 * c0, c0)
+            + conv_bn(c0, c0)
+            + linear(c0, out)
+        )
 
     decoder = shared + branch(2) + branch(2) + branch(n_types)
     return dict(vit=vit, adapter=adapter, decoder=decoder, head=linear(dim, n_tissues) if n_tissues else 0)
@@ -228,8 +256,10 @@ def test_gradients_reach_trainable_parameters_and_not_the_frozen_vit():
             nn.init.normal_(module.sampling_offsets.weight, std=0.01)
             nn.init.normal_(module.attention_weights.weight, std=0.01)
     out = net(torch.randn(2, 3, 64, 64), features=True)
-    loss = sum(t.float().square().mean() for t in (out.logits, out.nuclei_probability_logits,
-                                                     out.horizontal_vertical, out.tissue_logits))
+    loss = sum(
+        t.float().square().mean()
+        for t in (out.logits, out.nuclei_probability_logits, out.horizontal_vertical, out.tissue_logits)
+    )
     loss.backward()
     frozen = {f"backbone.vit.{n}" for n, _ in net.vit.named_parameters() if not n.startswith("norm.")}
     assert "backbone.vit.blocks.0.attn.qkv.weight" in frozen
@@ -260,8 +290,19 @@ def test_bad_input_and_config_raise_typed_errors():
 # ---------------------------------------------------------------------------------------------
 
 TIMM_BLOCK_KEYS = {
-    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-    "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "ls1.gamma",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
     "ls2.gamma",
 }
 
@@ -282,7 +323,14 @@ def write_timm_checkpoint(path, dim=64, depth=4, heads=4, img_size=48, head_clas
 
 def test_timm_state_dict_naming():
     state = VisionTransformer(16, 3, 32, 2, 2, 4.0, 1e-5, 32).state_dict()
-    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    expected = {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "norm.weight",
+        "norm.bias",
+    }
     expected |= {f"blocks.{i}.{k}" for i in range(2) for k in TIMM_BLOCK_KEYS}
     assert set(state) == expected
     assert state["pos_embed"].shape == (1, 1 + 2 * 2, 32) and state["cls_token"].shape == (1, 1, 32)
@@ -355,8 +403,8 @@ def test_tiny_cellvta_overfits_a_real_nuclei_crop():
     instances = tifffile.imread(folder / "mask2d.tif").astype(np.int64)
     # the 64 x 64 crop with the most nuclei pixels among a coarse grid
     corners = [(y, x) for y in range(0, 448, 32) for x in range(0, 448, 32)]
-    y, x = max(corners, key=lambda c: (instances[c[0]:c[0] + 64, c[1]:c[1] + 64] > 0).sum())
-    image, instances = image[y:y + 64, x:x + 64], instances[y:y + 64, x:x + 64]
+    y, x = max(corners, key=lambda c: (instances[c[0] : c[0] + 64, c[1] : c[1] + 64] > 0).sum())
+    image, instances = image[y : y + 64, x : x + 64], instances[y : y + 64, x : x + 64]
     assert len(np.unique(instances)) > 3
 
     inputs = torch.as_tensor(normalize_intensity(image, Normalization(scheme="zscore")))[None, None].repeat(1, 3, 1, 1)
@@ -373,8 +421,11 @@ def test_tiny_cellvta_overfits_a_real_nuclei_crop():
     losses = []
     for _ in range(12):
         out = net(inputs, features=True)
-        prediction = {HoVerNetBranch.NP.value: out.nuclei_probability_logits,
-                      HoVerNetBranch.HV.value: out.horizontal_vertical, HoVerNetBranch.NC.value: out.logits}
+        prediction = {
+            HoVerNetBranch.NP.value: out.nuclei_probability_logits,
+            HoVerNetBranch.HV.value: out.horizontal_vertical,
+            HoVerNetBranch.NC.value: out.logits,
+        }
         loss = loss_function(prediction, target)
         optimizer.zero_grad()
         loss.backward()

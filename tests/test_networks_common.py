@@ -122,8 +122,9 @@ def test_tiny_forward_shapes_and_tap_scales(name):
         for tap in taps:
             assert tap.ndim == x.ndim and tap.shape[0] == 2, f"{kind} tap {tuple(tap.shape)}"
             # every tap sits at an integer downsampling of the input, per axis
-            assert all(r >= 1 and r == int(r) for r in ratios(tuple(tap.shape[2:]), size)), \
+            assert all(r >= 1 and r == int(r) for r in ratios(tuple(tap.shape[2:]), size)), (
                 f"{kind} tap {tuple(tap.shape)} is not at an integer scale of {size}"
+            )
         volumes = [math.prod(t.shape[2:]) for t in taps]
         if kind == "decoder":
             assert volumes == sorted(volumes), f"decoder taps must be coarsest first: {volumes}"

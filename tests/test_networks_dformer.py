@@ -19,8 +19,9 @@ def reference(label: str, **overrides):
 def _count(config) -> tuple[int, int]:
     with torch.device("meta"):
         net = create_network("dformer", **config)
-    heads = sum(p.numel() for n, p in net.named_parameters()
-                if n.startswith(("final_expand.", "head.", "deep_supervision_")))
+    heads = sum(
+        p.numel() for n, p in net.named_parameters() if n.startswith(("final_expand.", "head.", "deep_supervision_"))
+    )
     return count_parameters(net), count_parameters(net) - heads
 
 
@@ -42,7 +43,9 @@ def test_group_layout_at_the_reference_size():
 
 def _coordinates(grid):
     d, h, w = grid
-    return torch.stack(torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij"), -1)[None].float()
+    return torch.stack(torch.meshgrid(torch.arange(d), torch.arange(h), torch.arange(w), indexing="ij"), -1)[
+        None
+    ].float()
 
 
 @pytest.mark.parametrize("dilated", [False, True])
@@ -153,9 +156,12 @@ def test_pretrained_round_trip_and_shape_mismatch(tmp_path):
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
-    report = create_network("dformer", **reference("tiny", deep_supervision=False)).load_pretrained(tmp_path / "model.pt")
+    report = create_network("dformer", **reference("tiny", deep_supervision=False)).load_pretrained(
+        tmp_path / "model.pt"
+    )
     assert report["missing"] == [] and sorted(report["unexpected"]) == sorted(
-        k for k in source.state_dict() if k.startswith("deep_supervision_"))
+        k for k in source.state_dict() if k.startswith("deep_supervision_")
+    )
     with pytest.raises(PretrainedWeightsError, match="shape mismatch"):
         create_network("dformer", **reference("tiny", out_channels=4)).load_pretrained(tmp_path / "model.pt")
 
@@ -164,8 +170,12 @@ def test_checkpoints_with_the_older_monai_block_names_still_load(tmp_path):
     """Before the shared ViTBlock, D-Former blocks used MONAI's SABlock/MLPBlock names."""
     torch.manual_seed(1)
     source = create_network("dformer", **reference("tiny")).eval()
-    legacy = {k.replace(".attn.proj.", ".attn.out_proj.").replace(".mlp.fc1.", ".mlp.linear1.")
-              .replace(".mlp.fc2.", ".mlp.linear2."): v for k, v in source.state_dict().items()}
+    legacy = {
+        k.replace(".attn.proj.", ".attn.out_proj.")
+        .replace(".mlp.fc1.", ".mlp.linear1.")
+        .replace(".mlp.fc2.", ".mlp.linear2."): v
+        for k, v in source.state_dict().items()
+    }
     assert any(".attn.out_proj." in k for k in legacy)
     torch.save(legacy, tmp_path / "old.pt")
     target = create_network("dformer", **reference("tiny")).eval()

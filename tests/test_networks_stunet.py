@@ -42,7 +42,9 @@ def test_shapes_taps_and_deep_supervision_scales():
     channels, scales = (4, 8, 8, 16, 16, 16), (1, 2, 4, 8, 16, 16)  # tiny: pool strides 2, 2, 2, 2, 1
     assert [tuple(f.shape[1:]) for f in out.encoder] == [(c, *(32 // r,) * 3) for c, r in zip(channels, scales)]
     # decoder levels coarsest first: 1/16 .. 1/1
-    assert [tuple(f.shape[1:]) for f in out.decoder] == [(channels[4 - u], *(32 // 2 ** (4 - u),) * 3) for u in range(5)]
+    assert [tuple(f.shape[1:]) for f in out.decoder] == [
+        (channels[4 - u], *(32 // 2 ** (4 - u),) * 3) for u in range(5)
+    ]
     # deep supervision finest first, excluding the final logits: 1/2, 1/4, 1/8, 1/16
     assert [tuple(f.shape) for f in out.deep_supervision] == [(1, 3, *(32 // 2**i,) * 3) for i in range(1, 5)]
     assert len(NNUNET_DEEP_SUPERVISION_WEIGHTS) == 1 + len(out.deep_supervision)
@@ -85,8 +87,16 @@ def test_bad_input_raises_input_shape_error():
 def _write_upstream_checkpoint(net, path, **extra):
     """An nnU-Net v1 style checkpoint in the assumed upstream STU-Net key layout."""
     state = {medseg_to_upstream_key(k): v.clone() for k, v in net.state_dict().items()}
-    torch.save({"epoch": 1000, "state_dict": state, "optimizer_state_dict": {},
-                "plot_stuff": ([np.float64(0.9)], [np.float32(0.8)], [], []), **extra}, path)
+    torch.save(
+        {
+            "epoch": 1000,
+            "state_dict": state,
+            "optimizer_state_dict": {},
+            "plot_stuff": ([np.float64(0.9)], [np.float32(0.8)], [], []),
+            **extra,
+        },
+        path,
+    )
     return state
 
 

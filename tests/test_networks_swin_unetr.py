@@ -10,10 +10,16 @@ from medseg.errors import ConfigError, InputShapeError, PretrainedWeightsError
 from medseg.networks import count_parameters, create_network, network_entry
 
 # 3D, small enough for CPU tests (the registry's "tiny" is 2D, see swin_unetr.py)
-SMALL3D = dict(spatial_dims=3, in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1),
-               num_heads=(1, 1, 1, 1), window_size=4)
+SMALL3D = dict(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=3,
+    feature_size=12,
+    depths=(1, 1, 1, 1),
+    num_heads=(1, 1, 1, 1),
+    window_size=4,
+)
 MONAI_KEYS = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=4)
-
 
 
 @pytest.mark.parametrize("label,expected", [("BTCV", 62_187_296), ("BTCV_v2", 72_762_656), ("2d", 25_138_323)])
@@ -49,10 +55,21 @@ def test_taps_have_the_documented_scales_and_channels():
         return [(t.shape[1], tuple(s // n for s, n in zip(size, t.shape[2:]))) for t in taps]
 
     assert out.logits.shape == (2, 3, *size)
-    assert layout(out.encoder) == [(f, (1, 1, 1)), (f, (2, 2, 2)), (2 * f, (4, 4, 4)), (4 * f, (8, 8, 8)),
-                                   (8 * f, (16, 16, 16)), (16 * f, (32, 32, 32))]
-    assert layout(out.decoder) == [(8 * f, (16, 16, 16)), (4 * f, (8, 8, 8)), (2 * f, (4, 4, 4)),
-                                   (f, (2, 2, 2)), (f, (1, 1, 1))]
+    assert layout(out.encoder) == [
+        (f, (1, 1, 1)),
+        (f, (2, 2, 2)),
+        (2 * f, (4, 4, 4)),
+        (4 * f, (8, 8, 8)),
+        (8 * f, (16, 16, 16)),
+        (16 * f, (32, 32, 32)),
+    ]
+    assert layout(out.decoder) == [
+        (8 * f, (16, 16, 16)),
+        (4 * f, (8, 8, 8)),
+        (2 * f, (4, 4, 4)),
+        (f, (2, 2, 2)),
+        (f, (1, 1, 1)),
+    ]
     assert out.deep_supervision == []
 
 
@@ -101,8 +118,11 @@ def test_loads_self_supervised_checkpoint(tmp_path):
     expected = write_ssl_checkpoint(path)
     net = create_network("swin_unetr", **SMALL3D)
     report = net.load_pretrained(path)
-    assert sorted(report["unexpected"]) == ["module.contrastive_head.weight", "module.conv.0.weight",
-                                            "module.rotation_head.weight"]
+    assert sorted(report["unexpected"]) == [
+        "module.contrastive_head.weight",
+        "module.conv.0.weight",
+        "module.rotation_head.weight",
+    ]
     assert report["missing"] and not [k for k in report["missing"] if k.startswith("net.swinViT.")]
     for key, value in expected.items():
         torch.testing.assert_close(net.net.swinViT.state_dict()[key], value, msg=key)

@@ -16,7 +16,6 @@ TINY = network_entry("transunet").references["tiny"]
 TINY3D = network_entry("transunet3d").references["tiny"]
 
 
-
 def meta(name: str, **config):
     with torch.device("meta"):
         return create_network(name, **config)
@@ -46,11 +45,20 @@ def test_taps_have_the_documented_scales_and_channels():
     assert out.logits.shape == (2, 3, h, w)
     # decoder: conv_more (H/16), then the 4 CUP blocks H/8, H/4, H/2, H
     assert [tuple(t.shape[1:]) for t in out.decoder] == [
-        (64, h // 16, w // 16), (32, h // 8, w // 8), (32, h // 4, w // 4), (16, h // 2, w // 2), (16, h, w)]
+        (64, h // 16, w // 16),
+        (32, h // 8, w // 8),
+        (32, h // 4, w // 4),
+        (16, h // 2, w // 2),
+        (16, h, w),
+    ]
     # encoder: root H/2, stages H/4 (padded), H/8, H/16, ViT map H/16
     assert [tuple(t.shape[1:]) for t in out.encoder] == [
-        (32, h // 2, w // 2), (128, h // 4, w // 4), (256, h // 8, w // 8), (512, h // 16, w // 16),
-        (64, h // 16, w // 16)]
+        (32, h // 2, w // 2),
+        (128, h // 4, w // 4),
+        (256, h // 8, w // 8),
+        (512, h // 16, w // 16),
+        (64, h // 16, w // 16),
+    ]
     assert out.deep_supervision == []
 
 
@@ -165,16 +173,21 @@ def test_npz_tensors_follow_jax_semantics(tmp_path):
     np.testing.assert_allclose(qkv[:, 128:].reshape(5, 4, 16), v, rtol=1e-5, atol=1e-5)
     # Flax Dense: y = x @ kernel + bias
     dense = "Transformer/encoderblock_0/MlpBlock_3/Dense_0"
-    np.testing.assert_allclose(block.mlp.fc1(x).detach().numpy(),
-                               x.numpy() @ npz[f"{dense}/kernel"] + npz[f"{dense}/bias"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        block.mlp.fc1(x).detach().numpy(),
+        x.numpy() @ npz[f"{dense}/kernel"] + npz[f"{dense}/bias"],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # HWIO conv: y[o] = sum_{h,w,i} patch[h, w, i] kernel[h, w, i, o] at one output position
     image = torch.randn(1, 3, 16, 16)
     weight = net.resnet.root_conv.weight
     y = F.conv2d(image, weight, stride=2, padding=3)[0, :, 4, 5]
     padded = F.pad(image, (3, 3, 3, 3))[0].permute(1, 2, 0).numpy()  # H W C
     patch = padded[8:15, 10:17]  # rows 2*4 .. 2*4+6, cols 2*5 .. 2*5+6
-    np.testing.assert_allclose(y.detach().numpy(), np.einsum("hwi,hwio->o", patch, npz["conv_root/kernel"]),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        y.detach().numpy(), np.einsum("hwi,hwio->o", patch, npz["conv_root/kernel"]), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_npz_position_embedding_is_resized_for_another_image_size(tmp_path):
@@ -185,8 +198,14 @@ def test_npz_position_embedding_is_resized_for_another_image_size(tmp_path):
     target = create_network("transunet", **{**TINY, "img_size": 128})  # 8 x 8 grid
     report = target.load_pretrained(path)
     assert "transformer.pos_embed" not in report["missing"]
-    expected = resample_abs_pos_embed(source.transformer.pos_embed.detach(), (8, 8), (4, 4), num_prefix_tokens=0,
-                                      interpolation="bilinear", antialias=False)
+    expected = resample_abs_pos_embed(
+        source.transformer.pos_embed.detach(),
+        (8, 8),
+        (4, 4),
+        num_prefix_tokens=0,
+        interpolation="bilinear",
+        antialias=False,
+    )
     torch.testing.assert_close(target.transformer.pos_embed.detach(), expected)
 
 
@@ -221,8 +240,9 @@ def test_transunet3d_reference_is_unet_plus_vit_b_bottleneck():
     net = meta("transunet3d", **config)
     unet = meta("unet", spatial_dims=3, in_channels=1, out_channels=14, deep_supervision=4)
     tokens = (128 // 32) ** 3
-    expected = (count_parameters(unet) + vit_b_parameters()
-                + (320 * 768 + 768) + (768 * 320 + 320) + tokens * 768)  # embed, conv_more, pos-emb
+    expected = (
+        count_parameters(unet) + vit_b_parameters() + (320 * 768 + 768) + (768 * 320 + 320) + tokens * 768
+    )  # embed, conv_more, pos-emb
     assert count_parameters(net) == expected == 116_816_806
     assert net.transformer.pos_embed.shape == (1, 64, 768)
 
@@ -235,7 +255,10 @@ def test_transunet3d_layer_scale_init_and_taps():
     size = (16, 24, 32)  # divisor 8; not the reference 32^3, so the position embedding is resized
     with torch.no_grad():
         out = net(torch.randn(2, 1, *size), features=True)
-    scales = lambda taps: [tuple(s // t for s, t in zip(size, tap.shape[2:])) for tap in taps]
+
+    def scales(taps):
+        return [tuple(s // t for s, t in zip(size, tap.shape[2:])) for tap in taps]
+
     assert out.logits.shape == (2, 3, *size)
     assert scales(out.encoder) == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8), (8, 8, 8)]
     assert [t.shape[1] for t in out.encoder] == [8, 16, 32, 32, 32]  # last: ViT map (hidden 32)

@@ -16,8 +16,14 @@ from medseg.data.cases import find_cases
 from medseg.data.plan import Plan, make_folds, make_plan, plan_patch_size
 from medseg.errors import DatasetError
 
-CASES = ["hippocampus_001", "hippocampus_004", "hippocampus_006", "hippocampus_007", "hippocampus_008",
-         "hippocampus_011"]
+CASES = [
+    "hippocampus_001",
+    "hippocampus_004",
+    "hippocampus_006",
+    "hippocampus_007",
+    "hippocampus_008",
+    "hippocampus_011",
+]
 
 
 def hippocampus() -> Path:

@@ -19,7 +19,6 @@ from tests.conftest import shared_path
 from tests.test_inference_predictor import make_package
 
 
-
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     return make_package(tmp_path_factory.mktemp("models") / "hippocampus-test")
@@ -43,8 +42,9 @@ def test_study_export_zip_bad_file_and_other_modality(package, tmp_path, capsys)
     broken.write_bytes(b"\x1f\x8b\x08\x00 not really a gzip stream")
     out = tmp_path / "out"
 
-    code = main(["predict", str(export), str(broken), str(archive), str(ct),
-                 "--model", str(package.path), "--output", str(out)])
+    code = main(
+        ["predict", str(export), str(broken), str(archive), str(ct), "--model", str(package.path), "--output", str(out)]
+    )
     stdout = capsys.readouterr().out
     assert code == 1  # the broken file failed; everything else went on
     lines = stdout.splitlines()
@@ -69,8 +69,9 @@ def test_study_export_zip_bad_file_and_other_modality(package, tmp_path, capsys)
 
     # the export's crop series: label map and SEG on the source grid
     source = read_image(export / "11_HCropVolume")
-    stem = next(r.name[:-5] for r in reports if json.loads(r.read_text())["input"]["series_uid"]
-                == source.meta["series_uid"])
+    stem = next(
+        r.name[:-5] for r in reports if json.loads(r.read_text())["input"]["series_uid"] == source.meta["series_uid"]
+    )
     nifti = nib.load(str(out / f"{stem}.nii.gz"))
     assert nifti.shape == source.shape
     np.testing.assert_allclose(nifti.affine, source.affine, atol=1e-5)
@@ -83,8 +84,19 @@ def test_study_export_zip_bad_file_and_other_modality(package, tmp_path, capsys)
 
     # resume: nothing is recomputed, nothing rewritten
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    code = main(["predict", str(export), "--model", str(package.path), "--output", str(out),
-                 "--skip-existing", "--formats", "nifti,json"])
+    code = main(
+        [
+            "predict",
+            str(export),
+            "--model",
+            str(package.path),
+            "--output",
+            str(out),
+            "--skip-existing",
+            "--formats",
+            "nifti,json",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     assert "0 segmented, 1 already done, 4 skipped, 0 failed" in stdout
@@ -94,8 +106,20 @@ def test_study_export_zip_bad_file_and_other_modality(package, tmp_path, capsys)
 def test_only_requested_formats_and_nifti_input(package, tmp_path, capsys):
     image = shared_path("hippocampus", "imagesTr", "hippocampus_004.nii.gz")
     out = tmp_path / "out"
-    code = main(["predict", str(image), "--model", str(package.path), "--output", str(out),
-                 "--formats", "nifti,json", "--overlap", "0.25"])
+    code = main(
+        [
+            "predict",
+            str(image),
+            "--model",
+            str(package.path),
+            "--output",
+            str(out),
+            "--formats",
+            "nifti,json",
+            "--overlap",
+            "0.25",
+        ]
+    )
     assert code == 0, capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == ["hippocampus_004.json", "hippocampus_004.nii.gz"]
     report = json.loads((out / "hippocampus_004.json").read_text())
@@ -106,13 +130,14 @@ def test_nothing_fits_and_bad_arguments(package, tmp_path, capsys):
     ct = shared_path("dicom", "ct_jpeg2000_series")
     assert main(["predict", str(ct), "--model", str(package.path), "--output", str(tmp_path)]) == 1
     assert "no series fits the model" in capsys.readouterr().err
-    assert main(["predict", str(ct), "--model", str(package.path), "--output", str(tmp_path),
-                 "--formats", "nifti,stl"]) == 2
+    assert (
+        main(["predict", str(ct), "--model", str(package.path), "--output", str(tmp_path), "--formats", "nifti,stl"])
+        == 2
+    )
     assert "--formats" in capsys.readouterr().err
     assert main(["predict", str(ct), "--model", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
-    assert main(["predict", str(ct), "--model", str(package.path), "--output", str(tmp_path),
-                 "--overlap", "1.5"]) == 2
+    assert main(["predict", str(ct), "--model", str(package.path), "--output", str(tmp_path), "--overlap", "1.5"]) == 2
 
 
 def test_copied_series_with_a_truncated_slice_fails_alone(package, tmp_path, capsys):
@@ -122,8 +147,19 @@ def test_copied_series_with_a_truncated_slice_fails_alone(package, tmp_path, cap
     victim = sorted(copy.glob("*.dcm"))[5]
     victim.write_bytes(victim.read_bytes()[:400])  # header cut short: pixel data gone
     out = tmp_path / "out"
-    code = main(["predict", str(copy), str(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz")),
-                 "--model", str(package.path), "--output", str(out), "--formats", "json"])
+    code = main(
+        [
+            "predict",
+            str(copy),
+            str(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz")),
+            "--model",
+            str(package.path),
+            "--output",
+            str(out),
+            "--formats",
+            "json",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert "hippocampus_001" in stdout and (out / "hippocampus_001.json").is_file()
     # a truncated slice is either dropped with a warning or fails the series; never the batch

@@ -71,14 +71,16 @@ def test_an_output_folder_inside_the_input_folder_is_not_input_next_time(case, c
         assert summary.startswith("1 segmented, 0 already done, 0 skipped, 0 failed"), summary
 
 
-@pytest.mark.parametrize("extra,expected", [
-    (["--runtime", "tensorrt"], "--runtime tensorrt"),
-    (["--overlap", "1.5"], "--overlap"),
-])
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--runtime", "tensorrt"], "--runtime tensorrt"),
+        (["--overlap", "1.5"], "--overlap"),
+    ],
+)
 def test_bad_arguments_get_one_line_and_exit_2(case, tmp_path, capsys, extra, expected):
     out = tmp_path / "out"
-    assert main(["predict", str(case), "--model", "hippocampus", "--output", str(out),
-                 *extra]) == 2
+    assert main(["predict", str(case), "--model", "hippocampus", "--output", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err
     assert not out.exists()

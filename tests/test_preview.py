@@ -32,12 +32,13 @@ EXPECTED = {  # radiological convention: patient right on the viewer's left
 }
 RAS = np.diag([1.0, 1.0, 1.0, 1.0])
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM's usual storage: +i to the left, +j posterior
-LABELS = [Label(id=1, name="left thing", type=Code(value="1", meaning="x"), color=(255, 0, 0)),
-          Label(id=2, name="right thing", type=Code(value="2", meaning="y"), color=(0, 0, 255))]
+LABELS = [
+    Label(id=1, name="left thing", type=Code(value="1", meaning="x"), color=(255, 0, 0)),
+    Label(id=2, name="right thing", type=Code(value="2", meaning="y"), color=(0, 0, 255)),
+]
 
 
-@pytest.mark.parametrize("affine", [RAS, LPS, np.diag([0.5, -0.7, 3.0, 1.0])],
-                         ids=["RAS", "LPS", "anisotropic RPS"])
+@pytest.mark.parametrize("affine", [RAS, LPS, np.diag([0.5, -0.7, 3.0, 1.0])], ids=["RAS", "LPS", "anisotropic RPS"])
 def test_orientation_letters_for_ras_and_lps_images(affine):
     assert orientation_letters(affine) == EXPECTED
 
@@ -80,8 +81,7 @@ def test_slices_go_through_the_segmentation():
 
 
 def test_annotations_name_the_model_and_warn_unless_validated():
-    image = Image(array=np.zeros((4, 4, 4)), affine=LPS,
-                  meta={"series_description": "T1 MPRAGE", "modality": "MR"})
+    image = Image(array=np.zeros((4, 4, 4)), affine=LPS, meta={"series_description": "T1 MPRAGE", "modality": "MR"})
     card = resolve_model("hippocampus").card
     stats = [{"id": 1, "volume_ml": 1.234}]
     text = preview_annotations(image, LABELS, stats, card)
@@ -89,13 +89,11 @@ def test_annotations_name_the_model_and_warn_unless_validated():
     assert text["model"] == f"hippocampus 0.1.0 · sha256 {card.weights_sha256[:12]}"
     assert text["notice"].lower() == "not for diagnostic use"
     assert [entry for _, entry in text["legend"]] == ["left thing: 1.23 ml", "right thing: 0.00 ml"]
-    validated = card.model_copy(update={"clinically_validated": True,
-                                        "trained_at": "2027-01-02T03:04:05Z"})
+    validated = card.model_copy(update={"clinically_validated": True, "trained_at": "2027-01-02T03:04:05Z"})
     text = preview_annotations(image, LABELS, stats, validated)
     assert text["notice"] is None and text["model"].endswith("· trained 2027-01-02")
     many = [Label(id=i, name=f"l{i}", type=Code(value="1", meaning="x")) for i in range(1, 31)]
-    text = preview_annotations(image, many, [{"id": i, "volume_ml": float(i % 2)}
-                                             for i in range(1, 31)])
+    text = preview_annotations(image, many, [{"id": i, "volume_ml": float(i % 2)} for i in range(1, 31)])
     assert len(text["legend"]) == 12 and text["more"] == 18  # only labels with volume, 12 at most
 
 
@@ -112,8 +110,10 @@ def _check_png(path: Path, notice: bool = True) -> np.ndarray:
 
 
 def test_preview_of_the_bundled_sample_is_legible(tmp_path):
-    assert main(["predict", str(SAMPLE), "--model", "hippocampus", "--output", str(tmp_path),
-                 "--formats", "png,json"]) == 0
+    assert (
+        main(["predict", str(SAMPLE), "--model", "hippocampus", "--output", str(tmp_path), "--formats", "png,json"])
+        == 0
+    )
     path = next(tmp_path.glob("*.png"))
     pixels = _check_png(path)
     text = PILImage.open(path).text

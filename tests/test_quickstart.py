@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import REPO, shared_path
+
 from medseg.io import read_image, read_seg
 from medseg.metrics import label_map_metrics
 from medseg.package import resolve_model

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 README = REPO / "README.md"
@@ -36,25 +35,35 @@ KNOWN_LANGUAGES = (*SHELL, "text", "yaml", "json")
 
 #: blocks that are not run, by their first line: (kind, reason)
 NOT_RUN = {
-    "pip install torch==2.13.0 && pip install -e \".[test]\" && medseg predict medseg/samples/hippocampus_mr "
-    "--model hippocampus --output out/":
-        ("install", "installs packages; its non-install part (the main job) is the second line of the "
-                    "Quickstart block, which is run"),
-    "python -m pytest -q":
-        ("suite", "runs the whole test suite, this test included"),
-    "medseg predict STUDY_EXPORT_DIR/ scans.zip image.nii.gz --model hippocampus --output out/ --tta --skip-existing":
-        ("placeholders", "not runnable, placeholders: STUDY_EXPORT_DIR, scans.zip, image.nii.gz, DICOM_DIR, UID, "
-                         "PRED_DIR, LABEL_DIR"),
-    "medseg train configs/hippocampus/unet.yaml --fold 0 --output runs/hippocampus_unet":
-        ("reference", "how the bundled model was trained: 39 minutes on ../shared/data; the toy block of "
-                      "'Train on your own data' runs plan -> train -> export -> predict by name"),
-    "medseg plan MyDataset --data-card my_liver --output MyDataset/plan.json   # check every case, plan":
-        ("placeholders", "not runnable, placeholders: MyDataset, my_liver, my_liver.yaml, STUDY_EXPORT_DIR"),
-    "medseg keys create --role submit --name radiology --data-dir ./medseg-data   # prints the key once":
-        ("reference", "runs the server in the foreground until Ctrl-C; the Quickstart's serve block runs the "
-                      "same two commands (server in the background) and is run"),
-    "KEY=msk_...; H=\"Authorization: Bearer $KEY\"; S=http://127.0.0.1:8000":
-        ("placeholders", "not runnable, placeholders: msk_..., $ID, t1.nii.gz, study.zip, series/, body.mime"),
+    'pip install torch==2.13.0 && pip install -e ".[test]" && medseg predict medseg/samples/hippocampus_mr '
+    "--model hippocampus --output out/": (
+        "install",
+        "installs packages; its non-install part (the main job) is the second line of the "
+        "Quickstart block, which is run",
+    ),
+    "python -m pytest -q": ("suite", "runs the whole test suite, this test included"),
+    "medseg predict STUDY_EXPORT_DIR/ scans.zip image.nii.gz --model hippocampus --output out/ --tta --skip-existing": (
+        "placeholders",
+        "not runnable, placeholders: STUDY_EXPORT_DIR, scans.zip, image.nii.gz, DICOM_DIR, UID, PRED_DIR, LABEL_DIR",
+    ),
+    "medseg train configs/hippocampus/unet.yaml --fold 0 --output runs/hippocampus_unet": (
+        "reference",
+        "how the bundled model was trained: 39 minutes on ../shared/data; the toy block of "
+        "'Train on your own data' runs plan -> train -> export -> predict by name",
+    ),
+    "medseg plan MyDataset --data-card my_liver --output MyDataset/plan.json   # check every case, plan": (
+        "placeholders",
+        "not runnable, placeholders: MyDataset, my_liver, my_liver.yaml, STUDY_EXPORT_DIR",
+    ),
+    "medseg keys create --role submit --name radiology --data-dir ./medseg-data   # prints the key once": (
+        "reference",
+        "runs the server in the foreground until Ctrl-C; the Quickstart's serve block runs the "
+        "same two commands (server in the background) and is run",
+    ),
+    'KEY=msk_...; H="Authorization: Bearer $KEY"; S=http://127.0.0.1:8000': (
+        "placeholders",
+        "not runnable, placeholders: msk_..., $ID, t1.nii.gz, study.zip, series/, body.mime",
+    ),
 }
 
 #: the runnable blocks that are checked beyond their exit status, by first line
@@ -149,8 +158,11 @@ def _listening(port: int) -> bool:
 
 def _env() -> dict[str, str]:
     """The user's shell: this venv's commands first; none of the tests' service or model settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MEDSEG_SERVICE_") and k not in ("MEDSEG_MODEL_PATH", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MEDSEG_SERVICE_") and k not in ("MEDSEG_MODEL_PATH", "PYTHONPATH")
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -174,8 +186,9 @@ class Workspace:
             (root / name).symlink_to(REPO / name, target_is_directory=True)
         self.done: dict[str, subprocess.CompletedProcess] = {}
 
-    def run(self, block: Block, substitutions: dict[str, str] | None = None,
-            timeout: float = 240) -> subprocess.CompletedProcess:
+    def run(
+        self, block: Block, substitutions: dict[str, str] | None = None, timeout: float = 240
+    ) -> subprocess.CompletedProcess:
         for first in NEEDS.get(block.first, []):
             if first not in self.done:
                 self.run(by_first(first))
@@ -183,9 +196,15 @@ class Workspace:
         for old, new in (substitutions or {}).items():
             assert old in script, (old, str(block))
             script = script.replace(old, new)
-        process = subprocess.Popen(["bash", "-c", "set -e\n" + script], cwd=self.root, env=_env(),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            ["bash", "-c", "set -e\n" + script],
+            cwd=self.root,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -200,8 +219,10 @@ class Workspace:
             if _group_alive(process.pid):
                 os.killpg(process.pid, signal.SIGKILL)
         result = subprocess.CompletedProcess(process.args, process.returncode, out, err)
-        assert result.returncode == 0, f"{block} exited with {result.returncode}\nstdout:\n{out[-3000:]}\n" \
-                                       f"stderr:\n{err[-5000:]}{self._serve_log()}"
+        assert result.returncode == 0, (
+            f"{block} exited with {result.returncode}\nstdout:\n{out[-3000:]}\n"
+            f"stderr:\n{err[-5000:]}{self._serve_log()}"
+        )
         self.done[block.first] = result
         return result
 
@@ -210,8 +231,19 @@ class Workspace:
         return f"\nserve.log:\n{log.read_text(errors='replace')[-3000:]}" if log.exists() else ""
 
 
-OUTPUTS = ("out", "volume.nii.gz", "medseg-data", "serve.log", "job.json", "seg.dcm", "toy", "toy.yaml", "runs",
-           "my-models", "toy-out")
+OUTPUTS = (
+    "out",
+    "volume.nii.gz",
+    "medseg-data",
+    "serve.log",
+    "job.json",
+    "seg.dcm",
+    "toy",
+    "toy.yaml",
+    "runs",
+    "my-models",
+    "toy-out",
+)
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +279,9 @@ def test_serve_block_segments_the_sample_over_http(workspace):
     seg = pydicom.dcmread(workspace.root / "seg.dcm")
     assert seg.Modality == "SEG"
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["anterior hippocampus", "posterior hippocampus"]
-    source = pydicom.dcmread(next((REPO / "medseg" / "samples" / "hippocampus_mr").glob("*.dcm")),
-                             stop_before_pixels=True)
+    source = pydicom.dcmread(
+        next((REPO / "medseg" / "samples" / "hippocampus_mr").glob("*.dcm")), stop_before_pixels=True
+    )
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
     assert not _listening(port), "the server still listens after the block's kill"
     log = (workspace.root / "serve.log").read_text()

@@ -20,8 +20,15 @@ from hypothesis import strategies as st
 
 from medseg.io import read_image
 from tests.conftest import shared_path
-from tests.test_service_support import (Server, assert_problem, build_tiny_model, create_key,
-                                        dicom_files, wait_for, zip_bytes)
+from tests.test_service_support import (
+    Server,
+    assert_problem,
+    build_tiny_model,
+    create_key,
+    dicom_files,
+    wait_for,
+    zip_bytes,
+)
 
 ORIGIN = "https://viewer.example.org"
 
@@ -31,9 +38,11 @@ def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("service-api")
     data = root / "data"
     keys = {role: create_key(data, role, role) for role in ("read", "submit", "admin")}
-    server = Server(data, build_tiny_model(root / "models"),
-                    env={"MEDSEG_SERVICE_CORS_ORIGINS": ORIGIN,
-                         "MEDSEG_SERVICE_STOW_QUIET_S": "1"}).start()
+    server = Server(
+        data,
+        build_tiny_model(root / "models"),
+        env={"MEDSEG_SERVICE_CORS_ORIGINS": ORIGIN, "MEDSEG_SERVICE_STOW_QUIET_S": "1"},
+    ).start()
     yield server, keys
     server.stop()
 
@@ -96,8 +105,7 @@ def test_zip_with_two_series_and_a_chosen_series_uid(service):
     with server.client(keys["submit"]) as client:
         upload = [("file", ("study.zip", zip_bytes(entries), "application/zip"))]
         assert_problem(client.post("/v1/jobs", files=upload), 422, "mixed-series")
-        response = client.post("/v1/jobs", files=upload, data={"series_uid": chosen,
-                                                                "formats": "seg,report"})
+        response = client.post("/v1/jobs", files=upload, data={"series_uid": chosen, "formats": "seg,report"})
         assert response.status_code == 202, response.text
         job = wait_for(client, response.json()["id"])
     assert job["state"] == "succeeded", job
@@ -110,8 +118,7 @@ def test_nifti_upload_gives_a_label_map_on_the_input_grid(service):
     path = shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz")
     source = nib.load(path)
     with server.client(keys["submit"]) as client:
-        response = client.post("/v1/jobs", files=[("file", (path.name, path.read_bytes(),
-                                                            "application/gzip"))])
+        response = client.post("/v1/jobs", files=[("file", (path.name, path.read_bytes(), "application/gzip"))])
         assert response.status_code == 202, response.text
         job = wait_for(client, response.json()["id"])
         assert job["state"] == "succeeded", job
@@ -138,12 +145,17 @@ def test_stow_rs_from_a_dicomweb_client_makes_one_job_per_matching_series(servic
     assert len(result.ReferencedSOPSequence) == len(datasets)
     assert "FailedSOPSequence" not in result
     no_uids = sorted(shared_path("dicom", "ct_jpeg2000_series").iterdir())[0]
-    body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n" + ct[0].read_bytes() + b"\r\n"
-            b"--b\r\nContent-Type: application/dicom\r\n\r\nnot dicom at all\r\n"
-            b"--b\r\nContent-Type: application/dicom\r\n\r\n" + no_uids.read_bytes() + b"\r\n--b--\r\n")
+    body = (
+        b"--b\r\nContent-Type: application/dicom\r\n\r\n" + ct[0].read_bytes() + b"\r\n"
+        b"--b\r\nContent-Type: application/dicom\r\n\r\nnot dicom at all\r\n"
+        b"--b\r\nContent-Type: application/dicom\r\n\r\n" + no_uids.read_bytes() + b"\r\n--b--\r\n"
+    )
     with server.client(keys["submit"]) as client:
-        partial = client.post("/dicomweb/studies", content=body, headers={
-            "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+        partial = client.post(
+            "/dicomweb/studies",
+            content=body,
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+        )
         assert partial.status_code == 202, partial.text
         assert partial.headers["content-type"] == "application/dicom+json"
         failed = partial.json()["00081198"]["Value"]
@@ -151,8 +163,7 @@ def test_stow_rs_from_a_dicomweb_client_makes_one_job_per_matching_series(servic
         assert len(partial.json()["00081199"]["Value"]) == 1
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            stowed = [j for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"]
-                      if j["source"] == "stow"]
+            stowed = [j for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"] if j["source"] == "stow"]
             if stowed and stowed[0]["state"] in ("succeeded", "failed"):
                 break
             time.sleep(0.2)
@@ -235,8 +246,7 @@ def test_logs_are_json_lines_with_job_ids_and_no_patient_identifiers(service, di
 
 def test_cors_allows_only_the_configured_origin(service):
     server, _ = service
-    preflight = {"Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization"}
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
     allowed = httpx.options(server.url + "/v1/jobs", headers={"Origin": ORIGIN, **preflight})
     assert allowed.headers.get("access-control-allow-origin") == ORIGIN
     other = httpx.options(server.url + "/v1/jobs", headers={"Origin": "https://evil.example", **preflight})
@@ -253,8 +263,7 @@ def _stow_body(ctx, value):
 @pytest.fixture(scope="module")
 def api_schema(service):
     server, keys = service
-    document = httpx.get(server.url + "/openapi.json",
-                         headers={"Authorization": f"Bearer {keys['read']}"}).json()
+    document = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {keys['read']}"}).json()
     return schemathesis.openapi.from_dict(document)
 
 
@@ -274,19 +283,21 @@ def test_fuzzed_requests_never_get_a_server_error(api_schema, service):
             strategies = strategies[:1]  # negative multipart bodies cannot be serialised
 
         @given(case=st.one_of(strategies))
-        @settings(max_examples=10, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=10, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         def check(case):
-            response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {key}"},
-                                 timeout=60)
+            response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)  # noqa: B023
             seen.append((case.method, case.path, response.status_code))
-            assert response.status_code < 500, (case.method, case.path, response.status_code,
-                                                response.text[:300])
+            assert response.status_code < 500, (case.method, case.path, response.status_code, response.text[:300])
             if response.status_code >= 400:
                 content_type = {k.lower(): v for k, v in response.headers.items()}["content-type"]
                 content_type = content_type[0] if isinstance(content_type, list) else content_type
-                assert content_type.startswith("application/problem+json"), \
-                    (case.method, case.path, response.text[:300])
+                assert content_type.startswith("application/problem+json"), (
+                    case.method,
+                    case.path,
+                    response.text[:300],
+                )
                 assert response.json()["type"].startswith("https://medseg.dev/problems/")
 
         check()

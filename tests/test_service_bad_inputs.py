@@ -12,8 +12,15 @@ import pydicom
 import pytest
 
 from tests.conftest import shared_path
-from tests.test_service_support import (Server, assert_problem, build_tiny_model, create_key,
-                                        dicom_files, wait_for, zip_bytes)
+from tests.test_service_support import (
+    Server,
+    assert_problem,
+    build_tiny_model,
+    create_key,
+    dicom_files,
+    wait_for,
+    zip_bytes,
+)
 
 MAX_UPLOAD = 24 * 1024**2
 MAX_INSTANCES = 100
@@ -35,9 +42,15 @@ def service(tmp_path_factory):
     store = Store(Settings.load({"data_dir": data}, environ={}).db_url)
     revoke_key(store, keys["revoked"].split("_")[1])
     store.dispose()
-    server = Server(data, models, env={"MEDSEG_SERVICE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-                                       "MEDSEG_SERVICE_MAX_INSTANCES": str(MAX_INSTANCES),
-                                       "MEDSEG_SERVICE_REQUEST_TIMEOUT_S": str(BODY_TIMEOUT)}).start()
+    server = Server(
+        data,
+        models,
+        env={
+            "MEDSEG_SERVICE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+            "MEDSEG_SERVICE_MAX_INSTANCES": str(MAX_INSTANCES),
+            "MEDSEG_SERVICE_REQUEST_TIMEOUT_S": str(BODY_TIMEOUT),
+        },
+    ).start()
     yield server, keys
     server.stop()
 
@@ -67,39 +80,97 @@ def _bad_uploads():
     hippo = lambda: shared_path("dicom", "hippocampus_crop_study1")  # noqa: E731
     one = lambda: sorted(hippo().iterdir())[0]  # noqa: E731
     return [
-        ("garbage bytes", lambda: [("file", ("scan.dcm", os.urandom(20000), "application/dicom"))],
-         {}, 422, "unreadable-file"),
-        ("truncated DICOM file", lambda: [("file", ("1.dcm", _truncated(one()), "application/dicom"))],
-         {}, 422, "unreadable-file"),
-        ("series with a truncated slice", lambda: [
-            ("file", (p.name, _truncated(p) if i == 5 else p.read_bytes(), "application/dicom"))
-            for i, p in enumerate(sorted(hippo().iterdir()))], {}, 422, None),
-        ("zip bomb", lambda: [("file", ("study.zip", zip_bytes({"bomb.dcm": bytes(30 * 1024**2)}),
-                                        "application/zip"))], {}, 422, "unsafe-archive"),
-        ("zip path traversal", lambda: [("file", ("study.zip", zip_bytes(
-            {"../../../../tmp/evil.dcm": one().read_bytes()}), "application/zip"))],
-         {}, 422, "unsafe-archive"),
-        ("wrong modality (CT for an MR model)", lambda: dicom_files(
-            shared_path("dicom", "ct_jpeg2000_series")), {}, 422, "modality-mismatch"),
-        ("two series, none chosen", lambda: dicom_files(hippo()) + dicom_files(
-            shared_path("dicom", "mr_brain_study3_export", "11_HCropVolume")),
-         {}, 422, "mixed-series"),
+        (
+            "garbage bytes",
+            lambda: [("file", ("scan.dcm", os.urandom(20000), "application/dicom"))],
+            {},
+            422,
+            "unreadable-file",
+        ),
+        (
+            "truncated DICOM file",
+            lambda: [("file", ("1.dcm", _truncated(one()), "application/dicom"))],
+            {},
+            422,
+            "unreadable-file",
+        ),
+        (
+            "series with a truncated slice",
+            lambda: [
+                ("file", (p.name, _truncated(p) if i == 5 else p.read_bytes(), "application/dicom"))
+                for i, p in enumerate(sorted(hippo().iterdir()))
+            ],
+            {},
+            422,
+            None,
+        ),
+        (
+            "zip bomb",
+            lambda: [("file", ("study.zip", zip_bytes({"bomb.dcm": bytes(30 * 1024**2)}), "application/zip"))],
+            {},
+            422,
+            "unsafe-archive",
+        ),
+        (
+            "zip path traversal",
+            lambda: [
+                ("file", ("study.zip", zip_bytes({"../../../../tmp/evil.dcm": one().read_bytes()}), "application/zip"))
+            ],
+            {},
+            422,
+            "unsafe-archive",
+        ),
+        (
+            "wrong modality (CT for an MR model)",
+            lambda: dicom_files(shared_path("dicom", "ct_jpeg2000_series")),
+            {},
+            422,
+            "modality-mismatch",
+        ),
+        (
+            "two series, none chosen",
+            lambda: (
+                dicom_files(hippo()) + dicom_files(shared_path("dicom", "mr_brain_study3_export", "11_HCropVolume"))
+            ),
+            {},
+            422,
+            "mixed-series",
+        ),
         ("no file", lambda: [("model", (None, b"tiny-hippocampus"))], {}, 422, "no-image-data"),
-        ("unknown form field", lambda: dicom_files(hippo()), {"colour": "red"}, 422,
-         "invalid-request"),
-        ("overlap out of range", lambda: dicom_files(hippo()), {"overlap": "2"}, 422,
-         "invalid-request"),
-        ("unknown format", lambda: dicom_files(hippo()), {"formats": "seg,stl"}, 422,
-         "invalid-request"),
-        ("unknown model", lambda: dicom_files(hippo()), {"model": "no-such-model"}, 404,
-         "model-not-found"),
-        ("DICOM SEG asked for a NIfTI input", lambda: [("file", ("case.nii.gz", shared_path(
-            "hippocampus", "imagesTr", "hippocampus_001.nii.gz").read_bytes(), "application/gzip"))],
-         {"formats": "seg"}, 422, "unsupported-input"),
-        ("too many files", lambda: [("file", (f"{i}.dcm", b"x", "application/dicom"))
-                                    for i in range(MAX_INSTANCES + 1)], {}, 413, "too-large"),
-        ("oversize body", lambda: [("file", ("big.nii.gz", os.urandom(MAX_UPLOAD + 1024),
-                                             "application/gzip"))], {}, 413, "too-large"),
+        ("unknown form field", lambda: dicom_files(hippo()), {"colour": "red"}, 422, "invalid-request"),
+        ("overlap out of range", lambda: dicom_files(hippo()), {"overlap": "2"}, 422, "invalid-request"),
+        ("unknown format", lambda: dicom_files(hippo()), {"formats": "seg,stl"}, 422, "invalid-request"),
+        ("unknown model", lambda: dicom_files(hippo()), {"model": "no-such-model"}, 404, "model-not-found"),
+        (
+            "DICOM SEG asked for a NIfTI input",
+            lambda: [
+                (
+                    "file",
+                    (
+                        "case.nii.gz",
+                        shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz").read_bytes(),
+                        "application/gzip",
+                    ),
+                )
+            ],
+            {"formats": "seg"},
+            422,
+            "unsupported-input",
+        ),
+        (
+            "too many files",
+            lambda: [("file", (f"{i}.dcm", b"x", "application/dicom")) for i in range(MAX_INSTANCES + 1)],
+            {},
+            413,
+            "too-large",
+        ),
+        (
+            "oversize body",
+            lambda: [("file", ("big.nii.gz", os.urandom(MAX_UPLOAD + 1024), "application/gzip"))],
+            {},
+            413,
+            "too-large",
+        ),
     ]
 
 
@@ -124,9 +195,12 @@ def test_bad_upload_is_refused_with_a_problem_and_touches_nothing(service, good_
 def test_oversize_is_refused_from_the_declared_length_before_reading(service):
     """Only the headers and the start of a body declared too large are sent: 413 at once."""
     server, keys = service
-    response = _raw_request(server, keys["submit"], {
-        "Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(MAX_UPLOAD + 1)},
-        [b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.nii\"\r\n\r\n"])
+    response = _raw_request(
+        server,
+        keys["submit"],
+        {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(MAX_UPLOAD + 1)},
+        [b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.nii"\r\n\r\n'],
+    )
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert b"https://medseg.dev/problems/too-large" in response
 
@@ -134,11 +208,15 @@ def test_oversize_is_refused_from_the_declared_length_before_reading(service):
 def test_oversize_chunked_body_is_cut_off_while_streaming(service):
     """No Content-Length (chunked): the limit is enforced as the bytes arrive."""
     server, keys = service
-    head = b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.nii\"\r\n\r\n"
+    head = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.nii"\r\n\r\n'
     block = os.urandom(1024**2)
     chunks = [head] + [block] * (MAX_UPLOAD // len(block) + 2)
-    response = _raw_request(server, keys["submit"], {
-        "Content-Type": "multipart/form-data; boundary=x", "Transfer-Encoding": "chunked"}, chunks)
+    response = _raw_request(
+        server,
+        keys["submit"],
+        {"Content-Type": "multipart/form-data; boundary=x", "Transfer-Encoding": "chunked"},
+        chunks,
+    )
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert not any((server.data_dir / "incoming").iterdir())  # the partial upload is gone
 
@@ -148,9 +226,11 @@ def test_a_body_sent_too_slowly_times_out_with_408(service):
     import socket
 
     server, keys = service
-    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {keys['submit']}\r\n"
-            "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
-            "--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.dcm\"\r\n\r\n")
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {keys['submit']}\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
+        '--x\r\nContent-Disposition: form-data; name="file"; filename="a.dcm"\r\n\r\n'
+    )
     with socket.create_connection(("127.0.0.1", server.port), timeout=BODY_TIMEOUT + 60) as sock:
         sock.sendall(head.encode() + b"\0" * 1000)  # ... and then nothing more
         answer = sock.recv(65536)
@@ -169,8 +249,12 @@ def _raw_request(server: Server, key: str, headers: dict[str, str], chunks: list
     import socket
 
     chunked = headers.get("Transfer-Encoding") == "chunked"
-    lines = ["POST /v1/jobs HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
-             f"Authorization: Bearer {key}", *(f"{k}: {v}" for k, v in headers.items())]
+    lines = [
+        "POST /v1/jobs HTTP/1.1",
+        f"Host: 127.0.0.1:{server.port}",
+        f"Authorization: Bearer {key}",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    ]
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         sock.setblocking(False)
@@ -207,8 +291,9 @@ def test_not_multipart_is_unsupported_media_type(service):
     with server.client(keys["submit"]) as client:
         response = client.post("/v1/jobs", json={"file": "abc"})
         assert_problem(response, 415, "unsupported-media-type")
-        response = client.post("/v1/jobs", content=b"--x\r\nbroken", headers={
-            "Content-Type": "multipart/form-data; boundary=x"})
+        response = client.post(
+            "/v1/jobs", content=b"--x\r\nbroken", headers={"Content-Type": "multipart/form-data; boundary=x"}
+        )
         assert_problem(response, 400, "bad-request")
 
 
@@ -223,17 +308,29 @@ def test_validation_errors_are_problems_not_fastapi_defaults(service):
 
 
 # --- authentication and roles -------------------------------------------------------------------
-PROTECTED = [("GET", "/v1/jobs"), ("GET", "/v1/models"), ("GET", "/metrics"),
-             ("GET", "/openapi.json"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/0123"),
-             ("DELETE", "/v1/jobs/0123"), ("GET", "/v1/jobs/0123/result/seg"),
-             ("POST", "/dicomweb/studies")]
+PROTECTED = [
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/models"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs/0123"),
+    ("DELETE", "/v1/jobs/0123"),
+    ("GET", "/v1/jobs/0123/result/seg"),
+    ("POST", "/dicomweb/studies"),
+]
 
 
 @pytest.mark.parametrize("method,path", PROTECTED)
 def test_every_endpoint_but_health_needs_a_valid_key(service, method, path):
     server, keys = service
-    for header in (None, "Basic dXNlcjpwYXNz", "Bearer not-a-key",
-                   "Bearer msk_0123456789ab_" + "A" * 43, f"Bearer {keys['revoked']}"):
+    for header in (
+        None,
+        "Basic dXNlcjpwYXNz",
+        "Bearer not-a-key",
+        "Bearer msk_0123456789ab_" + "A" * 43,
+        f"Bearer {keys['revoked']}",
+    ):
         headers = {"Authorization": header} if header else {}
         response = httpx.request(method, server.url + path, headers=headers, timeout=30)
         assert_problem(response, 401, "unauthorized")
@@ -249,9 +346,15 @@ def test_roles_and_ownership(service, good_job):
     with server.client(keys["read"]) as client:
         assert_problem(client.post("/v1/jobs", files=dicom_files(series)), 403, "forbidden")
         assert_problem(client.delete(f"/v1/jobs/{job['id']}"), 403, "forbidden")
-        assert_problem(client.post("/dicomweb/studies", content=b"", headers={
-            "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}),
-            403, "forbidden")
+        assert_problem(
+            client.post(
+                "/dicomweb/studies",
+                content=b"",
+                headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'},
+            ),
+            403,
+            "forbidden",
+        )
         assert client.get("/v1/models").status_code == 200
         assert client.get("/v1/jobs").json()["total"] == 0  # sees only its own jobs
     with server.client(keys["other"]) as client:  # another submitter: the job does not exist
@@ -310,8 +413,11 @@ def _store_snapshot(server: Server, admin_key: str):
     """Jobs (id, state, results) and the files under jobs/ and incoming/."""
     with server.client(admin_key) as client:
         jobs = client.get("/v1/jobs", params={"limit": 200}).json()["items"]
-    files = sorted(str(p.relative_to(server.data_dir)) for folder in ("jobs", "incoming", "stow")
-                   for p in (server.data_dir / folder).rglob("*"))
+    files = sorted(
+        str(p.relative_to(server.data_dir))
+        for folder in ("jobs", "incoming", "stow")
+        for p in (server.data_dir / folder).rglob("*")
+    )
     return [(j["id"], j["state"], sorted(j["results"])) for j in jobs], files
 
 
@@ -319,8 +425,7 @@ def _assert_good_job_untouched(server: Server, keys, good_job):
     job, seg_sha = good_job
     with server.client(keys["submit"]) as client:
         now = client.get(f"/v1/jobs/{job['id']}").json()
-        assert (now["state"], now["results"], now["finished_at"]) == (
-            job["state"], job["results"], job["finished_at"])
+        assert (now["state"], now["results"], now["finished_at"]) == (job["state"], job["results"], job["finished_at"])
         seg = client.get(f"/v1/jobs/{job['id']}/result/seg")
         assert hashlib.sha256(seg.content).hexdigest() == seg_sha
         ds = pydicom.dcmread(io.BytesIO(seg.content))

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import shared_path
-from tests.test_service_support import (Server, assert_problem, build_tiny_model, create_key,
-                                        wait_for, zip_bytes)
+from tests.test_service_support import Server, assert_problem, build_tiny_model, create_key, wait_for, zip_bytes
 
 MAX_WINDOWS = 100_000
 SECRET = "medseg-secret-file-contents-0123456789"
@@ -31,8 +30,11 @@ def service(tmp_path_factory):
     keys = {role: create_key(data, role, role) for role in ("submit", "admin")}
     secret = root / "secret.raw"  # a server file outside every upload
     secret.write_bytes((SECRET * 64).encode()[:4096])
-    server = Server(data, build_tiny_model(root / "models"), env={
-        "MEDSEG_SERVICE_MAX_WINDOWS": str(MAX_WINDOWS), "MEDSEG_SERVICE_STOW_QUIET_S": "1"}).start()
+    server = Server(
+        data,
+        build_tiny_model(root / "models"),
+        env={"MEDSEG_SERVICE_MAX_WINDOWS": str(MAX_WINDOWS), "MEDSEG_SERVICE_STOW_QUIET_S": "1"},
+    ).start()
     yield server, keys, secret
     server.stop()
 
@@ -43,13 +45,17 @@ def _nifti_upload() -> list:
 
 
 def _mha_header(data_file: str) -> bytes:
-    return ("ObjectType = Image\nNDims = 3\nDimSize = 16 16 16\nElementSpacing = 1 1 1\n"
-            f"ElementType = MET_UCHAR\nElementDataFile = {data_file}\n").encode()
+    return (
+        "ObjectType = Image\nNDims = 3\nDimSize = 16 16 16\nElementSpacing = 1 1 1\n"
+        f"ElementType = MET_UCHAR\nElementDataFile = {data_file}\n"
+    ).encode()
 
 
 def _nhdr(data_file: str) -> bytes:
-    return ("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16 16 16\nspacings: 1 1 1\n"
-            f"encoding: raw\ndata file: {data_file}\n\n").encode()
+    return (
+        "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16 16 16\nspacings: 1 1 1\n"
+        f"encoding: raw\ndata file: {data_file}\n\n"
+    ).encode()
 
 
 def _detached_uploads(secret: Path):
@@ -62,10 +68,12 @@ def _detached_uploads(secret: Path):
         ("NRRD, absolute data file", "scan.nhdr", _nhdr(str(secret))),
         ("NRRD, relative data file", "scan.nrrd", _nhdr(jobs_db)),
         ("NRRD, LIST", "scan.nhdr", _nhdr("LIST").rstrip(b"\n") + b"\n" + str(secret).encode()),
-        ("ZIP of an .mhd pointing outside", "study.zip", zip_bytes({"a/scan.mhd": _mha_header(
-            str(secret))})),
-        ("ZIP of an .mhd with its .raw", "study.zip", zip_bytes({
-            "scan.mhd": _mha_header("scan.raw"), "scan.raw": bytes(16**3)})),
+        ("ZIP of an .mhd pointing outside", "study.zip", zip_bytes({"a/scan.mhd": _mha_header(str(secret))})),
+        (
+            "ZIP of an .mhd with its .raw",
+            "study.zip",
+            zip_bytes({"scan.mhd": _mha_header("scan.raw"), "scan.raw": bytes(16**3)}),
+        ),
     ]
 
 
@@ -92,15 +100,17 @@ def test_a_nifti_pair_header_is_refused(service):
     pair = nib.Nifti1Pair(np.zeros((8, 8, 8), np.float32), np.eye(4))
     header = pair.header.binaryblock  # magic "ni1": the pixels live in a partner .img file
     with server.client(keys["submit"]) as client:
-        response = client.post("/v1/jobs", files=[("file", ("scan.nii", header + bytes(8**3 * 4),
-                                                            "application/octet-stream"))])
+        response = client.post(
+            "/v1/jobs", files=[("file", ("scan.nii", header + bytes(8**3 * 4), "application/octet-stream"))]
+        )
     assert_problem(response, 422, "unsafe-input")
 
 
 def test_error_details_name_the_uploaded_file_never_a_server_path(service):
     server, keys, _ = service
-    broken = b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_NOPE\n" \
-             b"ElementDataFile = LOCAL\n" + bytes(64)
+    broken = (
+        b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_NOPE\nElementDataFile = LOCAL\n" + bytes(64)
+    )
     with server.client(keys["submit"]) as client:
         response = client.post("/v1/jobs", files=[("file", ("my-scan.mha", broken, "text/plain"))])
         body = assert_problem(response, 422, "unreadable-file")
@@ -111,8 +121,7 @@ def test_error_details_name_the_uploaded_file_never_a_server_path(service):
         assert str(server.data_dir) not in response.text, body
 
 
-@pytest.mark.parametrize("model", ["../models/tiny-hippocampus", "/etc", "tiny-hippocampus/..",
-                                   "..", "a\\b"])
+@pytest.mark.parametrize("model", ["../models/tiny-hippocampus", "/etc", "tiny-hippocampus/..", "..", "a\\b"])
 def test_model_is_a_registered_name_never_a_path(service, model):
     server, keys, _ = service
     with server.client(keys["submit"]) as client:
@@ -141,9 +150,11 @@ def test_delete_stops_a_running_job_within_two_seconds(service):
     server, keys, _ = service
     aorta = shared_path("vessels", "aorta_angiography", "aorta.mha")
     with server.client(keys["submit"]) as client:
-        long = client.post("/v1/jobs", files=[("file", ("aorta.mha", aorta.read_bytes(),
-                                                         "application/octet-stream"))],
-                           data={"overlap": "0.9", "formats": "report"})
+        long = client.post(
+            "/v1/jobs",
+            files=[("file", ("aorta.mha", aorta.read_bytes(), "application/octet-stream"))],
+            data={"overlap": "0.9", "formats": "report"},
+        )
         assert long.status_code == 202, long.text
         long_id = long.json()["id"]
         deadline = time.monotonic() + 120
@@ -201,8 +212,7 @@ def test_a_lying_header_is_refused_without_allocating_it(service):
 
     def upload():
         with server.client(keys["submit"]) as client:
-            results.append(client.post("/v1/jobs", files=[("file", ("liar.nii.gz", liar,
-                                                                     "application/gzip"))]))
+            results.append(client.post("/v1/jobs", files=[("file", ("liar.nii.gz", liar, "application/gzip"))]))
 
     threads = [threading.Thread(target=upload) for _ in range(3)]
     for thread in threads:
@@ -254,8 +264,9 @@ def _locked_store(data_dir: Path):
 
 def _stow_body(paths: list[Path]) -> tuple[bytes, str]:
     boundary = "medseg-stow-boundary"
-    parts = [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p.read_bytes()
-             + b"\r\n" for p in paths]
+    parts = [
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p.read_bytes() + b"\r\n" for p in paths
+    ]
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
@@ -283,8 +294,11 @@ def test_a_locked_store_gives_503_and_a_stow_retry_ends_in_one_job(service):
             assert response.status_code == 200, response.text
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            jobs = [j for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"]
-                    if j["id"] not in before and j["source"] == "stow"]
+            jobs = [
+                j
+                for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"]
+                if j["id"] not in before and j["source"] == "stow"
+            ]
             if jobs:
                 break
             time.sleep(0.2)
@@ -308,21 +322,22 @@ def test_readyz_reports_an_unwritable_jobs_folder(service):
     assert httpx.get(server.url + "/readyz", timeout=30).status_code == 200
 
 
-def test_a_series_predict_skips_is_refused_at_upload_with_the_same_reason(service, tmp_path,
-                                                                          capsys):
+def test_a_series_predict_skips_is_refused_at_upload_with_the_same_reason(service, tmp_path, capsys):
     """One series-fit rule: the whole-brain T1 of a study export does not fit the bundled
     hippocampus-crop model (its card declares the training field of view)."""
     from medseg.cli import main
 
     server, keys, _ = service
     series = shared_path("dicom", "mr_brain_study3_export", "26401-T1prereg-52906")
-    assert main(["predict", str(series), "--model", "hippocampus", "--output",
-                 str(tmp_path / "out")]) == 1
+    assert main(["predict", str(series), "--model", "hippocampus", "--output", str(tmp_path / "out")]) == 1
     skipped = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 1 and "field of view" in skipped[0], skipped
     reason = skipped[0].split(": ", 1)[1]
     with server.client(keys["submit"]) as client:
-        response = client.post("/v1/jobs", data={"model": "hippocampus"}, files=[
-            ("file", (p.name, p.read_bytes(), "application/dicom")) for p in sorted(series.iterdir())])
+        response = client.post(
+            "/v1/jobs",
+            data={"model": "hippocampus"},
+            files=[("file", (p.name, p.read_bytes(), "application/dicom")) for p in sorted(series.iterdir())],
+        )
     body = assert_problem(response, 422, "does-not-fit")
     assert body["detail"].endswith(reason), (body["detail"], reason)

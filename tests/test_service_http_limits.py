@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import shared_path
-from tests.test_service_support import (Server, assert_problem, build_tiny_model, create_key,
-                                        free_port)
+from tests.test_service_support import Server, assert_problem, build_tiny_model, create_key, free_port
 
 HEADER_TIMEOUT = 2.0
 MAX_CONNECTIONS = 100
@@ -32,9 +31,15 @@ def service(tmp_path_factory):
     models = build_tiny_model(root / "models")
     data = root / "data"
     keys = {role: create_key(data, role, role) for role in ("read", "submit", "admin")}
-    server = Server(data, models, workers=0, env={
-        "MEDSEG_SERVICE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT),
-        "MEDSEG_SERVICE_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}).start()
+    server = Server(
+        data,
+        models,
+        workers=0,
+        env={
+            "MEDSEG_SERVICE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT),
+            "MEDSEG_SERVICE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+        },
+    ).start()
     yield server, keys
     server.stop()
 
@@ -46,15 +51,22 @@ def _nifti() -> bytes:
 def _multipart(boundary: str, data: bytes, formats: str = "report") -> bytes:
     """A ``multipart/form-data`` body with one NIfTI ``file`` part and a ``formats`` field."""
     b = boundary.encode()
-    return (b"--" + b + b'\r\nContent-Disposition: form-data; name="formats"\r\n\r\n'
-            + formats.encode() + b"\r\n--" + b
-            + b'\r\nContent-Disposition: form-data; name="file"; filename="case.nii.gz"\r\n'
-            b"Content-Type: application/gzip\r\n\r\n" + data + b"\r\n--" + b + b"--\r\n")
+    return (
+        b"--"
+        + b
+        + b'\r\nContent-Disposition: form-data; name="formats"\r\n\r\n'
+        + formats.encode()
+        + b"\r\n--"
+        + b
+        + b'\r\nContent-Disposition: form-data; name="file"; filename="case.nii.gz"\r\n'
+        b"Content-Type: application/gzip\r\n\r\n" + data + b"\r\n--" + b + b"--\r\n"
+    )
 
 
 def _upload(client: httpx.Client, data: bytes) -> httpx.Response:
-    return client.post("/v1/jobs", files=[("file", ("case.nii.gz", data, "application/gzip"))],
-                       data={"formats": "report"})
+    return client.post(
+        "/v1/jobs", files=[("file", ("case.nii.gz", data, "application/gzip"))], data={"formats": "report"}
+    )
 
 
 def _incoming(server: Server) -> list[str]:
@@ -67,12 +79,18 @@ def test_a_boundary_longer_than_rfc_2046_allows_is_a_400_and_leaves_nothing(serv
     server, keys = service
     boundary = "b" * length
     with server.client(keys["submit"]) as client:
-        response = client.post("/v1/jobs", content=_multipart(boundary, _nifti()), headers={
-            "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = client.post(
+            "/v1/jobs",
+            content=_multipart(boundary, _nifti()),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
         body = assert_problem(response, 400, "bad-request")
         assert "boundary" in body["detail"]
-        response = client.post("/dicomweb/studies", content=_multipart(boundary, b"x"), headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        response = client.post(
+            "/dicomweb/studies",
+            content=_multipart(boundary, b"x"),
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'},
+        )
         assert_problem(response, 400, "bad-request")
     assert _incoming(server) == []
 
@@ -82,8 +100,11 @@ def test_a_boundary_of_70_characters_is_accepted(service):
     boundary = "'()+_,-./:=?" + "a" * 58
     assert len(boundary) == 70
     with server.client(keys["submit"]) as client:
-        response = client.post("/v1/jobs", content=_multipart(boundary, _nifti()), headers={
-            "Content-Type": f'multipart/form-data; boundary="{boundary}"'})
+        response = client.post(
+            "/v1/jobs",
+            content=_multipart(boundary, _nifti()),
+            headers={"Content-Type": f'multipart/form-data; boundary="{boundary}"'},
+        )
         assert response.status_code == 202, response.text
         assert client.delete(f"/v1/jobs/{response.json()['id']}").status_code == 204
     assert _incoming(server) == []
@@ -139,16 +160,14 @@ def fault_server(tmp_path_factory):
     from service.config import Settings
     from service.problems import install_handlers
 
-    settings = Settings.load({"data_dir": tmp_path_factory.mktemp("faults"), "retry_after_s": 7},
-                             environ={})
+    settings = Settings.load({"data_dir": tmp_path_factory.mktemp("faults"), "retry_after_s": 7}, environ={})
     app = FastAPI()
     app.state.settings = settings
     install_handlers(app)
 
     @app.get("/db")
     def locked():
-        raise OperationalError("UPDATE jobs SET state='SECRET-SQL'", {},
-                               sqlite3.OperationalError("database is locked"))
+        raise OperationalError("UPDATE jobs SET state='SECRET-SQL'", {}, sqlite3.OperationalError("database is locked"))
 
     @app.get("/full")
     def full():
@@ -162,8 +181,11 @@ def fault_server(tmp_path_factory):
     def bug():
         raise FileNotFoundError(errno.ENOENT, "No such file", "/secret/upload/path")
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None,
-                                           lifespan="off", **uvicorn_limits(settings)))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=free_port(), log_config=None, lifespan="off", **uvicorn_limits(settings)
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -207,7 +229,7 @@ def _closed_within(sock: socket.socket, seconds: float, dribble: bytes = b"") ->
     while time.monotonic() - start < seconds:
         if sent < len(dribble) and time.monotonic() >= next_byte:
             try:
-                sock.sendall(dribble[sent:sent + 1])
+                sock.sendall(dribble[sent : sent + 1])
             except OSError:  # reset / broken pipe: closed by the server
                 return time.monotonic() - start
             sent += 1
@@ -252,20 +274,20 @@ def test_headers_in_time_and_a_slow_body_are_not_cut_off(service):
 
     def slowly():
         for start in (0, third, 2 * third):
-            yield body[start:start + third] if start < 2 * third else body[start:]
+            yield body[start : start + third] if start < 2 * third else body[start:]
             time.sleep(HEADER_TIMEOUT * 0.75)
 
     with server.client(keys["submit"]) as client:
-        response = client.post("/v1/jobs", content=slowly(), headers={
-            "Content-Type": "multipart/form-data; boundary=slowbody"})
+        response = client.post(
+            "/v1/jobs", content=slowly(), headers={"Content-Type": "multipart/form-data; boundary=slowbody"}
+        )
         assert response.status_code == 202, response.text
         assert client.delete(f"/v1/jobs/{response.json()['id']}").status_code == 204
 
 
 def test_past_max_connections_requests_get_503_until_idle_ones_are_closed(service):
     server, _ = service
-    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30)
-            for _ in range(MAX_CONNECTIONS + 5)]
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(MAX_CONNECTIONS + 5)]
     try:
         time.sleep(0.3)  # all accepted by the server
         assert httpx.get(server.url + "/healthz", timeout=10).status_code == 503
@@ -294,7 +316,8 @@ def test_50_concurrent_uploads_are_all_accepted(service):
     ids = [r.json()["id"] for r in responses if r.status_code == 202]
     try:
         assert [r.status_code for r in responses] == [202] * CONCURRENT_UPLOADS, [
-            r.text[:200] for r in responses if r.status_code != 202][:3]
+            r.text[:200] for r in responses if r.status_code != 202
+        ][:3]
     finally:
         with server.client(keys["submit"]) as client:
             for job_id in ids:
@@ -316,23 +339,35 @@ def test_the_served_openapi_documents_problems_for_every_422(service):
             for status, answer in operation["responses"].items():
                 if status == "422":
                     assert answer["content"] == {"application/problem+json": {"schema": problem}}, (
-                        method, path, status, answer)
+                        method,
+                        path,
+                        status,
+                        answer,
+                    )
                     seen += status == "422"
     assert seen >= 5
     text = response.text
     assert "HTTPValidationError" not in text and '"ValidationError"' not in text
     for ref in {part.split('"')[0] for part in text.split('"$ref":"')[1:]} | {
-            part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
+        part.split('"')[0] for part in text.split('"$ref": "')[1:]
+    }:
         assert ref.split("/")[-1] in schema["components"]["schemas"], ref
     upload = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert upload["schema"]["properties"]["file"]["minItems"] == 1
     assert "503" in schema["paths"]["/v1/jobs"]["post"]["responses"]
 
 
-@pytest.mark.parametrize("method,path,allow", [
-    ("PUT", "/v1/jobs", "GET, POST"), ("DELETE", "/v1/jobs", "GET, POST"),
-    ("POST", "/v1/jobs/0123", "GET, DELETE"), ("PUT", "/v1/jobs/0123/result/seg", "GET"),
-    ("GET", "/dicomweb/studies", "POST"), ("POST", "/healthz", "GET")])
+@pytest.mark.parametrize(
+    "method,path,allow",
+    [
+        ("PUT", "/v1/jobs", "GET, POST"),
+        ("DELETE", "/v1/jobs", "GET, POST"),
+        ("POST", "/v1/jobs/0123", "GET, DELETE"),
+        ("PUT", "/v1/jobs/0123/result/seg", "GET"),
+        ("GET", "/dicomweb/studies", "POST"),
+        ("POST", "/healthz", "GET"),
+    ],
+)
 def test_405_lists_every_method_served_at_the_path(service, method, path, allow):
     server, keys = service
     with server.client(keys["admin"]) as client:

@@ -38,28 +38,40 @@ def _dicomweb_plugin() -> Path | None:
 @pytest.fixture(scope="module")
 def orthanc_and_service(tmp_path_factory):
     if ORTHANC is None or _dicomweb_plugin() is None:
-        pytest.skip("Orthanc with the DICOMweb plugin is not installed "
-                    "(apt-get install -y orthanc orthanc-dicomweb)")
+        pytest.skip("Orthanc with the DICOMweb plugin is not installed (apt-get install -y orthanc orthanc-dicomweb)")
     root = tmp_path_factory.mktemp("pacs")
     data = root / "service"
     key = create_key(data, "submit", "orthanc")
     admin = create_key(data, "admin", "test")
     orthanc_port = free_port()
-    service = Server(data, build_tiny_model(root / "models"), env={
-        "MEDSEG_SERVICE_STOW_QUIET_S": "1",
-        "MEDSEG_SERVICE_PACS_URL": f"http://127.0.0.1:{orthanc_port}/dicom-web",
-    })
+    service = Server(
+        data,
+        build_tiny_model(root / "models"),
+        env={
+            "MEDSEG_SERVICE_STOW_QUIET_S": "1",
+            "MEDSEG_SERVICE_PACS_URL": f"http://127.0.0.1:{orthanc_port}/dicom-web",
+        },
+    )
     config = {
         "Name": "medseg-test-pacs",
-        "StorageDirectory": str(root / "orthanc-db"), "IndexDirectory": str(root / "orthanc-db"),
-        "HttpPort": orthanc_port, "DicomPort": free_port(), "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "HttpServerEnabled": True, "DicomServerEnabled": False,
+        "StorageDirectory": str(root / "orthanc-db"),
+        "IndexDirectory": str(root / "orthanc-db"),
+        "HttpPort": orthanc_port,
+        "DicomPort": free_port(),
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "HttpServerEnabled": True,
+        "DicomServerEnabled": False,
         "Plugins": [str(_dicomweb_plugin())],
         "LuaScripts": [str(REPO / "deploy" / "orthanc" / "forward-to-medseg.lua")],
         "StableAge": 1,
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"medseg": {
-            "Url": f"{service.url}/dicomweb/",
-            "HttpHeaders": {"Authorization": f"Bearer {key}"}}}},
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "Servers": {
+                "medseg": {"Url": f"{service.url}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {key}"}}
+            },
+        },
     }
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config))
@@ -102,8 +114,9 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             jobs = client.get("/v1/jobs").json()["items"]
-            if jobs and (jobs[0]["state"] == "failed" or (jobs[0].get("push") or {}).get(
-                    "state") in ("done", "failed")):
+            if jobs and (
+                jobs[0]["state"] == "failed" or (jobs[0].get("push") or {}).get("state") in ("done", "failed")
+            ):
                 break
             time.sleep(0.3)
         assert len(jobs) == 1, jobs
@@ -116,8 +129,9 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
         time.sleep(4)
         assert client.get("/v1/jobs").json()["total"] == 1
 
-    found = httpx.post(pacs + "/tools/find", json={"Level": "Instance", "Query": {"Modality": "SEG"}},
-                       timeout=30).json()
+    found = httpx.post(
+        pacs + "/tools/find", json={"Level": "Instance", "Query": {"Modality": "SEG"}}, timeout=30
+    ).json()
     assert len(found) == 1, found
     seg_bytes = httpx.get(f"{pacs}/instances/{found[0]}/file", timeout=60).content
     seg = pydicom.dcmread(io.BytesIO(seg_bytes))
@@ -132,10 +146,16 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
     assert referenced <= set(sources)
     assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
     shared = seg.SharedFunctionalGroupsSequence[0]
-    assert np.allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
-                       [float(v) for v in source.ImageOrientationPatient], atol=1e-4)
-    assert np.allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
-                       [float(v) for v in source.PixelSpacing], atol=1e-4)
+    assert np.allclose(
+        [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+        [float(v) for v in source.ImageOrientationPatient],
+        atol=1e-4,
+    )
+    assert np.allclose(
+        [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing],
+        [float(v) for v in source.PixelSpacing],
+        atol=1e-4,
+    )
     assert seg.NumberOfFrames >= 1
     for frame in seg.PerFrameFunctionalGroupsSequence:
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID

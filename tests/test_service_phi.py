@@ -107,7 +107,7 @@ def test_formatter_keeps_frames_and_types_but_no_exception_messages():
         try:
             parse_birth_date()
         except KeyError:
-            raise RuntimeError("MARKER-outer 1970-03-21")
+            raise RuntimeError("MARKER-outer 1970-03-21")  # noqa: B904 (an implicit __context__ on purpose)
 
     try:
         write_seg()
@@ -120,13 +120,22 @@ def test_formatter_keeps_frames_and_types_but_no_exception_messages():
     assert entry["job_id"] == "j-1" and entry["msg"] == "job failed"  # medseg's own fields kept
     assert entry["exc_type"] == "RuntimeError"
     trace = entry["traceback"]
-    for part in ("parse_birth_date", "write_seg", "ValueError", "KeyError", "RuntimeError",
-                 "direct cause", "During handling", __file__):
+    for part in (
+        "parse_birth_date",
+        "write_seg",
+        "ValueError",
+        "KeyError",
+        "RuntimeError",
+        "direct cause",
+        "During handling",
+        __file__,
+    ):
         assert part in trace, (part, trace)
 
     # a library's record: level, logger and place, never its text or extra fields
-    library = json.loads(JsonFormatter().format(_record(
-        name="pydicom", msg="Invalid value for VR DA: '1970-03-21'", value="1970-03-21")))
+    library = json.loads(
+        JsonFormatter().format(_record(name="pydicom", msg="Invalid value for VR DA: '1970-03-21'", value="1970-03-21"))
+    )
     assert "1970-03-21" not in json.dumps(library) and library["logger"] == "pydicom"
     assert library["source"].endswith(":42")
 
@@ -150,18 +159,19 @@ raise RuntimeError("Zebedee 1970-03-21 female")
 
 
 def test_configured_logging_withholds_warning_texts_and_uncaught_exceptions():
-    result = subprocess.run([sys.executable, "-W", "always", "-c", CONFIGURED], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-c", CONFIGURED], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0  # the uncaught RuntimeError
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     entries = [json.loads(line) for line in lines]  # every line is a JSON record
     assert not [s for s in SECRETS if s.lower() in result.stderr.lower()], result.stderr
     warned = [e for e in entries if e["logger"] == "py.warnings"]
     assert [e["warning_category"] for e in warned] == ["UserWarning", "DeprecationWarning"]
-    assert all(e["msg"] == "library warning" and e["warning_source"].startswith("<string>:")
-               for e in warned)
+    assert all(e["msg"] == "library warning" and e["warning_source"].startswith("<string>:") for e in warned)
     assert {"job_id": "j-7", "msg": "job queued"}.items() <= next(
-        e for e in entries if e["logger"] == "medseg.service.jobs").items()
+        e for e in entries if e["logger"] == "medseg.service.jobs"
+    ).items()
     assert any(e["logger"] == "highdicom.base" and "source" in e for e in entries)
     asgi = next(e for e in entries if e["logger"] == "uvicorn.error")
     assert asgi["exc_type"] == "ValueError" and "ValueError" in asgi["traceback"]

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from tests.conftest import shared_path
-from tests.test_service_support import (Server, assert_problem, build_tiny_model, create_key,
-                                        dicom_files, wait_for)
+from tests.test_service_support import Server, assert_problem, build_tiny_model, create_key, dicom_files, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,7 @@ def test_sigkill_while_running_then_restart_completes_the_job(setup):
             done_seg = hashlib.sha256(client.get(f"/v1/jobs/{done['id']}/result/seg").content).hexdigest()
             # mirroring TTA (8 passes) keeps the job running long enough to be killed mid-way
             slow = client.post("/v1/jobs", files=dicom_files(series), data={"tta": "true"}).json()
-            queued = client.post("/v1/jobs", files=dicom_files(series),
-                                 data={"formats": "nifti,report"}).json()
+            queued = client.post("/v1/jobs", files=dicom_files(series), data={"formats": "nifti,report"}).json()
             running = wait_for(client, slow["id"], states=("running", "succeeded", "failed"))
             assert running["state"] == "running", running
             assert client.get(f"/v1/jobs/{queued['id']}").json()["queue_position"] == 1
@@ -74,8 +72,10 @@ def finished_jobs(setup, tmp_path):
     server = Server(data, models).start()
     try:
         with server.client(key) as client:
-            ids = [client.post("/v1/jobs", files=dicom_files(series), data={"formats": formats}).json()["id"]
-                   for formats in ("seg,nifti,report,preview", "nifti,report")]
+            ids = [
+                client.post("/v1/jobs", files=dicom_files(series), data={"formats": formats}).json()["id"]
+                for formats in ("seg,nifti,report,preview", "nifti,report")
+            ]
             jobs = [wait_for(client, job_id) for job_id in ids]
     finally:
         server.stop()

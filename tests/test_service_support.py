@@ -27,23 +27,31 @@ def free_port() -> int:
 
 def build_tiny_model(root: Path, name: str = TINY_MODEL) -> Path:
     """An untrained 3-class 3D U-Net package with the hippocampus label card (MR, 1 mm)."""
+    import torch
+
     from medseg.labels import Code, Label
     from medseg.networks import create_network
     from medseg.package import ModelCard, ModelPackage, NetworkSpec
 
-    import torch
-
     # deep_supervision=1: unet.py fails with 0 on MONAI 1.6.1 (DynUNet has no heads to delete)
-    config = dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(8, 16, 32), strides=(1, 2, 2),
-                  deep_supervision=1)
+    config = dict(
+        spatial_dims=3, in_channels=1, out_channels=3, filters=(8, 16, 32), strides=(1, 2, 2), deep_supervision=1
+    )
     torch.manual_seed(0)
     network = create_network("unet", **config)
     hippocampus = Code(value="5976003", meaning="Hippocampus")
     card = ModelCard(
-        name=name, description="tiny untrained test model", network=NetworkSpec(name="unet", config=config),
-        modality=["MR"], spacing=(1.0, 1.0, 1.0), patch_size=(32, 32, 32),
-        labels=[Label(id=1, name="anterior", type=hippocampus, color=(255, 0, 0)),
-                Label(id=2, name="posterior", type=hippocampus, color=(0, 0, 255))])
+        name=name,
+        description="tiny untrained test model",
+        network=NetworkSpec(name="unet", config=config),
+        modality=["MR"],
+        spacing=(1.0, 1.0, 1.0),
+        patch_size=(32, 32, 32),
+        labels=[
+            Label(id=1, name="anterior", type=hippocampus, color=(255, 0, 0)),
+            Label(id=2, name="posterior", type=hippocampus, color=(0, 0, 255)),
+        ],
+    )
     ModelPackage.save(root / name, card, network.state_dict())
     return root
 
@@ -65,26 +73,51 @@ def create_key(data_dir: Path, role: str, name: str = "") -> str:
 class Server:
     """``medseg serve`` as a subprocess; ``client(key)`` gives an httpx client for it."""
 
-    def __init__(self, data_dir: Path, model_path: Path, env: dict[str, str] | None = None,
-                 workers: int = 1, args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        data_dir: Path,
+        model_path: Path,
+        env: dict[str, str] | None = None,
+        workers: int = 1,
+        args: tuple[str, ...] = (),
+    ):
         self.data_dir, self.model_path = data_dir, model_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "MEDSEG_MODEL_PATH": str(model_path),
-                    "MEDSEG_SERVICE_DEFAULT_MODEL": TINY_MODEL,
-                    "MEDSEG_SERVICE_MAINTENANCE_INTERVAL_S": "0.5",
-                    "OMP_NUM_THREADS": "1", **(env or {})}
+        self.env = {
+            **os.environ,
+            "MEDSEG_MODEL_PATH": str(model_path),
+            "MEDSEG_SERVICE_DEFAULT_MODEL": TINY_MODEL,
+            "MEDSEG_SERVICE_MAINTENANCE_INTERVAL_S": "0.5",
+            "OMP_NUM_THREADS": "1",
+            **(env or {}),
+        }
         self.workers, self.args = workers, args
         self.process: subprocess.Popen | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
-    def start(self, timeout: float = 120.0) -> "Server":
+    def start(self, timeout: float = 120.0) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "medseg", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--workers", str(self.workers), *self.args],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "medseg",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--workers",
+                str(self.workers),
+                *self.args,
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -133,8 +166,7 @@ def zip_bytes(entries: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> by
     return buffer.getvalue()
 
 
-def wait_for(client: httpx.Client, job_id: str, states=("succeeded", "failed"),
-              timeout: float = 300.0) -> dict:
+def wait_for(client: httpx.Client, job_id: str, states=("succeeded", "failed"), timeout: float = 300.0) -> dict:
     """Poll ``GET /v1/jobs/{id}`` until the job reaches one of ``states``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

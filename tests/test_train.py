@@ -77,8 +77,9 @@ def test_lr_schedule_poly_warmup_and_time_budget():
 
 
 def test_overrides_parse_yaml_values():
-    raw = apply_overrides({"training": {"epochs": 5}}, ["training.epochs=3", "network.config.filters=[8,16]",
-                                                        "loss.dsd={}"])
+    raw = apply_overrides(
+        {"training": {"epochs": 5}}, ["training.epochs=3", "network.config.filters=[8,16]", "loss.dsd={}"]
+    )
     assert raw == {"training": {"epochs": 3}, "network": {"config": {"filters": [8, 16]}}, "loss": {"dsd": {}}}
 
 
@@ -117,8 +118,23 @@ def small_dataset(tmp_path: Path, cases: int = 8) -> Path:
 
 def test_plan_train_resume_export(tmp_path):
     dataset, plan = small_dataset(tmp_path), tmp_path / "plan.json"
-    assert main(["plan", str(dataset), "--data-card", "hippocampus", "--output", str(plan), "--folds", "4",
-                 "--divisor", "4"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(dataset),
+                "--data-card",
+                "hippocampus",
+                "--output",
+                str(plan),
+                "--folds",
+                "4",
+                "--divisor",
+                "4",
+            ]
+        )
+        == 0
+    )
     config = write_config(tmp_path, data={"dataset_dir": str(dataset), "plan": str(plan)})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(config, straight) == 0
@@ -188,9 +204,28 @@ def test_ddp_two_processes_gloo(tmp_path):
     config = write_config(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "medseg",
-         "train", str(config), "--output", str(tmp_path / "ddp"), "--no-progress", "training.epochs=1"],
-        check=False, capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "medseg",
+            "train",
+            str(config),
+            "--output",
+            str(tmp_path / "ddp"),
+            "--no-progress",
+            "training.epochs=1",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     package = resolve_model(tmp_path / "ddp" / "model")
     assert package.card.training["world_size"] == 2

@@ -23,9 +23,16 @@ def test_msd_dataset_json_gives_labels_and_modality():
 
 
 def test_nnunet_v2_dataset_json(tmp_path):
-    (tmp_path / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumour": 2},
-        "numTraining": 3, "file_ending": ".nii.gz"}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {"background": 0, "liver": 1, "tumour": 2},
+                "numTraining": 3,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     card = card_from_dataset_json(tmp_path / "dataset.json")
     assert [(label.id, label.name) for label in card.labels] == [(1, "liver"), (2, "tumour")]
     assert card.modality == ["CT"]
@@ -50,8 +57,9 @@ def test_every_missing_field_of_a_card_is_reported_at_once(tmp_path):
 def test_bundled_cards_live_in_the_package_and_are_packaged():
     """A normal (non-editable) install carries the cards: they sit under the package folder and
     pyproject's package-data names them."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     import medseg
     from medseg.data_cards import CARDS_DIR, available_data_cards

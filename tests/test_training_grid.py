@@ -22,8 +22,9 @@ def test_training_chain_and_model_grid_agree(case, spacing):
     image_path = shared_path("hippocampus", "imagesTr", f"{case}.nii.gz")
     label_path = shared_path("hippocampus", "labelsTr", f"{case}.nii.gz")
     normalization = Normalization(scheme="zscore")
-    trained = Compose(preprocessing(spacing, normalization))(
-        {"image": str(image_path), "label": str(label_path)})["image"]
+    trained = Compose(preprocessing(spacing, normalization))({"image": str(image_path), "label": str(label_path)})[
+        "image"
+    ]
     image = read_image(image_path)
     grid = ModelGrid(image.shape, image.affine, spacing, "RAS")
     model_input = grid.to_model(torch.as_tensor(image.array[None], dtype=torch.float32))

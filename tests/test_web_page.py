@@ -18,7 +18,6 @@ import io
 import os
 import re
 import shutil
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -29,23 +28,39 @@ import pydicom
 import pytest
 
 from medseg.io import read_image
-from tests.test_service_support import (REPO, Server, assert_problem, build_tiny_model, create_key,
-                                        dicom_files, wait_for, zip_bytes)
+from tests.test_service_support import (
+    REPO,
+    Server,
+    assert_problem,
+    build_tiny_model,
+    create_key,
+    dicom_files,
+    wait_for,
+    zip_bytes,
+)
 
 CHROMIUM = Path(os.environ.get("MEDSEG_CHROMIUM", "/usr/bin/chromium"))
 SAMPLE = REPO / "medseg" / "samples" / "hippocampus_mr"
 SCREENSHOT = Path("/tmp/medseg-web-screenshot.png")
 # WebGL2 without a GPU: SwiftShader (software) through ANGLE
-CHROMIUM_ARGS = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--ignore-gpu-blocklist",
-                 "--no-sandbox", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--ignore-gpu-blocklist",
+    "--no-sandbox",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("web-page")
     data = root / "data"
-    keys = {"submit": create_key(data, "submit", "web"), "other": create_key(data, "submit", "other"),
-            "read": create_key(data, "read", "reader")}
+    keys = {
+        "submit": create_key(data, "submit", "web"),
+        "other": create_key(data, "submit", "other"),
+        "read": create_key(data, "read", "reader"),
+    }
     server = Server(data, build_tiny_model(root / "models")).start()
     yield server, keys
     server.stop()
@@ -60,8 +75,7 @@ def browser():
     except ImportError:
         pytest.skip("Playwright for Python is not installed (pip install playwright)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                             args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
@@ -91,7 +105,8 @@ class Watch:
             "window.__progress = []; document.addEventListener('DOMContentLoaded', () => {"
             " const el = document.getElementById('progress-text');"
             " new MutationObserver(() => window.__progress.push(el.textContent))"
-            ".observe(el, {childList: true, characterData: true, subtree: true}); });")
+            ".observe(el, {childList: true, characterData: true, subtree: true}); });"
+        )
 
     def check(self, page, key: str | None = None, allowed_errors: tuple[str, ...] = ()) -> None:
         assert page.evaluate("window.__csp") == [], "CSP violations"
@@ -109,8 +124,9 @@ def _label_pixels(png: bytes, colors: dict[str, tuple[int, int, int]], tolerance
     from PIL import Image
 
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    return {name: int((np.abs(rgb - np.array(color)).max(axis=-1) <= tolerance).sum())
-            for name, color in colors.items()}
+    return {
+        name: int((np.abs(rgb - np.array(color)).max(axis=-1) <= tolerance).sum()) for name, color in colors.items()
+    }
 
 
 def _drop_file(page, selector: str, name: str, data: bytes, media_type: str) -> None:
@@ -118,14 +134,16 @@ def _drop_file(page, selector: str, name: str, data: bytes, media_type: str) -> 
     transfer = page.evaluate_handle(
         "([name, data, type]) => { const t = new DataTransfer(); const bytes = Uint8Array.from("
         "atob(data), c => c.charCodeAt(0)); t.items.add(new File([bytes], name, {type})); return t; }",
-        [name, base64.b64encode(data).decode(), media_type])
+        [name, base64.b64encode(data).decode(), media_type],
+    )
     for event in ("dragenter", "dragover", "drop"):
         page.dispatch_event(selector, event, {"dataTransfer": transfer})
 
 
 def _set_range(page, selector: str, value: float) -> None:
-    page.eval_on_selector(selector, "(el, v) => { el.value = String(v); "
-                          "el.dispatchEvent(new Event('input', {bubbles: true})); }", value)
+    page.eval_on_selector(
+        selector, "(el, v) => { el.value = String(v); el.dispatchEvent(new Event('input', {bubbles: true})); }", value
+    )
 
 
 # --- the page's own headers and files (no browser needed) ---------------------------------------
@@ -157,8 +175,7 @@ def test_page_has_a_strict_csp_and_nothing_inline_or_from_elsewhere(service):
         scripts = [a for t, a in parser.tags if t == "script"]
         assert scripts and all(a.get("src", "").startswith("/static/") for a in scripts)
         assert not re.search(r"<script[^>]*>[^<]+</script>", page.text)
-        assets = [a.get("src") or a.get("href") for t, a in parser.tags
-                  if t in ("script", "link", "img")]
+        assets = [a.get("src") or a.get("href") for t, a in parser.tags if t in ("script", "link", "img")]
         assert all(a.startswith("/static/") for a in assets), assets
         assets += ["/static/vendor/niivue/niivue.js"]
         for asset in assets:
@@ -168,8 +185,13 @@ def test_page_has_a_strict_csp_and_nothing_inline_or_from_elsewhere(service):
             assert "content-security-policy" in response.headers
         assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
         assert "https://" not in client.get("/static/app.js").text  # nothing loaded from elsewhere
-        for bad in ("/static/../web.py", "/static/%2e%2e/web.py", "/static/vendor/niivue/LICENSE",
-                    "/static/nope.js", "/static/vendor/../../api.py"):
+        for bad in (
+            "/static/../web.py",
+            "/static/%2e%2e/web.py",
+            "/static/vendor/niivue/LICENSE",
+            "/static/nope.js",
+            "/static/vendor/../../api.py",
+        ):
             assert client.get(bad).status_code == 404, bad
 
 
@@ -193,8 +215,7 @@ def test_input_nifti_endpoint_converts_once_with_the_job_ownership_rules(service
         second = client.get(f"/v1/jobs/{job_id}/input.nii.gz")
         assert second.content == first.content and cached.stat().st_mtime_ns == mtime
         assert not [p for p in cached.parent.iterdir() if ".partial" in p.name]
-        label_map = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(
-            f"/v1/jobs/{job_id}/result/nifti").content))
+        label_map = nib.Nifti1Image.from_bytes(gzip.decompress(client.get(f"/v1/jobs/{job_id}/result/nifti").content))
     volume = nib.Nifti1Image.from_bytes(gzip.decompress(first.content))
     source = read_image(SAMPLE)
     assert volume.shape == source.shape == label_map.shape
@@ -236,8 +257,13 @@ def test_page_without_a_key_shows_only_sign_in_a_wrong_key_is_refused_problems_s
     page.click("#signin-button")
     page.wait_for_selector("#app:not([hidden])")
     assert not page.is_visible("#signin-error")
-    _drop_file(page, "#dropzone", "series.zip", zip_bytes(
-        {p.name: p.read_bytes() for p in sorted(SAMPLE.iterdir())}), "application/zip")
+    _drop_file(
+        page,
+        "#dropzone",
+        "series.zip",
+        zip_bytes({p.name: p.read_bytes() for p in sorted(SAMPLE.iterdir())}),
+        "application/zip",
+    )
     assert page.inner_text("#selection-text").startswith("series.zip · ")
     page.click("#submit")
     text = page.wait_for_selector("#upload-error:not([hidden])").inner_text()

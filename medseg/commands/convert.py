@@ -15,12 +15,13 @@ from medseg.errors import UnsupportedInputError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "convert", help="convert one series (DICOM, NRRD, MHA, NIfTI) to NIfTI",
-        description="Read one image series and write it as NIfTI with its RAS+ affine.")
+        "convert",
+        help="convert one series (DICOM, NRRD, MHA, NIfTI) to NIfTI",
+        description="Read one image series and write it as NIfTI with its RAS+ affine.",
+    )
     parser.add_argument("input", type=Path, help="DICOM file/folder/zip, .nrrd, .mha, .nii(.gz)")
     parser.add_argument("output", type=Path, help="output .nii or .nii.gz")
-    parser.add_argument("--series", metavar="UID", help="series to convert when INPUT holds several "
-                        "(see medseg info)")
+    parser.add_argument("--series", metavar="UID", help="series to convert when INPUT holds several (see medseg info)")
     parser.set_defaults(func=run)
 
 

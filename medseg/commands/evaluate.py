@@ -16,7 +16,6 @@ from medseg.formats import strip_suffix, volume_suffix
 # numpy and medseg.metrics (torch, MONAI) are imported in evaluate(), so that `medseg --help` stays fast
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="Dice and HD95 of predicted label maps against labels")
     parser.add_argument("pred_dir", type=Path, help="folder of predicted label maps")
@@ -85,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
     per_case, summary = evaluate(args.pred_dir, args.label_dir)
     names = _label_names(args.labels)
     if args.json:
-        print(json.dumps({"cases": {c: {str(k): v for k, v in m.items()} for c, m in per_case.items()},
-                          "summary": summary}, indent=2))
+        print(
+            json.dumps(
+                {"cases": {c: {str(k): v for k, v in m.items()} for c, m in per_case.items()}, "summary": summary},
+                indent=2,
+            )
+        )
         return 0
     print(f"{len(per_case)} cases")
     print(f"{'class':<24}{'Dice':>8}{'HD95 (mm)':>12}")

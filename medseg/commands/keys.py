@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "list":
             print(f"{'id':<14}{'role':<8}{'created (UTC)':<22}{'revoked':<22}name")
             for row in list_keys(store):
-                print(f"{row.id:<14}{row.role:<8}{_time(row.created_at):<22}"
-                      f"{_time(row.revoked_at) or '-':<22}{row.name}")
+                print(
+                    f"{row.id:<14}{row.role:<8}{_time(row.created_at):<22}{_time(row.revoked_at) or '-':<22}{row.name}"
+                )
             return 0
         if not revoke_key(store, args.key_id):
             raise ConfigError(f"no active key with id '{args.key_id}'")

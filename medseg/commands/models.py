@@ -44,8 +44,12 @@ def reference_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
     for name in names or list_networks():
         entry = network_entry(name)
         for label, config in entry.references.items():
-            row: dict[str, Any] = {"name": name, "reference": label, "config": dict(config),
-                                   "description": entry.description}
+            row: dict[str, Any] = {
+                "name": name,
+                "reference": label,
+                "config": dict(config),
+                "description": entry.description,
+            }
             try:
                 row["parameters"] = count_reference_parameters(name, config)
             except Exception as error:  # one broken builder must not hide the others
@@ -69,10 +73,16 @@ def package_rows() -> list[dict[str, Any]]:
 
     rows, seen = [], set()
     for folder in package_folders():
-        row: dict[str, Any] = {"name": folder.name, "version": None, "weights_sha256": None,
-                               "weights_sha256_short": None, "trained_at": None,
-                               "hash_source": None, "path": str(folder),
-                               "shadowed": folder.name in seen}
+        row: dict[str, Any] = {
+            "name": folder.name,
+            "version": None,
+            "weights_sha256": None,
+            "weights_sha256_short": None,
+            "trained_at": None,
+            "hash_source": None,
+            "path": str(folder),
+            "shadowed": folder.name in seen,
+        }
         seen.add(folder.name)
         try:
             package = ModelPackage(folder)
@@ -80,9 +90,14 @@ def package_rows() -> list[dict[str, Any]]:
             row["error"] = " ".join(str(error).split())
         else:
             card = package.card
-            row.update(name=card.name, version=card.version, weights_sha256=card.weights_sha256,
-                       weights_sha256_short=card.weights_short, trained_at=card.trained_at,
-                       hash_source=package.hash_source)
+            row.update(
+                name=card.name,
+                version=card.version,
+                weights_sha256=card.weights_sha256,
+                weights_sha256_short=card.weights_short,
+                trained_at=card.trained_at,
+                hash_source=package.hash_source,
+            )
             if card.name != folder.name:
                 row["folder_name"] = folder.name
         rows.append(row)
@@ -91,17 +106,20 @@ def package_rows() -> list[dict[str, Any]]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "models", help="list installed model packages and registered networks",
+        "models",
+        help="list installed model packages and registered networks",
         description="List the installed model packages (name, version, short weights sha256, "
-                    "training time, folder), then every registered network with its reference "
-                    "configurations (exact create_network keyword arguments) and parameter "
-                    "counts. With NETWORK names, only those networks.")
+        "training time, folder), then every registered network with its reference "
+        "configurations (exact create_network keyword arguments) and parameter "
+        "counts. With NETWORK names, only those networks.",
+    )
     parser.add_argument("names", nargs="*", metavar="NETWORK", help="only these networks (default: all)")
-    parser.add_argument("--packages", action="store_true",
-                        help="only the installed model packages")
-    parser.add_argument("--json", action="store_true",
-                        help="print a JSON list instead of a table: the networks' rows, or with "
-                             "--packages the packages' rows")
+    parser.add_argument("--packages", action="store_true", help="only the installed model packages")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list instead of a table: the networks' rows, or with --packages the packages' rows",
+    )
     parser.set_defaults(func=run)
 
 
@@ -134,19 +152,33 @@ def _package_table(rows: list[dict[str, Any]]) -> str:
     header = ("model", "version", "sha256", "trained_at", "path")
     if not rows:
         return "no model packages installed (search path: $MEDSEG_MODEL_PATH, bundled models)"
-    body = [(r["name"], r["version"] or "error", r["weights_sha256_short"] or "-",
-             r["trained_at"] or "-",
-             r["path"] + (" (shadowed)" if r["shadowed"] else "")
-             + (f" ({r['error']})" if "error" in r else "")) for r in rows]
+    body = [
+        (
+            r["name"],
+            r["version"] or "error",
+            r["weights_sha256_short"] or "-",
+            r["trained_at"] or "-",
+            r["path"] + (" (shadowed)" if r["shadowed"] else "") + (f" ({r['error']})" if "error" in r else ""),
+        )
+        for r in rows
+    ]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(4)]
-    return "\n".join("  ".join(f"{str(line[i]):<{widths[i]}}" for i in range(4)) + f"  {line[4]}"
-                     for line in [header, *body])
+    return "\n".join(
+        "  ".join(f"{str(line[i]):<{widths[i]}}" for i in range(4)) + f"  {line[4]}" for line in [header, *body]
+    )
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     header = ("network", "reference", "parameters", "config")
-    body = [(r["name"], r["reference"], "error" if r["parameters"] is None else f"{r['parameters']:,}",
-             ", ".join(f"{k}={v!r}" for k, v in r["config"].items())) for r in rows]
+    body = [
+        (
+            r["name"],
+            r["reference"],
+            "error" if r["parameters"] is None else f"{r['parameters']:,}",
+            ", ".join(f"{k}={v!r}" for k, v in r["config"].items()),
+        )
+        for r in rows
+    ]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(3)]
     lines = []
     for line in [header, *body]:

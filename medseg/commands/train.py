@@ -17,13 +17,20 @@ def _options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train a segmentation network from a YAML config",
-                                   description="Train a network on a dataset (MSD/nnU-Net layout), validate with "
-                                               "sliding-window inference and export a model package.")
+    parser = subparsers.add_parser(
+        "train",
+        help="train a segmentation network from a YAML config",
+        description="Train a network on a dataset (MSD/nnU-Net layout), validate with "
+        "sliding-window inference and export a model package.",
+    )
     parser.add_argument("config", help="experiment YAML (see configs/)")
     _options(parser)
-    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="key=value",
-                        help="override config keys, e.g. training.epochs=3 optimizer.lr=0.01 (options may follow)")
+    parser.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="key=value",
+        help="override config keys, e.g. training.epochs=3 optimizer.lr=0.01 (options may follow)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -48,14 +55,25 @@ def run(args: argparse.Namespace) -> int:
 
     args = _merge_trailing(args)
     config = load_config(args.config, args.overrides)
-    trainer = Trainer(config, output_dir=args.output, fold=args.fold, resume=args.resume,
-                      show_progress=not args.no_progress)
+    trainer = Trainer(
+        config, output_dir=args.output, fold=args.fold, resume=args.resume, show_progress=not args.no_progress
+    )
     try:
         result = trainer.fit()
     finally:
         trainer.close()
     if trainer.is_main:
-        print(json.dumps({"output": str(result.output_dir), "epochs": result.epochs, "best_epoch": result.best_epoch,
-                          "validation": result.best_metrics, "train_seconds": round(result.train_seconds, 1),
-                          "package": str(result.package) if result.package else None}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "output": str(result.output_dir),
+                    "epochs": result.epochs,
+                    "best_epoch": result.best_epoch,
+                    "validation": result.best_metrics,
+                    "train_seconds": round(result.train_seconds, 1),
+                    "package": str(result.package) if result.package else None,
+                },
+                indent=2,
+            )
+        )
     return 0

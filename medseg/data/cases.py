@@ -71,11 +71,15 @@ def find_cases(dataset_dir: str | Path) -> list[Case]:
     unlabelled = sorted(set(images) - set(labels))
     orphans = sorted(set(labels) - set(images))
     if unlabelled:
-        raise DatasetError(f"{root}: image {images[unlabelled[0]].name} has no label in labelsTr/"
-                           + (f" (and {len(unlabelled) - 1} more)" if len(unlabelled) > 1 else ""))
+        raise DatasetError(
+            f"{root}: image {images[unlabelled[0]].name} has no label in labelsTr/"
+            + (f" (and {len(unlabelled) - 1} more)" if len(unlabelled) > 1 else "")
+        )
     if orphans:
-        raise DatasetError(f"{root}: label {labels[orphans[0]].name} has no image in imagesTr/"
-                           + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""))
+        raise DatasetError(
+            f"{root}: label {labels[orphans[0]].name} has no image in imagesTr/"
+            + (f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else "")
+        )
     if not images:
         raise DatasetError(f"{root}: no cases found in imagesTr/")
     return [Case(case_id, images[case_id], labels[case_id]) for case_id in sorted(images)]

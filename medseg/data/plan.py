@@ -110,7 +110,13 @@ def modality_from_manifest(manifest: dict) -> list[str]:
     codes = []
     for _, name in sorted(entries.items(), key=lambda kv: int(kv[0])):
         upper = str(name).upper()
-        codes.append("CT" if upper == "CT" else "MR" if upper in ("MR", "MRI") or upper.startswith(("T1", "T2", "FLAIR", "ADC", "DWI")) else upper)
+        codes.append(
+            "CT"
+            if upper == "CT"
+            else "MR"
+            if upper in ("MR", "MRI") or upper.startswith(("T1", "T2", "FLAIR", "ADC", "DWI"))
+            else upper
+        )
     return codes
 
 
@@ -139,20 +145,28 @@ def fingerprint_case(case: Case, label_ids: set[int], samples: int, seed: int) -
         raise DatasetError(f"case {case.case_id}: label map has non-integer values")
     unknown = sorted(int(v) for v in values if int(v) != 0 and int(v) not in label_ids)
     if unknown:
-        raise DatasetError(f"case {case.case_id}: label values {unknown} are not in the data card "
-                           f"(allowed 0, {', '.join(map(str, sorted(label_ids)))})")
+        raise DatasetError(
+            f"case {case.case_id}: label values {unknown} are not in the data card "
+            f"(allowed 0, {', '.join(map(str, sorted(label_ids)))})"
+        )
     foreground = image[label > 0]
     rng = np.random.default_rng(seed)
     if foreground.size > samples:
         foreground = rng.choice(foreground, samples, replace=False)
     spacing = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
-    return CaseFingerprint(case_id=case.case_id, shape=image.shape[:3], spacing=spacing,
-                           foreground_voxels=int((label > 0).sum())), foreground
+    return CaseFingerprint(
+        case_id=case.case_id, shape=image.shape[:3], spacing=spacing, foreground_voxels=int((label > 0).sum())
+    ), foreground
 
 
-def compute_fingerprint(dataset_dir: str | Path, label_ids: Iterable[int] | None = None,
-                        modality: list[str] | None = None, cases: Sequence[Case] | None = None,
-                        seed: int = 0, num_workers: int = 2) -> Fingerprint:
+def compute_fingerprint(
+    dataset_dir: str | Path,
+    label_ids: Iterable[int] | None = None,
+    modality: list[str] | None = None,
+    cases: Sequence[Case] | None = None,
+    seed: int = 0,
+    num_workers: int = 2,
+) -> Fingerprint:
     """Read and check every case of ``dataset_dir`` (see :func:`fingerprint_case`).
 
     Args:
@@ -179,12 +193,21 @@ def compute_fingerprint(dataset_dir: str | Path, label_ids: Iterable[int] | None
     if foreground.size == 0:
         raise DatasetError(f"{dataset_dir}: no foreground voxels in any label map")
     intensity = IntensityStats(
-        mean=float(foreground.mean()), std=float(foreground.std()), median=float(np.median(foreground)),
-        min=float(foreground.min()), max=float(foreground.max()),
-        percentile_00_5=float(np.percentile(foreground, 0.5)), percentile_99_5=float(np.percentile(foreground, 99.5)))
-    return Fingerprint(dataset=str(manifest.get("name") or Path(dataset_dir).name),
-                       modality=modality or modality_from_manifest(manifest), label_ids=sorted(ids),
-                       cases=[r[0] for r in results], intensity=intensity)
+        mean=float(foreground.mean()),
+        std=float(foreground.std()),
+        median=float(np.median(foreground)),
+        min=float(foreground.min()),
+        max=float(foreground.max()),
+        percentile_00_5=float(np.percentile(foreground, 0.5)),
+        percentile_99_5=float(np.percentile(foreground, 99.5)),
+    )
+    return Fingerprint(
+        dataset=str(manifest.get("name") or Path(dataset_dir).name),
+        modality=modality or modality_from_manifest(manifest),
+        label_ids=sorted(ids),
+        cases=[r[0] for r in results],
+        intensity=intensity,
+    )
 
 
 def target_spacing(fingerprint: Fingerprint) -> tuple[float, float, float]:
@@ -198,7 +221,9 @@ def target_spacing(fingerprint: Fingerprint) -> tuple[float, float, float]:
     return tuple(float(v) for v in target)
 
 
-def plan_patch_size(median_shape: Sequence[float], divisor: Sequence[int], max_voxels: int = 128**3) -> tuple[int, int, int]:
+def plan_patch_size(
+    median_shape: Sequence[float], divisor: Sequence[int], max_voxels: int = 128**3
+) -> tuple[int, int, int]:
     """The median shape rounded up to multiples of ``divisor``, shrunk (largest axis first, one divisor
     step at a time) until it holds at most ``max_voxels``."""
     patch = [int(math.ceil(s / d) * d) for s, d in zip(median_shape, divisor)]
@@ -233,13 +258,21 @@ def make_folds(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> li
     if len(case_ids) < num_folds:
         raise DatasetError(f"{len(case_ids)} cases cannot be split into {num_folds} folds")
     parts = partition_dataset(sorted(case_ids), num_partitions=num_folds, shuffle=True, seed=seed)
-    return [Fold(train=sorted(c for j, p in enumerate(parts) if j != k for c in p), val=sorted(parts[k]))
-            for k in range(num_folds)]
+    return [
+        Fold(train=sorted(c for j, p in enumerate(parts) if j != k for c in p), val=sorted(parts[k]))
+        for k in range(num_folds)
+    ]
 
 
-def make_plan(dataset_dir: str | Path, label_ids: Iterable[int] | None = None, modality: list[str] | None = None,
-              divisor: Sequence[int] = (8, 8, 8), num_folds: int = 5, seed: int = 0,
-              cases: Sequence[Case] | None = None) -> Plan:
+def make_plan(
+    dataset_dir: str | Path,
+    label_ids: Iterable[int] | None = None,
+    modality: list[str] | None = None,
+    divisor: Sequence[int] = (8, 8, 8),
+    num_folds: int = 5,
+    seed: int = 0,
+    cases: Sequence[Case] | None = None,
+) -> Plan:
     """Fingerprint ``dataset_dir`` and derive the plan (see the module docstring).
 
     Raises:
@@ -251,8 +284,16 @@ def make_plan(dataset_dir: str | Path, label_ids: Iterable[int] | None = None, m
     median_shape = np.median(shapes_mm, axis=0) / np.array(spacing)
     divisor = tuple(int(d) for d in divisor)
     patch = plan_patch_size(median_shape, divisor)
-    return Plan(dataset=fingerprint.dataset, dataset_dir=str(Path(dataset_dir).resolve()),
-                modality=fingerprint.modality, spacing=spacing, patch_size=patch, divisor=divisor,
-                batch_size=plan_batch_size(patch, fingerprint), normalization=plan_normalization(fingerprint),
-                folds=make_folds([c.case_id for c in fingerprint.cases], num_folds, seed), seed=seed,
-                fingerprint=fingerprint)
+    return Plan(
+        dataset=fingerprint.dataset,
+        dataset_dir=str(Path(dataset_dir).resolve()),
+        modality=fingerprint.modality,
+        spacing=spacing,
+        patch_size=patch,
+        divisor=divisor,
+        batch_size=plan_batch_size(patch, fingerprint),
+        normalization=plan_normalization(fingerprint),
+        folds=make_folds([c.case_id for c in fingerprint.cases], num_folds, seed),
+        seed=seed,
+        fingerprint=fingerprint,
+    )

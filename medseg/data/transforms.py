@@ -76,8 +76,13 @@ def preprocessing(spacing: Sequence[float], normalization: Normalization) -> lis
     ]
 
 
-def training_transforms(spacing: Sequence[float], normalization: Normalization, patch_size: Sequence[int],
-                        foreground_oversample: float = 0.33, augmentation=None) -> Compose:
+def training_transforms(
+    spacing: Sequence[float],
+    normalization: Normalization,
+    patch_size: Sequence[int],
+    foreground_oversample: float = 0.33,
+    augmentation=None,
+) -> Compose:
     """Deterministic preprocessing, padding and fg/bg indices (cacheable), then random crop and
     augmentation. ``augmentation`` is a :class:`medseg.training.config.AugmentationConfig` (None: off).
     Output per sample: ``image`` ``(1, *patch_size)`` float32, ``label`` ``(1, *patch_size)``."""
@@ -85,20 +90,37 @@ def training_transforms(spacing: Sequence[float], normalization: Normalization, 
     transforms = preprocessing(spacing, normalization) + [
         SpatialPadd(keys=[IMAGE, LABEL], spatial_size=patch),
         FgBgToIndicesd(keys=LABEL, image_key=None),
-        RandCropByPosNegLabeld(keys=[IMAGE, LABEL], label_key=LABEL, spatial_size=patch,
-                               pos=foreground_oversample, neg=1.0 - foreground_oversample, num_samples=1,
-                               fg_indices_key=_INDICES[0], bg_indices_key=_INDICES[1], allow_smaller=False),
+        RandCropByPosNegLabeld(
+            keys=[IMAGE, LABEL],
+            label_key=LABEL,
+            spatial_size=patch,
+            pos=foreground_oversample,
+            neg=1.0 - foreground_oversample,
+            num_samples=1,
+            fg_indices_key=_INDICES[0],
+            bg_indices_key=_INDICES[1],
+            allow_smaller=False,
+        ),
         DeleteItemsd(keys=list(_INDICES)),
     ]
     if augmentation is not None and augmentation.enabled:
         a = augmentation
         rotate = math.radians(a.rotate_deg)
         transforms += [
-            RandAffined(keys=[IMAGE, LABEL], prob=a.affine_prob, rotate_range=(rotate,) * len(patch),
-                        scale_range=(a.scale,) * len(patch), mode=("bilinear", "nearest"), padding_mode="zeros",
-                        spatial_size=patch, cache_grid=True),
+            RandAffined(
+                keys=[IMAGE, LABEL],
+                prob=a.affine_prob,
+                rotate_range=(rotate,) * len(patch),
+                scale_range=(a.scale,) * len(patch),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                spatial_size=patch,
+                cache_grid=True,
+            ),
             RandGaussianNoised(keys=IMAGE, prob=a.noise_prob, std=0.1),
-            RandGaussianSmoothd(keys=IMAGE, prob=a.blur_prob, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+            RandGaussianSmoothd(
+                keys=IMAGE, prob=a.blur_prob, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)
+            ),
             RandScaleIntensityd(keys=IMAGE, factors=0.25, prob=a.brightness_prob),
             RandAdjustContrastd(keys=IMAGE, prob=a.gamma_prob, gamma=(0.7, 1.5)),
         ] + [RandFlipd(keys=[IMAGE, LABEL], prob=a.flip_prob, spatial_axis=axis) for axis in range(len(patch))]

@@ -18,8 +18,14 @@ from medseg.package import ModelCard
 from medseg.preprocess import ModelGrid
 
 
-def planned_windows(shape: Sequence[int], affine: np.ndarray, card: ModelCard,
-                    overlap: float | None = None, tta: bool = False, folds: int = 1) -> int:
+def planned_windows(
+    shape: Sequence[int],
+    affine: np.ndarray,
+    card: ModelCard,
+    overlap: float | None = None,
+    tta: bool = False,
+    folds: int = 1,
+) -> int:
     """Network evaluations one prediction needs: windows on the model grid x mirror passes x folds.
 
     Args:
@@ -49,5 +55,7 @@ def check_work(windows: int, max_windows: int | None, name: str) -> None:
         WorkBudgetError: over the budget (422 in the service); the message gives both numbers.
     """
     if max_windows is not None and windows > max_windows:
-        raise WorkBudgetError(f"{name}: {windows} sliding-window evaluations exceed the limit of "
-                              f"{max_windows}; use a lower overlap or no TTA, or crop the image")
+        raise WorkBudgetError(
+            f"{name}: {windows} sliding-window evaluations exceed the limit of "
+            f"{max_windows}; use a lower overlap or no TTA, or crop the image"
+        )

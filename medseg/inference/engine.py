@@ -40,17 +40,22 @@ import torch
 import torch.nn.functional as F
 from monai.data.meta_tensor import MetaTensor
 from monai.data.utils import compute_importance_map, dense_patch_slices, get_valid_patch_size
-from monai.utils import (BlendMode, PytorchPadMode, convert_to_dst_type, ensure_tuple,
-                         ensure_tuple_rep, fall_back_tuple, look_up_option)
+from monai.utils import (
+    BlendMode,
+    PytorchPadMode,
+    convert_to_dst_type,
+    ensure_tuple,
+    ensure_tuple_rep,
+    fall_back_tuple,
+    look_up_option,
+)
 
-__all__ = ["sliding_window_inference", "MirrorEnsemble", "scan_interval", "stitching_bytes",
-           "importance_map"]
+__all__ = ["sliding_window_inference", "MirrorEnsemble", "scan_interval", "stitching_bytes", "importance_map"]
 
 ProgressCallback = Callable[[int, int], None]
 
 
-def scan_interval(image_size: Sequence[int], roi_size: Sequence[int],
-                  overlap: Sequence[float]) -> tuple[int, ...]:
+def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float]) -> tuple[int, ...]:
     """Window step per axis (voxels): ``int(roi * (1 - overlap))`` (at least 1), or ``roi`` when the
     window covers the axis — exactly MONAI's rule."""
     steps = []
@@ -63,16 +68,19 @@ def scan_interval(image_size: Sequence[int], roi_size: Sequence[int],
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_importance_map(patch_size: tuple[int, ...], mode: str, sigma_scale: tuple[float, ...],
-                           device: str, dtype: torch.dtype) -> torch.Tensor:
-    return compute_importance_map(patch_size, mode=mode, sigma_scale=sigma_scale, device=device,
-                                  dtype=dtype)
+def _cached_importance_map(
+    patch_size: tuple[int, ...], mode: str, sigma_scale: tuple[float, ...], device: str, dtype: torch.dtype
+) -> torch.Tensor:
+    return compute_importance_map(patch_size, mode=mode, sigma_scale=sigma_scale, device=device, dtype=dtype)
 
 
-def importance_map(patch_size: Sequence[int], mode: str = "constant",
-                   sigma_scale: Sequence[float] | float = 0.125,
-                   device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def importance_map(
+    patch_size: Sequence[int],
+    mode: str = "constant",
+    sigma_scale: Sequence[float] | float = 0.125,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """MONAI's window weight map ``patch_size`` (Gaussian: sigma = ``sigma_scale * size``, clamped
     to at least 1e-3 of its peak), cached per (size, mode, sigma, device, dtype). Read-only."""
     mode = look_up_option(mode, BlendMode).value
@@ -81,8 +89,9 @@ def importance_map(patch_size: Sequence[int], mode: str = "constant",
     return _cached_importance_map(patch, mode, sigma, str(torch.device(device)), dtype)
 
 
-def stitching_bytes(image_size: Sequence[int], classes: int, batch_size: int = 1,
-                    accumulator_dtype: torch.dtype = torch.float32) -> int:
+def stitching_bytes(
+    image_size: Sequence[int], classes: int, batch_size: int = 1, accumulator_dtype: torch.dtype = torch.float32
+) -> int:
     """Bytes the stitched output and its weight map take on the output device."""
     voxels = math.prod(int(s) for s in image_size)
     itemsize = torch.empty((), dtype=accumulator_dtype).element_size()
@@ -109,16 +118,23 @@ def _pack(outputs: list[torch.Tensor], keys: list[Any] | None) -> Any:
 class _Stitcher:
     """Preallocated accumulator and weight map for one output of the predictor."""
 
-    def __init__(self, batch_size: int, channels: int, image_size: Sequence[int],
-                 roi_size: Sequence[int], out_window: Sequence[int], slices: list[tuple[slice, ...]],
-                 weight: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        batch_size: int,
+        channels: int,
+        image_size: Sequence[int],
+        roi_size: Sequence[int],
+        out_window: Sequence[int],
+        slices: list[tuple[slice, ...]],
+        weight: torch.Tensor,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         self.zoom = None
         if tuple(out_window) != tuple(roi_size):
             self.zoom = [o / float(r) for o, r in zip(out_window, roi_size)]
-            weight = F.interpolate(weight[None, None], size=tuple(out_window),
-                                   mode="nearest-exact")[0, 0]
-        out_size = ([int(s * z) for s, z in zip(image_size, self.zoom)] if self.zoom
-                    else list(image_size))
+            weight = F.interpolate(weight[None, None], size=tuple(out_window), mode="nearest-exact")[0, 0]
+        out_size = [int(s * z) for s, z in zip(image_size, self.zoom)] if self.zoom else list(image_size)
         self.output = torch.zeros([batch_size, channels, *out_size], dtype=dtype, device=device)
         self.weight_sw = weight  # on the window device, (*out_window)
         weight_out = weight.to(device=device, dtype=torch.float32)
@@ -218,14 +234,33 @@ def sliding_window_inference(
 
         with torch.inference_mode():
             return monai_sliding_window_inference(
-                inputs, roi_size, sw_batch_size, predictor, overlap, mode, sigma_scale,
-                padding_mode, cval, sw_device, device, bool(progress), roi_weight_map, process_fn,
-                buffer_steps, buffer_dim, with_coord, *args, **kwargs)
+                inputs,
+                roi_size,
+                sw_batch_size,
+                predictor,
+                overlap,
+                mode,
+                sigma_scale,
+                padding_mode,
+                cval,
+                sw_device,
+                device,
+                bool(progress),
+                roi_weight_map,
+                process_fn,
+                buffer_steps,
+                buffer_dim,
+                with_coord,
+                *args,
+                **kwargs,
+            )
 
     num_spatial_dims = inputs.ndim - 2
     if isinstance(roi_size, Sequence) and len(roi_size) != num_spatial_dims:
-        raise ValueError(f"inputs must have {len(roi_size) + 2} dimensions for a {len(roi_size)}D "
-                         f"roi_size (B, C, *spatial), got shape {tuple(inputs.shape)}")
+        raise ValueError(
+            f"inputs must have {len(roi_size) + 2} dimensions for a {len(roi_size)}D "
+            f"roi_size (B, C, *spatial), got shape {tuple(inputs.shape)}"
+        )
     overlap = ensure_tuple_rep(overlap, num_spatial_dims)
     if any(o < 0 or o >= 1 for o in overlap):
         raise ValueError(f"overlap must be >= 0 and < 1, got {overlap}")
@@ -268,8 +303,7 @@ def sliding_window_inference(
 
     on_cuda = sw_device.type == "cuda"
     pin = on_cuda and device.type == "cpu"
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if half_precision and on_cuda
-                else _nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.float16) if half_precision and on_cuda else _nullcontext()
     bar = None
     if progress is True:
         from tqdm import tqdm
@@ -299,15 +333,28 @@ def sliding_window_inference(
             if condition is not None:
                 kwargs["condition"] = _gather(condition, spans, sw_device, pin)
             with autocast:
-                output = (predictor(window_data, spans, *args, **kwargs) if with_coord
-                          else predictor(window_data, *args, **kwargs))
+                output = (
+                    predictor(window_data, spans, *args, **kwargs)
+                    if with_coord
+                    else predictor(window_data, *args, **kwargs)
+                )
             keys, outputs = _flatten(output)
             if not stitchers:  # normal tensors, so callers may modify the result in place
                 with torch.inference_mode(False):
                     for out in outputs:
-                        stitchers.append(_Stitcher(
-                            batch_size, out.shape[1], image_size, roi_size, out.shape[2:], slices,
-                            weight, device, accumulator_dtype))
+                        stitchers.append(
+                            _Stitcher(
+                                batch_size,
+                                out.shape[1],
+                                image_size,
+                                roi_size,
+                                out.shape[2:],
+                                slices,
+                                weight,
+                                device,
+                                accumulator_dtype,
+                            )
+                        )
             if all(out.device == device for out in outputs):
                 for stitcher, out in zip(stitchers, outputs):
                     stitcher.add_weighted(out, windows)
@@ -315,8 +362,7 @@ def sliding_window_inference(
                 host = []
                 for stitcher, out in zip(stitchers, outputs):
                     weighted = out * stitcher.weight_sw
-                    staging = torch.empty(weighted.shape, dtype=weighted.dtype, device=device,
-                                          pin_memory=pin)
+                    staging = torch.empty(weighted.shape, dtype=weighted.dtype, device=device, pin_memory=pin)
                     staging.copy_(weighted, non_blocking=pin)
                     host.append(staging)
                 event = None
@@ -341,8 +387,13 @@ def sliding_window_inference(
             crop = []
             for sp in range(num_spatial_dims):
                 axis = num_spatial_dims - sp - 1
-                crop.insert(0, slice(int(round(pad_size[sp * 2] * zoom[axis])),
-                                     int(round((pad_size[sp * 2] + image_size_[axis]) * zoom[axis]))))
+                crop.insert(
+                    0,
+                    slice(
+                        int(round(pad_size[sp * 2] * zoom[axis])),
+                        int(round((pad_size[sp * 2] + image_size_[axis]) * zoom[axis])),
+                    ),
+                )
             results[i] = result[(slice(None), slice(None), *crop)]
     final = _pack(results, keys)
     if meta_template is not None:
@@ -350,8 +401,7 @@ def sliding_window_inference(
     return final
 
 
-def _gather(source: torch.Tensor, spans: list[list[slice]], device: torch.device,
-            pin: bool) -> torch.Tensor:
+def _gather(source: torch.Tensor, spans: list[list[slice]], device: torch.device, pin: bool) -> torch.Tensor:
     """Windows ``spans`` of ``source`` stacked on the batch axis, moved to ``device``."""
     if len(spans) == 1:
         data = source[tuple(spans[0])]
@@ -387,8 +437,12 @@ class MirrorEnsemble:
         softmax: average softmax probabilities instead of raw outputs.
     """
 
-    def __init__(self, networks: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-                 mirror_axes: Sequence[int] = (), softmax: bool = False):
+    def __init__(
+        self,
+        networks: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        mirror_axes: Sequence[int] = (),
+        softmax: bool = False,
+    ):
         if not networks:
             raise ValueError("MirrorEnsemble needs at least one network")
         self.networks = list(networks)
@@ -415,8 +469,7 @@ class MirrorEnsemble:
         return total.div_(self.passes) if self.passes > 1 else total
 
 
-def grid_windows(image_size: Sequence[int], roi_size: Sequence[int],
-                 overlap: Sequence[float] | float) -> int:
+def grid_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float] | float) -> int:
     """Number of windows MONAI's grid places on ``image_size`` (after padding to ``roi_size``)."""
     size = tuple(max(int(s), int(r)) for s, r in zip(image_size, roi_size))
     overlap = ensure_tuple_rep(overlap, len(size))

@@ -54,8 +54,9 @@ def field_of_view(image: Image, orientation: str = "RAS") -> np.ndarray:
     """Physical extent of ``image`` in mm (voxels x spacing) per axis of ``orientation``."""
     import nibabel as nib
 
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
-                                           nib.orientations.axcodes2ornt(orientation))
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(image.affine), nib.orientations.axcodes2ornt(orientation)
+    )
     extent = np.asarray(image.shape, dtype=float) * np.asarray(image.spacing)
     out = np.empty(3)
     for axis in range(3):
@@ -79,6 +80,8 @@ def image_mismatch(image: Image, card: ModelCard) -> str | None:
         if np.any(extent < low / FOV_TOLERANCE) or np.any(extent > high * FOV_TOLERANCE):
             shown = "x".join(f"{v:.0f}" for v in extent)
             trained = " x ".join(f"{a:.0f}-{b:.0f}" for a, b in zip(low, high))
-            return (f"field of view {shown} mm is outside model {card.name}'s training range "
-                    f"({trained} mm, tolerance x{FOV_TOLERANCE:g})")
+            return (
+                f"field of view {shown} mm is outside model {card.name}'s training range "
+                f"({trained} mm, tolerance x{FOV_TOLERANCE:g})"
+            )
     return None

@@ -19,8 +19,12 @@ from skimage.morphology import remove_small_objects
 from medseg.package import PostProcessing
 
 
-def clean_label_map(label_map: np.ndarray, spacing: Sequence[float], postprocessing: PostProcessing,
-                    label_ids: Sequence[int] | None = None) -> np.ndarray:
+def clean_label_map(
+    label_map: np.ndarray,
+    spacing: Sequence[float],
+    postprocessing: PostProcessing,
+    label_ids: Sequence[int] | None = None,
+) -> np.ndarray:
     """Apply ``postprocessing`` to an integer label map ``(I, J, K)`` in place and return it.
 
     Args:
@@ -47,7 +51,8 @@ def clean_label_map(label_map: np.ndarray, spacing: Sequence[float], postprocess
             keep = get_largest_connected_component_mask(keep, connectivity=None)
         if min_voxels > 1:
             # objects of at most max_size voxels go, i.e. those below min_voxels
-            keep = remove_small_objects(np.asarray(keep, dtype=bool), max_size=min_voxels - 1,
-                                        connectivity=label_map.ndim)
+            keep = remove_small_objects(
+                np.asarray(keep, dtype=bool), max_size=min_voxels - 1, connectivity=label_map.ndim
+            )
         region[mask & ~keep] = 0
     return label_map

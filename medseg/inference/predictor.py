@@ -105,12 +105,21 @@ class Predictor:
         ValueError: a fold's card does not match (labels, classes, spacing, patch size).
     """
 
-    def __init__(self, package: ModelPackage | str | os.PathLike, device: str | torch.device = "cpu",
-                 tta: bool = False, overlap: float | None = None, sw_batch_size: int | None = None,
-                 runtime: str = "auto", mirror_axes: Sequence[int] | None = None,
-                 folds: Sequence[ModelPackage | str | os.PathLike] = (),
-                 accumulator_dtype: torch.dtype | None = None, half_precision: bool | None = None,
-                 threads: int | None = None, max_windows: int | None = None):
+    def __init__(
+        self,
+        package: ModelPackage | str | os.PathLike,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        overlap: float | None = None,
+        sw_batch_size: int | None = None,
+        runtime: str = "auto",
+        mirror_axes: Sequence[int] | None = None,
+        folds: Sequence[ModelPackage | str | os.PathLike] = (),
+        accumulator_dtype: torch.dtype | None = None,
+        half_precision: bool | None = None,
+        threads: int | None = None,
+        max_windows: int | None = None,
+    ):
         self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
         if threads:
             torch.set_num_threads(int(threads))
@@ -120,14 +129,22 @@ class Predictor:
             self._check_fold(other)
         self.accumulator_dtype = accumulator_dtype
         self.half_precision = self.device.type == "cuda" if half_precision is None else half_precision
-        self._set_networks([(p.load_network(self.device), _weights_key(p)) for p in packages],
-                           runtime, tta, mirror_axes, sw_batch_size)
+        self._set_networks(
+            [(p.load_network(self.device), _weights_key(p)) for p in packages], runtime, tta, mirror_axes, sw_batch_size
+        )
 
     @classmethod
-    def from_network(cls, network: torch.nn.Module, card: ModelCard, device: str | torch.device = "cpu",
-                     tta: bool = False, overlap: float | None = None,
-                     sw_batch_size: int | None = None, mirror_axes: Sequence[int] | None = None,
-                     max_windows: int | None = None) -> "Predictor":
+    def from_network(
+        cls,
+        network: torch.nn.Module,
+        card: ModelCard,
+        device: str | torch.device = "cpu",
+        tta: bool = False,
+        overlap: float | None = None,
+        sw_batch_size: int | None = None,
+        mirror_axes: Sequence[int] | None = None,
+        max_windows: int | None = None,
+    ) -> Predictor:
         """A Predictor for a network in memory (e.g. during training), no package on disk needed.
 
         Exactly the steps of a packaged model (model grid, normalisation, sliding window,
@@ -149,8 +166,9 @@ class Predictor:
         self._set_networks([(network, None)], "eager", tta, mirror_axes, sw_batch_size)
         return self
 
-    def _configure(self, card: ModelCard, device: str | torch.device, overlap: float | None,
-                   max_windows: int | None) -> None:
+    def _configure(
+        self, card: ModelCard, device: str | torch.device, overlap: float | None, max_windows: int | None
+    ) -> None:
         self.card = card
         self.device = torch.device(device)
         self.spatial_dims = len(self.card.patch_size)
@@ -161,18 +179,26 @@ class Predictor:
         self.in_channels = int(self.card.network.config.get("in_channels", 1))
         self.labels = sorted(self.card.labels, key=lambda label: label.id)
         if self.card.num_classes != len(self.labels) + 1:
-            raise ValueError(f"model {self.card.name}: {self.card.num_classes} output channels but "
-                             f"{len(self.labels)} labels")
-        self.label_lut = np.array([0] + [label.id for label in self.labels],
-                                  dtype=np.uint8 if self.labels[-1].id < 256 else np.uint16)
+            raise ValueError(
+                f"model {self.card.name}: {self.card.num_classes} output channels but {len(self.labels)} labels"
+            )
+        self.label_lut = np.array(
+            [0] + [label.id for label in self.labels], dtype=np.uint8 if self.labels[-1].id < 256 else np.uint16
+        )
 
-    def _set_networks(self, networks: list[tuple[torch.nn.Module, str | None]], runtime: str,
-                      tta: bool, mirror_axes: Sequence[int] | None,
-                      sw_batch_size: int | None) -> None:
+    def _set_networks(
+        self,
+        networks: list[tuple[torch.nn.Module, str | None]],
+        runtime: str,
+        tta: bool,
+        mirror_axes: Sequence[int] | None,
+        sw_batch_size: int | None,
+    ) -> None:
         batch = sw_batch_size or 1
-        self.runtimes = [NetworkRuntime(network, runtime, self.spatial_dims, batch,
-                                        device=self.device, cache_key=key)
-                         for network, key in networks]
+        self.runtimes = [
+            NetworkRuntime(network, runtime, self.spatial_dims, batch, device=self.device, cache_key=key)
+            for network, key in networks
+        ]
         self.runtime = self.runtimes[0].name
         if tta:
             axes = tuple(range(self.spatial_dims)) if mirror_axes is None else tuple(mirror_axes)
@@ -183,11 +209,18 @@ class Predictor:
 
     def _check_fold(self, other: ModelPackage) -> None:
         a, b = self.card, other.card
-        if ([l.id for l in a.labels] != [l.id for l in b.labels] or a.num_classes != b.num_classes
-                or tuple(a.spacing) != tuple(b.spacing) or tuple(a.patch_size) != tuple(b.patch_size)
-                or a.orientation != b.orientation or a.normalization != b.normalization):
-            raise ValueError(f"fold {other.path} does not match model {a.name} (labels, spacing, "
-                             "patch size, orientation and normalisation must be equal)")
+        if (
+            [l.id for l in a.labels] != [l.id for l in b.labels]
+            or a.num_classes != b.num_classes
+            or tuple(a.spacing) != tuple(b.spacing)
+            or tuple(a.patch_size) != tuple(b.patch_size)
+            or a.orientation != b.orientation
+            or a.normalization != b.normalization
+        ):
+            raise ValueError(
+                f"fold {other.path} does not match model {a.name} (labels, spacing, "
+                "patch size, orientation and normalisation must be equal)"
+            )
 
     # ----------------------------------------------------------------------------------------
     def check_image(self, image: Image) -> None:
@@ -204,10 +237,12 @@ class Predictor:
         if image.array.ndim not in (3, 4) or channels != self.in_channels:
             raise InputShapeError(
                 f"{_series_name(image)}: array {tuple(image.array.shape)} has {channels} channel(s), "
-                f"model {self.card.name} expects {self.in_channels}")
+                f"model {self.card.name} expects {self.in_channels}"
+            )
 
-    def predict(self, image: Image, progress: Callable[[int, int], None] | None = None,
-                return_probabilities: bool = False) -> Prediction:
+    def predict(
+        self, image: Image, progress: Callable[[int, int], None] | None = None, return_probabilities: bool = False
+    ) -> Prediction:
         """Segment ``image``.
 
         Args:
@@ -228,8 +263,9 @@ class Predictor:
             WorkBudgetError: more network evaluations than ``max_windows``.
         """
         self.check_image(image)
-        windows = planned_windows(image.shape, image.affine, self.card, self.overlap,
-                                  tta=self.network.passes > 1, folds=len(self.runtimes))
+        windows = planned_windows(
+            image.shape, image.affine, self.card, self.overlap, tta=self.network.passes > 1, folds=len(self.runtimes)
+        )
         check_work(windows, self.max_windows, _series_name(image))
         tick = progress or (lambda done, total: None)
         timings: dict[str, float] = {}
@@ -257,8 +293,9 @@ class Predictor:
         tick(windows, windows)
 
         _softmax_(logits)
-        labels, probabilities = self._argmax_on_input_grid(logits, grid, return_probabilities,
-                                                           lambda: tick(windows, windows))
+        labels, probabilities = self._argmax_on_input_grid(
+            logits, grid, return_probabilities, lambda: tick(windows, windows)
+        )
         del logits
         lap("resample")
         tick(windows, windows)
@@ -272,18 +309,28 @@ class Predictor:
         lap("statistics")
         timings["total"] = round(time.perf_counter() - start, 4)
 
-        label_map = Image(array=labels, affine=image.affine.copy(),
-                          meta={k: v for k, v in image.meta.items()}, dicom_source=image.dicom_source)
+        label_map = Image(
+            array=labels,
+            affine=image.affine.copy(),
+            meta={k: v for k, v in image.meta.items()},
+            dicom_source=image.dicom_source,
+        )
         label_map.meta["label_map"] = True
-        settings.update(model_grid={"shape": list(grid.model_shape),
-                                    "spacing": [round(s, 6) for s in self.card.spacing],
-                                    "resampled": grid.resampled})
-        return Prediction(label_map=label_map, statistics=statistics, timings=timings,
-                          probabilities=probabilities, settings=settings)
+        settings.update(
+            model_grid={
+                "shape": list(grid.model_shape),
+                "spacing": [round(s, 6) for s in self.card.spacing],
+                "resampled": grid.resampled,
+            }
+        )
+        return Prediction(
+            label_map=label_map, statistics=statistics, timings=timings, probabilities=probabilities, settings=settings
+        )
 
     # ----------------------------------------------------------------------------------------
-    def _logits(self, model_input: torch.Tensor,
-                progress: Callable[[int, int], None] | None) -> tuple[torch.Tensor, dict]:
+    def _logits(
+        self, model_input: torch.Tensor, progress: Callable[[int, int], None] | None
+    ) -> tuple[torch.Tensor, dict]:
         """``(C, *model_shape)`` -> logits ``(K, *model_shape)`` on the CPU."""
         roi = tuple(int(p) for p in self.card.patch_size)
         if self.spatial_dims == 3:
@@ -292,24 +339,39 @@ class Predictor:
             batch = model_input.permute(3, 0, 1, 2)  # (K, C, I, J)
         windows = grid_windows(batch.shape[2:], roi, self.overlap) * batch.shape[0]
         sw_batch_size = self.sw_batch_size or auto_sw_batch_size(
-            self.runtimes[0], roi, self.in_channels, self.device, windows)
+            self.runtimes[0], roi, self.in_channels, self.device, windows
+        )
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         logits = sliding_window_inference(
-            batch, roi, sw_batch_size, self.network, overlap=self.overlap, mode="gaussian",
-            sw_device=self.device, device="cpu", progress=progress or False,
+            batch,
+            roi,
+            sw_batch_size,
+            self.network,
+            overlap=self.overlap,
+            mode="gaussian",
+            sw_device=self.device,
+            device="cpu",
+            progress=progress or False,
             accumulator_dtype=self.accumulator_dtype or torch.float32,
-            half_precision=self.half_precision)
+            half_precision=self.half_precision,
+        )
         logits = logits[0] if self.spatial_dims == 3 else logits.permute(1, 2, 3, 0)
         self.runtime = self.runtimes[0].name  # may have fallen back on first use
-        settings = {"runtime": self.runtime, "device": str(self.device), "sw_batch_size": sw_batch_size,
-                    "overlap": self.overlap, "windows": windows, "passes": self.network.passes,
-                    "half_precision": self.half_precision and self.device.type == "cuda"}
+        settings = {
+            "runtime": self.runtime,
+            "device": str(self.device),
+            "sw_batch_size": sw_batch_size,
+            "overlap": self.overlap,
+            "windows": windows,
+            "passes": self.network.passes,
+            "half_precision": self.half_precision and self.device.type == "cuda",
+        }
         return logits, settings
 
-    def _argmax_on_input_grid(self, probabilities: torch.Tensor, grid: ModelGrid, keep: bool,
-                              tick: Callable[[], None] = lambda: None
-                              ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _argmax_on_input_grid(
+        self, probabilities: torch.Tensor, grid: ModelGrid, keep: bool, tick: Callable[[], None] = lambda: None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Resample ``(K, *model_shape)`` probabilities to the input grid a few channels at a
         time, keeping a running argmax; returns class indices ``(I, J, K)`` (uint8/uint16)."""
         classes = probabilities.shape[0]
@@ -323,13 +385,13 @@ class Predictor:
             kept = np.empty((classes, *grid.oriented_shape), dtype=np.float32) if keep else None
             for first in range(0, classes, CHANNEL_CHUNK):
                 tick()
-                chunk = grid.to_oriented(probabilities[first:first + CHANNEL_CHUNK].float())
+                chunk = grid.to_oriented(probabilities[first : first + CHANNEL_CHUNK].float())
                 for offset, channel in enumerate(chunk):
                     better = channel > best
                     best = torch.where(better, channel, best)
                     labels[better] = first + offset
                 if kept is not None:
-                    kept[first:first + chunk.shape[0]] = chunk.numpy()
+                    kept[first : first + chunk.shape[0]] = chunk.numpy()
         labels_np = np.ascontiguousarray(grid.to_input(labels.numpy()))
         if kept is not None:
             kept = np.ascontiguousarray(grid.to_input(kept))

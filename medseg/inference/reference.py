@@ -18,8 +18,9 @@ from medseg.package import ModelCard
 from medseg.preprocess import RAS_LABELS, normalize_intensity
 
 
-def monai_reference(network: torch.nn.Module, card: ModelCard, image: Image, overlap: float | None = None,
-                    sw_batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def monai_reference(
+    network: torch.nn.Module, card: ModelCard, image: Image, overlap: float | None = None, sw_batch_size: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Segment a single-channel 3D ``image`` the plain MONAI way.
 
     Returns:
@@ -30,19 +31,28 @@ def monai_reference(network: torch.nn.Module, card: ModelCard, image: Image, ove
     from monai.inferers import sliding_window_inference
     from monai.transforms import Compose, Orientation, Spacing
 
-    preprocess = Compose([Orientation(axcodes=card.orientation, labels=RAS_LABELS),
-                          Spacing(pixdim=card.spacing, mode="bilinear")])
-    source = MetaTensor(torch.from_numpy(np.asarray(image.array, dtype=np.float32)[None]),
-                        affine=torch.as_tensor(image.affine))
+    preprocess = Compose(
+        [Orientation(axcodes=card.orientation, labels=RAS_LABELS), Spacing(pixdim=card.spacing, mode="bilinear")]
+    )
+    source = MetaTensor(
+        torch.from_numpy(np.asarray(image.array, dtype=np.float32)[None]), affine=torch.as_tensor(image.affine)
+    )
     model_grid = preprocess(source)
     normalized = normalize_intensity(model_grid.as_tensor(), card.normalization)
     with torch.no_grad():
-        logits = sliding_window_inference(normalized[None], tuple(card.patch_size), sw_batch_size,
-                                          network.eval(), card.overlap if overlap is None else overlap,
-                                          "gaussian")[0]
-    probabilities = MetaTensor(torch.softmax(logits.as_tensor() if isinstance(logits, MetaTensor)
-                                             else logits, dim=0),
-                               meta=model_grid.meta, applied_operations=model_grid.applied_operations)
+        logits = sliding_window_inference(
+            normalized[None],
+            tuple(card.patch_size),
+            sw_batch_size,
+            network.eval(),
+            card.overlap if overlap is None else overlap,
+            "gaussian",
+        )[0]
+    probabilities = MetaTensor(
+        torch.softmax(logits.as_tensor() if isinstance(logits, MetaTensor) else logits, dim=0),
+        meta=model_grid.meta,
+        applied_operations=model_grid.applied_operations,
+    )
     restored = preprocess.inverse(probabilities)
     restored = restored.as_tensor().float()
     return restored.argmax(0).numpy(), restored.numpy()

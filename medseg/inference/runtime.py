@@ -36,7 +36,6 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -112,8 +111,15 @@ class NetworkRuntime:
         ImportError: ``openvino`` asked for and not installed.
     """
 
-    def __init__(self, network: nn.Module, runtime: str = "auto", spatial_dims: int = 3,
-                 batch_size: int = 1, device: str | torch.device = "cpu", cache_key: str | None = None):
+    def __init__(
+        self,
+        network: nn.Module,
+        runtime: str = "auto",
+        spatial_dims: int = 3,
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+        cache_key: str | None = None,
+    ):
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
         device = torch.device(device)
@@ -228,18 +234,23 @@ class _OpenVINOForward:
         return cache_dir() / "openvino" / tag / "model.xml"
 
     def _compile(self, model):
-        return self.core.compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, whatever the CPU supports
-        })
+        return self.core.compile_model(
+            model,
+            "CPU",
+            {
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, whatever the CPU supports
+            },
+        )
 
     def _convert_and_verify(self, shape: tuple[int, ...]):
         ov = self.ov
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about the networks' shape checks
-            model = ov.convert_model(self.network, example_input=torch.zeros(shape),
-                                     input=[ov.PartialShape(list(shape))])
+            model = ov.convert_model(
+                self.network, example_input=torch.zeros(shape), input=[ov.PartialShape(list(shape))]
+            )
         compiled = self._compile(model)
         probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
@@ -250,7 +261,8 @@ class _OpenVINOForward:
         if not error <= VERIFY_TOLERANCE:
             raise ConversionMismatchError(
                 f"OpenVINO conversion for input {shape} differs from the network "
-                f"(max error {error:.1e} of the output range, shape {tuple(got.shape)})")
+                f"(max error {error:.1e} of the output range, shape {tuple(got.shape)})"
+            )
         return model, compiled
 
     def _load(self, shape: tuple[int, ...]):
@@ -281,9 +293,15 @@ class _OpenVINOForward:
         return torch.from_numpy(np.array(result, copy=True))
 
 
-def auto_sw_batch_size(runtime: Callable[[torch.Tensor], torch.Tensor], window: tuple[int, ...],
-                       in_channels: int, device: torch.device, num_windows: int,
-                       memory_fraction: float = 0.5, limit: int = 16) -> int:
+def auto_sw_batch_size(
+    runtime: Callable[[torch.Tensor], torch.Tensor],
+    window: tuple[int, ...],
+    in_channels: int,
+    device: torch.device,
+    num_windows: int,
+    memory_fraction: float = 0.5,
+    limit: int = 16,
+) -> int:
     """Windows per network call.
 
     On the CPU, 1: oneDNN already parallelises one window over all cores, and larger batches

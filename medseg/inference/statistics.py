@@ -9,8 +9,9 @@ import numpy as np
 from medseg.labels import Label
 
 
-def label_statistics(label_map: np.ndarray, affine: np.ndarray, labels: Sequence[Label],
-                     intensities: np.ndarray | None = None) -> list[dict]:
+def label_statistics(
+    label_map: np.ndarray, affine: np.ndarray, labels: Sequence[Label], intensities: np.ndarray | None = None
+) -> list[dict]:
     """One dict per label of the card (absent labels included, with zero volume).
 
     Args:
@@ -29,17 +30,18 @@ def label_statistics(label_map: np.ndarray, affine: np.ndarray, labels: Sequence
     counts = np.bincount(flat, minlength=size)
     sums = None
     if intensities is not None:
-        sums = np.bincount(flat, weights=np.asarray(intensities, dtype=np.float64).ravel(),
-                           minlength=size)
+        sums = np.bincount(flat, weights=np.asarray(intensities, dtype=np.float64).ravel(), minlength=size)
     stats = []
     for label in sorted(labels, key=lambda item: item.id):
         voxels = int(counts[label.id])
         mean = float(sums[label.id] / voxels) if sums is not None and voxels else None
-        stats.append({
-            "id": label.id,
-            "name": label.name,
-            "voxels": voxels,
-            "volume_ml": round(voxels * voxel_ml, 6),
-            "mean_intensity": None if mean is None else round(mean, 4),
-        })
+        stats.append(
+            {
+                "id": label.id,
+                "name": label.name,
+                "voxels": voxels,
+                "volume_ml": round(voxels * voxel_ml, 6),
+                "mean_intensity": None if mean is None else round(mean, 4),
+            }
+        )
     return stats

@@ -13,8 +13,7 @@ from medseg.io.reader import find_series, read_image
 from medseg.io.series_info import SeriesInfo
 from medseg.io.volume_files import write_nifti
 
-__all__ = ["Image", "SeriesInfo", "find_series", "read_image", "write_nifti", "write_seg",
-           "read_seg"]
+__all__ = ["Image", "SeriesInfo", "find_series", "read_image", "write_nifti", "write_seg", "read_seg"]
 
 
 def __getattr__(name):  # highdicom is imported only when SEG is used

@@ -44,10 +44,13 @@ def check_archive(archive: zipfile.ZipFile, name: str) -> list[zipfile.ZipInfo]:
     for entry in entries:
         entry_name = entry.filename
         parts = PurePosixPath(entry_name.replace("\\", "/")).parts
-        if (entry_name.startswith(("/", "\\")) or (len(entry_name) > 1 and entry_name[1] == ":")
-                or ".." in parts or "\x00" in entry_name):
-            raise UnsafeArchiveError(f"{name}: entry {entry_name!r} points outside the archive "
-                                     "folder")
+        if (
+            entry_name.startswith(("/", "\\"))
+            or (len(entry_name) > 1 and entry_name[1] == ":")
+            or ".." in parts
+            or "\x00" in entry_name
+        ):
+            raise UnsafeArchiveError(f"{name}: entry {entry_name!r} points outside the archive folder")
         mode = entry.external_attr >> 16
         kind = stat.S_IFMT(mode)
         if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
@@ -57,16 +60,16 @@ def check_archive(archive: zipfile.ZipFile, name: str) -> list[zipfile.ZipInfo]:
         total += entry.file_size
         compressed += entry.compress_size
         if total > MAX_UNCOMPRESSED_BYTES:
-            raise UnsafeArchiveError(f"{name}: uncompressed size exceeds "
-                                     f"{MAX_UNCOMPRESSED_BYTES} bytes")
-        if (entry.file_size >= RATIO_CHECK_MIN_BYTES
-                and entry.file_size > MAX_COMPRESSION_RATIO * max(entry.compress_size, 1)):
-            raise UnsafeArchiveError(f"{name}: entry {entry_name!r} has compression ratio above "
-                                     f"{MAX_COMPRESSION_RATIO:g} (zip bomb?)")
+            raise UnsafeArchiveError(f"{name}: uncompressed size exceeds {MAX_UNCOMPRESSED_BYTES} bytes")
+        if entry.file_size >= RATIO_CHECK_MIN_BYTES and entry.file_size > MAX_COMPRESSION_RATIO * max(
+            entry.compress_size, 1
+        ):
+            raise UnsafeArchiveError(
+                f"{name}: entry {entry_name!r} has compression ratio above {MAX_COMPRESSION_RATIO:g} (zip bomb?)"
+            )
         files.append(entry)
     if total >= RATIO_CHECK_MIN_BYTES and total > MAX_COMPRESSION_RATIO * max(compressed, 1):
-        raise UnsafeArchiveError(f"{name}: compression ratio above {MAX_COMPRESSION_RATIO:g} "
-                                 "(zip bomb?)")
+        raise UnsafeArchiveError(f"{name}: compression ratio above {MAX_COMPRESSION_RATIO:g} (zip bomb?)")
     return files
 
 
@@ -85,8 +88,7 @@ def extract_zip(path: str | Path) -> tempfile.TemporaryDirectory:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as error:
-        raise UnreadableFileError(f"{path.name}: not a readable ZIP archive "
-                                  f"({type(error).__name__})") from None
+        raise UnreadableFileError(f"{path.name}: not a readable ZIP archive ({type(error).__name__})") from None
     with archive:
         entries = check_archive(archive, path.name)
         folder = tempfile.TemporaryDirectory(prefix="medseg-zip-")
@@ -95,24 +97,21 @@ def extract_zip(path: str | Path) -> tempfile.TemporaryDirectory:
             for entry in entries:
                 target = (root / entry.filename.replace("\\", "/")).resolve()
                 if root not in target.parents:
-                    raise UnsafeArchiveError(f"{path.name}: entry {entry.filename!r} points "
-                                             "outside the archive folder")
+                    raise UnsafeArchiveError(f"{path.name}: entry {entry.filename!r} points outside the archive folder")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 written = 0
                 with archive.open(entry) as source, target.open("wb") as sink:
                     while chunk := source.read(_CHUNK):
                         written += len(chunk)
                         if written > entry.file_size:
-                            raise UnsafeArchiveError(f"{path.name}: entry {entry.filename!r} "
-                                                     "is larger than declared")
+                            raise UnsafeArchiveError(f"{path.name}: entry {entry.filename!r} is larger than declared")
                         sink.write(chunk)
         except UnsafeArchiveError:
             folder.cleanup()
             raise
         except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as error:
             folder.cleanup()
-            raise UnreadableFileError(f"{path.name}: corrupt ZIP entry "
-                                      f"({type(error).__name__})") from None
+            raise UnreadableFileError(f"{path.name}: corrupt ZIP entry ({type(error).__name__})") from None
         except BaseException:
             folder.cleanup()
             raise

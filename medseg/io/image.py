@@ -67,7 +67,6 @@ class Image:
 
         return "".join(nib.aff2axcodes(self.affine))
 
-    def with_array(self, array: np.ndarray, **meta: Any) -> "Image":
+    def with_array(self, array: np.ndarray, **meta: Any) -> Image:
         """A new image on the same grid holding ``array`` (e.g. a label map)."""
-        return Image(array=array, affine=self.affine.copy(), meta={**self.meta, **meta},
-                     dicom_source=self.dicom_source)
+        return Image(array=array, affine=self.affine.copy(), meta={**self.meta, **meta}, dicom_source=self.dicom_source)

@@ -87,7 +87,7 @@ def _nrrd_data_files(head: bytes) -> list[str]:
         if sep and key.strip().lower() in (b"data file", b"datafile"):
             value = value.strip().decode("latin-1")
             if value.upper().startswith("LIST"):
-                files = [v.rstrip(b"\r").decode("latin-1") for v in lines[index + 1:] if v.strip()]
+                files = [v.rstrip(b"\r").decode("latin-1") for v in lines[index + 1 :] if v.strip()]
                 return ["LIST", *files]
             return [value]
     return []
@@ -112,14 +112,16 @@ def check_self_contained(path: str | Path, policy: ReadPolicy, display: str | No
     if not files:
         return
     if policy.detached_data == "refuse":
-        raise UnsafeInputError(f"{name}: pixel data is in a separate file; upload a "
-                               "self-contained file (.mha, .nrrd or .nii.gz)")
+        raise UnsafeInputError(
+            f"{name}: pixel data is in a separate file; upload a self-contained file (.mha, .nrrd or .nii.gz)"
+        )
     value = files[0]
     if len(files) > 1 or value.upper() == "LIST" or " " in value.strip() or "%" in value:
         raise UnsafeInputError(f"{name}: a LIST or pattern of data files is not supported")
     if "/" in value or "\\" in value or value in ("", ".", "..") or Path(value).is_absolute():
-        raise UnsafeInputError(f"{name}: its data file must be a file in the same folder "
-                               "(no absolute path, no folder, no '..')")
+        raise UnsafeInputError(
+            f"{name}: its data file must be a file in the same folder (no absolute path, no folder, no '..')"
+        )
     data = path.parent / value
     if not data.is_file() or data.is_symlink():
         raise UnreadableFileError(f"{name}: data file {value} not found beside it")
@@ -132,12 +134,12 @@ def check_declared_voxels(voxels: int, policy: ReadPolicy, name: str) -> None:
         InputTooLargeError: too many voxels (413 in the service).
     """
     if policy.max_voxels is not None and voxels > policy.max_voxels:
-        raise InputTooLargeError(f"{name}: declares {voxels} voxels, more than the limit of "
-                                 f"{policy.max_voxels}")
+        raise InputTooLargeError(f"{name}: declares {voxels} voxels, more than the limit of {policy.max_voxels}")
 
 
-def check_stream_length(path: str | Path, offset: int, nbytes: int, name: str,
-                        compression: Literal["gzip", "zlib", "none"] = "gzip") -> None:
+def check_stream_length(
+    path: str | Path, offset: int, nbytes: int, name: str, compression: Literal["gzip", "zlib", "none"] = "gzip"
+) -> None:
     """Make sure ``path`` holds at least ``nbytes`` of (decompressed) data after ``offset``.
 
     Decompresses in 1 MiB chunks and stops as soon as ``nbytes`` are reached, so memory stays
@@ -174,5 +176,7 @@ def check_stream_length(path: str | Path, offset: int, nbytes: int, name: str,
     except (OSError, EOFError, zlib.error):
         raise UnreadableFileError(f"{name}: compressed data is corrupt or truncated") from None
     if have < need:
-        raise UnreadableFileError(f"{name}: truncated; the header declares {nbytes} bytes of "
-                                  f"pixel data, the file holds {max(0, have - offset)}")
+        raise UnreadableFileError(
+            f"{name}: truncated; the header declares {nbytes} bytes of "
+            f"pixel data, the file holds {max(0, have - offset)}"
+        )

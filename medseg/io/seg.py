@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pydicom
@@ -30,8 +30,17 @@ log = logging.getLogger(__name__)
 TRACKING_PREFIX = "medseg label "
 #: Affine agreement (mm) required between a label map and its source image.
 GRID_ATOL_MM = 1e-3
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                 "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 
 
 def _default_version() -> str:
@@ -50,24 +59,57 @@ def _coded(code: Code):
 #: of the Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
 #: modules); used when highdicom's module tables cannot be read.
 _COPIED_FALLBACK = _TYPE2_COPIED + (
-    "IssuerOfPatientID", "TypeOfPatientID", "PatientBirthTime", "PatientAlternativeCalendar",
-    "QualityControlSubject", "OtherPatientNames", "ResponsiblePerson", "ResponsiblePersonRole",
-    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved",
-    "DeidentificationMethod", "PatientSpeciesDescription", "PatientBreedDescription",
-    "ConsultingPhysicianName", "StudyDescription", "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy", "RequestingService", "AdmittingDiagnosesDescription",
-    "PatientAge", "PatientSize", "PatientBodyMassIndex", "MeasuredAPDimension",
-    "MeasuredLateralDimension", "PatientWeight", "MedicalAlerts", "Allergies", "Occupation",
-    "SmokingStatus", "AdditionalPatientHistory", "LastMenstrualDate", "PatientSexNeutered",
-    "AdmissionID", "ServiceEpisodeID", "ServiceEpisodeDescription", "PatientState",
-    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
-    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
-    "ClinicalTrialSubjectReadingID", "ClinicalTrialTimePointID",
-    "ClinicalTrialTimePointDescription", "LongitudinalTemporalEventType")
+    "IssuerOfPatientID",
+    "TypeOfPatientID",
+    "PatientBirthTime",
+    "PatientAlternativeCalendar",
+    "QualityControlSubject",
+    "OtherPatientNames",
+    "ResponsiblePerson",
+    "ResponsiblePersonRole",
+    "ResponsibleOrganization",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "PatientSpeciesDescription",
+    "PatientBreedDescription",
+    "ConsultingPhysicianName",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingService",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientBodyMassIndex",
+    "MeasuredAPDimension",
+    "MeasuredLateralDimension",
+    "PatientWeight",
+    "MedicalAlerts",
+    "Allergies",
+    "Occupation",
+    "SmokingStatus",
+    "AdditionalPatientHistory",
+    "LastMenstrualDate",
+    "PatientSexNeutered",
+    "AdmissionID",
+    "ServiceEpisodeID",
+    "ServiceEpisodeDescription",
+    "PatientState",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID",
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+    "LongitudinalTemporalEventType",
+)
 #: VRs whose values are checked (text VRs with a grammar or a length limit, PS3.5 6.2)
 _CHECKED_VRS = {"AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM"}
-_SEX = {"m": "M", "male": "M", "man": "M", "f": "F", "female": "F", "woman": "F",
-        "o": "O", "other": "O"}
+_SEX = {"m": "M", "male": "M", "man": "M", "f": "F", "female": "F", "woman": "F", "o": "O", "other": "O"}
 
 
 @functools.lru_cache(maxsize=32)
@@ -75,13 +117,17 @@ def _copied_keywords(sop_class_uid: str) -> tuple[str, ...]:
     """Keywords of the patient/study attributes highdicom copies into the SEG from a source
     instance of this SOP class."""
     try:
-        from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_map,
-                                               get_sop_class_iod_map)
+        from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 
         modules = get_iod_module_map()[get_sop_class_iod_map()[sop_class_uid]]
         attributes = get_module_attribute_map()
-        found = [str(item["keyword"]) for module in modules if module["ie"] in ("Patient", "Study")
-                 for item in attributes[module["key"]] if len(item["path"]) == 0]
+        found = [
+            str(item["keyword"])
+            for module in modules
+            if module["ie"] in ("Patient", "Study")
+            for item in attributes[module["key"]]
+            if len(item["path"]) == 0
+        ]
     except Exception:  # private highdicom tables moved, or an unknown SOP class
         found = []
     return tuple(dict.fromkeys([*_TYPE2_COPIED, *found, *_COPIED_FALLBACK]))
@@ -138,8 +184,7 @@ def _repaired(keyword: str, vr: str, text: str) -> str | None:
     return value if _valid(vr, value) else None
 
 
-def repair_patient_study(dataset: pydicom.Dataset,
-                         keywords: Sequence[str] | None = None) -> list[str]:
+def repair_patient_study(dataset: pydicom.Dataset, keywords: Sequence[str] | None = None) -> list[str]:
     """Make the patient/study attributes of ``dataset`` valid for their VR, in place.
 
     Real PACS exports often carry values that break the value representations of PS3.5 6.2
@@ -184,8 +229,7 @@ def repair_patient_study(dataset: pydicom.Dataset,
             continue
         value = element.value
         items = list(value) if isinstance(value, MultiValue) else [value]
-        if not all(item is None or isinstance(item, (str, PersonName))
-                   for item in items):
+        if not all(item is None or isinstance(item, (str, PersonName)) for item in items):
             continue  # already converted numbers (DS, IS) parsed fine
         texts = ["" if item is None else str(item) for item in items]
         bad = [_needs_repair(keyword, vr, text) for text in texts]
@@ -198,8 +242,9 @@ def repair_patient_study(dataset: pydicom.Dataset,
             continue
         element.value = fixed if len(fixed) > 1 else fixed[0]
         if keyword == "PatientName" and _valid(vr, texts[0]):
-            messages.append(f"{keyword}: a single name component; written with a trailing '^' "
-                            "(family name only) in the SEG")
+            messages.append(
+                f"{keyword}: a single name component; written with a trailing '^' (family name only) in the SEG"
+            )
         else:
             messages.append(f"{keyword}: not a valid DICOM {vr} value; repaired in the SEG")
     return messages
@@ -208,15 +253,18 @@ def repair_patient_study(dataset: pydicom.Dataset,
 def _source_datasets(source: Image, warnings: list[str] | None = None) -> list[pydicom.Dataset]:
     files = source.dicom_source
     if not files:
-        raise UnsupportedInputError("DICOM SEG needs a DICOM source series; the source image "
-                                    "was not read from DICOM (or was resampled)")
+        raise UnsupportedInputError(
+            "DICOM SEG needs a DICOM source series; the source image was not read from DICOM (or was resampled)"
+        )
     layout = source.meta.get("dicom_layout", "single-frame")
     if layout == "mosaic":
-        raise UnsupportedInputError(f"series {source.meta.get('series_uid', '')}: DICOM SEG on "
-                                    "a Siemens mosaic source is not supported")
+        raise UnsupportedInputError(
+            f"series {source.meta.get('series_uid', '')}: DICOM SEG on a Siemens mosaic source is not supported"
+        )
     if source.array.ndim != 3:
-        raise UnsupportedInputError(f"series {source.meta.get('series_uid', '')}: DICOM SEG on a "
-                                    "multi-volume (4D) source is not supported")
+        raise UnsupportedInputError(
+            f"series {source.meta.get('series_uid', '')}: DICOM SEG on a multi-volume (4D) source is not supported"
+        )
     unique = list(dict.fromkeys(files))
     notes = warnings if warnings is not None else []
     datasets = []
@@ -224,8 +272,9 @@ def _source_datasets(source: Image, warnings: list[str] | None = None) -> list[p
         try:
             datasets.append(pydicom.dcmread(path, stop_before_pixels=True))
         except Exception as error:
-            raise UnreadableFileError(f"{Path(path).name}: cannot read SEG source instance "
-                                      f"({type(error).__name__})") from None
+            raise UnreadableFileError(
+                f"{Path(path).name}: cannot read SEG source instance ({type(error).__name__})"
+            ) from None
     for ds in datasets:
         # Type 2 patient/study attributes that highdicom copies from the source: present but
         # empty when the export dropped them (PS3.3 C.7.1.1, C.7.2.1).
@@ -240,17 +289,26 @@ def _source_datasets(source: Image, warnings: list[str] | None = None) -> list[p
                 log.warning("SEG source %s", message)
         for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
             if not str(ds.get(keyword) or "").strip():
-                raise UnsupportedInputError(f"{Path(ds.filename).name}: source has no {keyword}; "
-                                            "a DICOM SEG cannot reference it")
+                raise UnsupportedInputError(
+                    f"{Path(ds.filename).name}: source has no {keyword}; a DICOM SEG cannot reference it"
+                )
     return datasets
 
 
-def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | Path, *,
-              series_description: str = "medseg segmentation", algorithm_name: str = "medseg",
-              algorithm_version: str | None = None, series_number: int | None = None,
-              warnings: list[str] | None = None,
-              algorithm_parameters: dict[str, str] | None = None,
-              content_description: str | None = None) -> Path:
+def write_seg(
+    label_map: Image,
+    source: Image,
+    labels: list[Label],
+    path: str | Path,
+    *,
+    series_description: str = "medseg segmentation",
+    algorithm_name: str = "medseg",
+    algorithm_version: str | None = None,
+    series_number: int | None = None,
+    warnings: list[str] | None = None,
+    algorithm_parameters: dict[str, str] | None = None,
+    content_description: str | None = None,
+) -> Path:
     """Write a BINARY DICOM SEG of ``label_map`` referencing ``source``'s series, atomically.
 
     Patient/study attributes are copied from the source leniently: values invalid for their VR
@@ -290,11 +348,11 @@ def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | 
         raise UnsupportedInputError("DICOM SEG labels must have unique ids")
     array = np.asarray(label_map.array)
     if array.shape != source.array.shape[:3] or array.ndim != 3:
-        raise InputShapeError(f"label map shape {array.shape} is not the source grid "
-                              f"{source.array.shape[:3]}")
+        raise InputShapeError(f"label map shape {array.shape} is not the source grid {source.array.shape[:3]}")
     if not np.allclose(label_map.affine, source.affine, atol=GRID_ATOL_MM, rtol=0):
-        raise InputShapeError("label map affine differs from the source image affine; resample "
-                              "the label map to the source grid first")
+        raise InputShapeError(
+            "label map affine differs from the source image affine; resample the label map to the source grid first"
+        )
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise UnsupportedInputError("label map holds non-integer values")
@@ -320,14 +378,15 @@ def write_seg(label_map: Image, source: Image, labels: list[Label], path: str | 
         by_frame[np.asarray(numbers) - 1] = frames
         frames = by_frame
     elif len(datasets) != frames.shape[0]:
-        raise UnsupportedInputError("source series has a different number of instances than "
-                                    "slices; DICOM SEG cannot reference it")
+        raise UnsupportedInputError(
+            "source series has a different number of instances than slices; DICOM SEG cannot reference it"
+        )
 
     version = algorithm_version or _default_version()
     parameters = {str(k): str(v) for k, v in (algorithm_parameters or {}).items()} or None
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, version=version, family=codes.cid7162.ArtificialIntelligence,
-        parameters=parameters)
+        name=algorithm_name, version=version, family=codes.cid7162.ArtificialIntelligence, parameters=parameters
+    )
     if content_description is None:
         content_description = f"{algorithm_name} {version}"
     descriptions = [
@@ -375,7 +434,7 @@ def _segment_ids(seg) -> dict[int, int]:
         tracking = description.tracking_id if "TrackingID" in description else None
         if tracking and str(tracking).startswith(TRACKING_PREFIX):
             try:
-                label_id = int(str(tracking)[len(TRACKING_PREFIX):])
+                label_id = int(str(tracking)[len(TRACKING_PREFIX) :])
             except ValueError:
                 label_id = number
         mapping[number] = label_id
@@ -388,14 +447,19 @@ def _segments_meta(seg, mapping: dict[int, int]) -> list[dict]:
         description = seg.get_segment_description(number)
         category = description.segmented_property_category
         kind = description.segmented_property_type
-        result.append({
-            "segment_number": number, "label_id": label_id,
-            "name": str(description.segment_label),
-            "category": {"value": category.value, "scheme": category.scheme_designator,
-                         "meaning": category.meaning},
-            "type": {"value": kind.value, "scheme": kind.scheme_designator,
-                     "meaning": kind.meaning},
-        })
+        result.append(
+            {
+                "segment_number": number,
+                "label_id": label_id,
+                "name": str(description.segment_label),
+                "category": {
+                    "value": category.value,
+                    "scheme": category.scheme_designator,
+                    "meaning": category.meaning,
+                },
+                "type": {"value": kind.value, "scheme": kind.scheme_designator, "meaning": kind.meaning},
+            }
+        )
     return result
 
 
@@ -426,8 +490,7 @@ def read_seg(path: str | Path, source: Image | None = None) -> Image:
     try:
         seg = hd.seg.segread(str(path))
     except Exception as error:
-        raise UnreadableFileError(f"{path.name}: not a readable DICOM SEG "
-                                  f"({type(error).__name__})") from None
+        raise UnreadableFileError(f"{path.name}: not a readable DICOM SEG ({type(error).__name__})") from None
     mapping = _segment_ids(seg)
     lut = np.zeros(max(mapping, default=0) + 1, dtype=np.int64)
     for number, label_id in mapping.items():
@@ -436,16 +499,19 @@ def read_seg(path: str | Path, source: Image | None = None) -> Image:
     try:
         if source is not None:
             files = source.dicom_source or []
-            uids = [str(pydicom.dcmread(f, stop_before_pixels=True,
-                                        specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-                    for f in files]
+            uids = [
+                str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+                for f in files
+            ]
             if not uids:
                 raise UnsupportedInputError("read_seg: the source image was not read from DICOM")
             referenced = _referenced_series(seg)
             if referenced and referenced != str(source.meta.get("series_uid", referenced)):
-                raise UnsupportedInputError(f"{path.name}: the SEG references series "
-                                            f"{referenced}, not the given source series "
-                                            f"{source.meta.get('series_uid')}")
+                raise UnsupportedInputError(
+                    f"{path.name}: the SEG references series "
+                    f"{referenced}, not the given source series "
+                    f"{source.meta.get('series_uid')}"
+                )
             frame_numbers = source.meta.get("dicom_frame_numbers")
             if len(set(uids)) == 1 and frame_numbers:
                 frames = _pixels_by_source(seg, uids[:1], frame_numbers)
@@ -466,23 +532,30 @@ def read_seg(path: str | Path, source: Image | None = None) -> Image:
             permuted = np.eye(4)
             permuted[:3, :3] = affine_lps[:3, :3][:, ::-1]
             permuted[:3, 3] = affine_lps[:3, 3]
-            label_map = Image(array=np.ascontiguousarray(np.transpose(array, (2, 1, 0))),
-                              affine=LPS_TO_RAS @ permuted, meta={})
+            label_map = Image(
+                array=np.ascontiguousarray(np.transpose(array, (2, 1, 0))), affine=LPS_TO_RAS @ permuted, meta={}
+            )
     except MedsegError:
         raise
     except Exception as error:  # highdicom raises ValueError/RuntimeError/sqlite errors
         text = str(error).lower()
         if "overlap" in text:
-            raise UnsupportedInputError(f"{path.name}: segments overlap and cannot be combined "
-                                        "into one label map") from None
-        raise UnsupportedInputError(f"{path.name}: cannot place the SEG frames on a volume "
-                                    f"({str(error).splitlines()[0][:150]})") from None
-    label_map.meta.update({
-        "modality": "SEG", "source": str(path), "segments": _segments_meta(seg, mapping),
-        "series_uid": str(seg.SeriesInstanceUID),
-        "series_description": str(seg.get("SeriesDescription", "")),
-        "referenced_series_uid": _referenced_series(seg),
-    })
+            raise UnsupportedInputError(
+                f"{path.name}: segments overlap and cannot be combined into one label map"
+            ) from None
+        raise UnsupportedInputError(
+            f"{path.name}: cannot place the SEG frames on a volume ({str(error).splitlines()[0][:150]})"
+        ) from None
+    label_map.meta.update(
+        {
+            "modality": "SEG",
+            "source": str(path),
+            "segments": _segments_meta(seg, mapping),
+            "series_uid": str(seg.SeriesInstanceUID),
+            "series_description": str(seg.get("SeriesDescription", "")),
+            "referenced_series_uid": _referenced_series(seg),
+        }
+    )
     return label_map
 
 
@@ -490,19 +563,20 @@ def _binary(seg) -> bool:
     return str(seg.SegmentationType) == "BINARY"
 
 
-def _pixels_by_source(seg, uids: Sequence[str],
-                      frame_numbers: Sequence[int] | None = None) -> np.ndarray:
+def _pixels_by_source(seg, uids: Sequence[str], frame_numbers: Sequence[int] | None = None) -> np.ndarray:
     """``(K, rows, cols)`` segment numbers for the source instances (or frames of one
     multi-frame instance), in the given order."""
     if frame_numbers is not None:
+
         def get(**kwargs):
-            return seg.get_pixels_by_source_frame(uids[0], source_frame_numbers=list(frame_numbers),
-                                                  assert_missing_frames_are_empty=True, **kwargs)
+            return seg.get_pixels_by_source_frame(
+                uids[0], source_frame_numbers=list(frame_numbers), assert_missing_frames_are_empty=True, **kwargs
+            )
     else:
+
         def get(**kwargs):
-            return seg.get_pixels_by_source_instance(list(uids),
-                                                     assert_missing_frames_are_empty=True,
-                                                     **kwargs)
+            return seg.get_pixels_by_source_instance(list(uids), assert_missing_frames_are_empty=True, **kwargs)
+
     if _binary(seg):
         return get(combine_segments=True)
     return _combine_fractional(get())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from medseg.io.image import Image
 from medseg.io.safety import CLI_POLICY, ReadPolicy, check_declared_voxels
@@ -43,8 +44,7 @@ class SeriesInfo:
     source: str = ""
     declared_voxels: int = 0
     policy: ReadPolicy = CLI_POLICY
-    _reader: Callable[["SeriesInfo"], Image] | None = field(default=None, repr=False,
-                                                            compare=False)
+    _reader: Callable[[SeriesInfo], Image] | None = field(default=None, repr=False, compare=False)
     _keepalive: Any = field(default=None, repr=False, compare=False)
 
     def read(self) -> Image:
@@ -98,5 +98,6 @@ def repair_non_finite(image: Image, name: str) -> None:
     if not array.flags.writeable:
         array = image.array = np.array(array)
     array[~finite] = low
-    image.warnings.append(f"{bad} voxel(s) ({100 * bad / array.size:.2g} %) were NaN or infinite; "
-                          f"set to the image minimum {low:g}")
+    image.warnings.append(
+        f"{bad} voxel(s) ({100 * bad / array.size:.2g} %) were NaN or infinite; set to the image minimum {low:g}"
+    )

@@ -35,8 +35,7 @@ from medseg.io.safety import (
 )
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
-_MODALITY_TOKENS = {"ct": "CT", "mr": "MR", "mri": "MR", "t1": "MR", "t2": "MR", "flair": "MR",
-                    "pet": "PT", "pt": "PT"}
+_MODALITY_TOKENS = {"ct": "CT", "mr": "MR", "mri": "MR", "t1": "MR", "t2": "MR", "flair": "MR", "pet": "PT", "pt": "PT"}
 
 
 def volume_format(path: str | Path) -> str | None:
@@ -90,16 +89,18 @@ def read_nifti(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     except Exception as error:
         raise UnreadableFileError(f"{path.name}: cannot read NIfTI ({type(error).__name__})") from None
     if magic in (b"ni1", b"ni2"):
-        raise UnsafeInputError(f"{path.name}: a NIfTI header of a .hdr/.img pair (pixel data in "
-                               "another file); send a single .nii or .nii.gz")
+        raise UnsafeInputError(
+            f"{path.name}: a NIfTI header of a .hdr/.img pair (pixel data in "
+            "another file); send a single .nii or .nii.gz"
+        )
     if dtype.fields is not None or dtype.kind not in "biuf":
-        raise UnsupportedInputError(f"{path.name}: {_dtype_name(dtype)} voxels are not supported "
-                                    "(grey-value volumes only, not RGB/colour)")
+        raise UnsupportedInputError(
+            f"{path.name}: {_dtype_name(dtype)} voxels are not supported (grey-value volumes only, not RGB/colour)"
+        )
     voxels = math.prod(shape)
     check_declared_voxels(voxels, policy, path.name)
     gz = path.name.lower().endswith(".gz")
-    check_stream_length(path, offset, voxels * dtype.itemsize, path.name,
-                        "gzip" if gz else "none")
+    check_stream_length(path, offset, voxels * dtype.itemsize, path.name, "gzip" if gz else "none")
     try:
         array = np.asanyarray(image.dataobj)
     except Exception as error:
@@ -107,8 +108,9 @@ def read_nifti(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     array = _to_3d(array, path.name)
     affine = np.asarray(image.affine, dtype=np.float64)
     check_affine(affine, path.name)
-    return Image(array=array, affine=affine,
-                 meta={"format": "nifti", "source": str(path), "modality": guess_modality(path)})
+    return Image(
+        array=array, affine=affine, meta={"format": "nifti", "source": str(path), "modality": guess_modality(path)}
+    )
 
 
 def _raw_nifti_magic(path: Path) -> bytes:
@@ -131,8 +133,10 @@ def check_affine(affine: np.ndarray, name: str) -> None:
     """
     linear = np.asarray(affine, dtype=np.float64)[:3, :3]
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(linear)) < 1e-12:
-        raise MissingGeometryError(f"{name}: the voxel-to-world affine is singular or not finite "
-                                   "(no usable sform/qform, or zero voxel spacing)")
+        raise MissingGeometryError(
+            f"{name}: the voxel-to-world affine is singular or not finite "
+            "(no usable sform/qform, or zero voxel spacing)"
+        )
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -189,8 +193,11 @@ def read_itk(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_affine(affine, path.name)
     fmt = volume_format(path) or "itk"
-    return Image(array=np.ascontiguousarray(array), affine=affine,
-                 meta={"format": fmt, "source": str(path), "modality": guess_modality(path)})
+    return Image(
+        array=np.ascontiguousarray(array),
+        affine=affine,
+        meta={"format": fmt, "source": str(path), "modality": guess_modality(path)},
+    )
 
 
 def _component_bytes(reader) -> int:
@@ -207,8 +214,10 @@ def _check_attached_length(path: Path, nbytes: int, name: str) -> None:
     if head.startswith(b"NRRD"):
         end = head.find(b"\n\n")
         end = end + 2 if end >= 0 else head.find(b"\r\n\r\n") + 4
-        fields = {k.strip().lower(): v.strip().lower() for k, _, v in
-                  (line.partition(b":") for line in head[:end].split(b"\n")[1:])}
+        fields = {
+            k.strip().lower(): v.strip().lower()
+            for k, _, v in (line.partition(b":") for line in head[:end].split(b"\n")[1:])
+        }
         if b"data file" in fields or b"datafile" in fields or end < 4:
             return
         encoding = fields.get(b"encoding", b"raw")

@@ -13,6 +13,15 @@ from medseg.losses.mip import MIPLoss
 from medseg.losses.tversky import FocalTverskyLoss
 
 __all__ = [
-    "DeepSupervisionLoss", "DualSelfDistillationLoss", "FocalTverskyLoss", "FocalTverskyMIPLoss", "LogitsLoss",
-    "MIPLoss", "SideHead", "build_loss", "kl_distillation", "nnunet_deep_supervision_weights", "segmentation_loss",
+    "DeepSupervisionLoss",
+    "DualSelfDistillationLoss",
+    "FocalTverskyLoss",
+    "FocalTverskyMIPLoss",
+    "LogitsLoss",
+    "MIPLoss",
+    "SideHead",
+    "build_loss",
+    "kl_distillation",
+    "nnunet_deep_supervision_weights",
+    "segmentation_loss",
 ]

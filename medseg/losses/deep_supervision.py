@@ -72,8 +72,10 @@ class DeepSupervisionLoss(nn.Module):
     def forward(self, output: NetworkOutput, target: torch.Tensor) -> torch.Tensor:
         outputs = [output.logits, *output.deep_supervision]
         if self.num_outputs is not None and len(outputs) != self.num_outputs:
-            raise ValueError(f"deep supervision expects {self.num_outputs} outputs (logits + heads), got {len(outputs)}; "
-                             "was the network called with features=True in training mode?")
+            raise ValueError(
+                f"deep supervision expects {self.num_outputs} outputs (logits + heads), got {len(outputs)}; "
+                "was the network called with features=True in training mode?"
+            )
         weights = self.weights or nnunet_deep_supervision_weights(len(outputs))
         if len(weights) < len(outputs):
             raise ValueError(f"{len(outputs)} deep-supervision outputs but only {len(weights)} weights")

@@ -46,8 +46,14 @@ class SideHead(nn.Module):
     ``mode="trilinear"`` interpolates (bilinear in 2D) to the requested size.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, scale: Sequence[int],
-                 mode: Literal["deconv", "trilinear"] = "deconv"):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        scale: Sequence[int],
+        mode: Literal["deconv", "trilinear"] = "deconv",
+    ):
         super().__init__()
         self.mode = mode
         self.out = UnetOutBlock(spatial_dims, in_channels, num_classes)
@@ -58,8 +64,9 @@ class SideHead(nn.Module):
             for s in scale:
                 e = round(math.log2(s)) if s >= 1 else -1
                 if e < 0 or 2**e != s:
-                    raise ConfigError(f"DSD deconv side heads need power-of-two scales, got {tuple(scale)}; "
-                                      "use upsample: trilinear")
+                    raise ConfigError(
+                        f"DSD deconv side heads need power-of-two scales, got {tuple(scale)}; use upsample: trilinear"
+                    )
                 exponents.append(e)
             conv = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
             for step in range(max(max(exponents), 1)):
@@ -76,8 +83,7 @@ class SideHead(nn.Module):
         for key in self.steps:
             y = self.up[key](y)
         if tuple(y.shape[2:]) != tuple(size):
-            y = F.interpolate(y, size=tuple(size), mode="trilinear" if y.ndim == 5 else "bilinear",
-                              align_corners=False)
+            y = F.interpolate(y, size=tuple(size), mode="trilinear" if y.ndim == 5 else "bilinear", align_corners=False)
         return y
 
 
@@ -105,9 +111,16 @@ class DualSelfDistillationLoss(nn.Module):
     decoder or encoder feature maps, or a feature size does not divide the input size.
     """
 
-    def __init__(self, network: nn.Module, seg_loss: nn.Module, patch_size: Sequence[int],
-                 temperature: float = 3.0, alpha: float = 1.0, detach_teacher: bool = False,
-                 upsample: Literal["deconv", "trilinear"] = "deconv"):
+    def __init__(
+        self,
+        network: nn.Module,
+        seg_loss: nn.Module,
+        patch_size: Sequence[int],
+        temperature: float = 3.0,
+        alpha: float = 1.0,
+        detach_teacher: bool = False,
+        upsample: Literal["deconv", "trilinear"] = "deconv",
+    ):
         super().__init__()
         self.seg_loss = seg_loss
         self.temperature, self.alpha, self.detach_teacher = temperature, alpha, detach_teacher
@@ -115,15 +128,19 @@ class DualSelfDistillationLoss(nn.Module):
         num_classes = int(network.out_channels)
         probe = _dry_forward(network, patch_size)
         if len(probe.decoder) < 2 or len(probe.encoder) < 2:
-            raise ConfigError(f"DSD needs >= 2 decoder and encoder feature maps; {type(network).__name__} "
-                              f"exposes {len(probe.decoder)} and {len(probe.encoder)}")
+            raise ConfigError(
+                f"DSD needs >= 2 decoder and encoder feature maps; {type(network).__name__} "
+                f"exposes {len(probe.decoder)} and {len(probe.encoder)}"
+            )
 
         def heads(features: list[torch.Tensor]) -> nn.ModuleList:
             modules = []
             for f in features:
                 scale = [p // s for p, s in zip(patch_size, f.shape[2:])]
                 if any(p % s for p, s in zip(patch_size, f.shape[2:])):
-                    raise ConfigError(f"DSD: feature size {tuple(f.shape[2:])} does not divide patch {tuple(patch_size)}")
+                    raise ConfigError(
+                        f"DSD: feature size {tuple(f.shape[2:])} does not divide patch {tuple(patch_size)}"
+                    )
                 modules.append(SideHead(spatial_dims, f.shape[1], num_classes, scale, upsample))
             return nn.ModuleList(modules)
 

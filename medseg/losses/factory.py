@@ -28,15 +28,25 @@ class FocalTverskyMIPLoss(nn.Module):
     ``axis``, ``activation`` and ``target_mip``.
     """
 
-    def __init__(self, ftl_weight: float = 0.7, mip_weight: float = 0.3, axis: str = "z",
-                 activation: str = "softmax", include_background: bool = False, **ftl: Any):
+    def __init__(
+        self,
+        ftl_weight: float = 0.7,
+        mip_weight: float = 0.3,
+        axis: str = "z",
+        activation: str = "softmax",
+        include_background: bool = False,
+        **ftl: Any,
+    ):
         super().__init__()
         self.ftl_weight, self.mip_weight = ftl_weight, mip_weight
-        self.ftl = FocalTverskyLoss(activation=activation, include_background=include_background,
-                                    to_onehot_y=activation == "softmax", **ftl)
+        self.ftl = FocalTverskyLoss(
+            activation=activation, include_background=include_background, to_onehot_y=activation == "softmax", **ftl
+        )
         self.mip = MIPLoss(axis=axis, activation=activation, include_background=include_background, **ftl)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, target_mip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor, target_mip: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.ftl.tversky.to_onehot_y is False:
             target = (target > 0).float() if logits.shape[1] == 1 else target
         return self.ftl_weight * self.ftl(logits, target) + self.mip_weight * self.mip(logits, target, target_mip)
@@ -56,8 +66,9 @@ def segmentation_loss(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         "dice": lambda: DiceLoss(**{**activation, **kwargs}),
         "dice_ce": lambda: DiceCELoss(**{**activation, **kwargs}),
         "dice_focal": lambda: DiceFocalLoss(**{**activation, **kwargs}),
-        "focal_tversky": lambda: FocalTverskyLoss(**{"activation": "sigmoid" if binary else "softmax",
-                                                     "to_onehot_y": not binary, **kwargs}),
+        "focal_tversky": lambda: FocalTverskyLoss(
+            **{"activation": "sigmoid" if binary else "softmax", "to_onehot_y": not binary, **kwargs}
+        ),
         "mip": lambda: MIPLoss(**{"activation": "sigmoid" if binary else "softmax", **kwargs}),
         "ftl_mip": lambda: FocalTverskyMIPLoss(**{"activation": "sigmoid" if binary else "softmax", **kwargs}),
     }
@@ -78,14 +89,21 @@ def deep_supervision_heads(network: nn.Module) -> int:
     """
     scales = getattr(network, "deep_supervision_scales", None)
     if scales is None:
-        raise TypeError(f"{type(network).__name__} does not declare deep_supervision_scales "
-                        "(the SegmentationNetwork contract)")
+        raise TypeError(
+            f"{type(network).__name__} does not declare deep_supervision_scales (the SegmentationNetwork contract)"
+        )
     return len(scales)
 
 
-def build_loss(name: str, network: nn.Module, patch_size: Sequence[int], kwargs: dict[str, Any] | None = None,
-               deep_supervision: bool = True, deep_supervision_weights: Sequence[float] | None = None,
-               dsd: dict[str, Any] | None = None) -> nn.Module:
+def build_loss(
+    name: str,
+    network: nn.Module,
+    patch_size: Sequence[int],
+    kwargs: dict[str, Any] | None = None,
+    deep_supervision: bool = True,
+    deep_supervision_weights: Sequence[float] | None = None,
+    dsd: dict[str, Any] | None = None,
+) -> nn.Module:
     """The training loss for ``network``: ``loss(output: NetworkOutput, target) -> scalar``.
 
     - ``dsd`` given (a dict of :class:`DualSelfDistillationLoss` options, possibly empty): dual
@@ -107,10 +125,15 @@ def build_loss(name: str, network: nn.Module, patch_size: Sequence[int], kwargs:
         except TypeError as error:
             raise ConfigError(f"loss.dsd: {error}") from None
     if deep_supervision and heads > 0:
-        weights = list(deep_supervision_weights) if deep_supervision_weights is not None \
+        weights = (
+            list(deep_supervision_weights)
+            if deep_supervision_weights is not None
             else nnunet_deep_supervision_weights(heads + 1)
+        )
         if len(weights) != heads + 1:
-            raise ConfigError(f"loss.deep_supervision_weights: {len(weights)} weights, but {type(network).__name__} "
-                              f"gives {heads + 1} outputs (logits + {heads} deep-supervision heads), finest first")
+            raise ConfigError(
+                f"loss.deep_supervision_weights: {len(weights)} weights, but {type(network).__name__} "
+                f"gives {heads + 1} outputs (logits + {heads} deep-supervision heads), finest first"
+            )
         return DeepSupervisionLoss(seg, weights, num_outputs=heads + 1)
     return LogitsLoss(seg)

@@ -54,9 +54,16 @@ class MIPLoss(nn.Module):
         ValueError: unknown axis or activation, 4-D (2D) input, or a target_mip of the wrong shape.
     """
 
-    def __init__(self, axis: Literal["x", "y", "z", "multi"] = "z",
-                 activation: Literal["sigmoid", "softmax"] = "softmax", include_background: bool = False,
-                 alpha: float = 0.7, beta: float = 0.3, gamma: float = 0.75, smooth: float = 1.0):
+    def __init__(
+        self,
+        axis: Literal["x", "y", "z", "multi"] = "z",
+        activation: Literal["sigmoid", "softmax"] = "softmax",
+        include_background: bool = False,
+        alpha: float = 0.7,
+        beta: float = 0.3,
+        gamma: float = 0.75,
+        smooth: float = 1.0,
+    ):
         super().__init__()
         if axis not in (*AXES, "multi"):
             raise ValueError(f"MIP axis must be x, y, z or multi, got {axis!r}")
@@ -65,11 +72,16 @@ class MIPLoss(nn.Module):
         self.axes = list(AXES) if axis == "multi" else [axis]
         self.activation = activation
         self.include_background = include_background
-        self.ftl = FocalTverskyLoss(alpha, beta, gamma, smooth, activation=None,
-                                    include_background=True, to_onehot_y=False, batch=True)
+        self.ftl = FocalTverskyLoss(
+            alpha, beta, gamma, smooth, activation=None, include_background=True, to_onehot_y=False, batch=True
+        )
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor,
-                target_mip: torch.Tensor | Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        target_mip: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         if logits.ndim != 5:
             raise ValueError(f"MIP loss needs (B, C, H, W, D) input, got shape {tuple(logits.shape)}")
         classes = logits.shape[1]
@@ -89,8 +101,10 @@ class MIPLoss(nn.Module):
                 true_mip = target_mip[name] if isinstance(target_mip, Mapping) else target_mip
                 true_mip = self._as_channels(true_mip.to(logits.device), classes)
                 if true_mip.shape != pred_mip.shape:
-                    raise ValueError(f"target_mip for axis {name} has shape {tuple(true_mip.shape)}, "
-                                     f"expected {tuple(pred_mip.shape)}")
+                    raise ValueError(
+                        f"target_mip for axis {name} has shape {tuple(true_mip.shape)}, "
+                        f"expected {tuple(pred_mip.shape)}"
+                    )
             if self.activation == "softmax" and not self.include_background:
                 pred_mip, true_mip = pred_mip[:, 1:], true_mip[:, 1:]
             total = total + self.ftl(pred_mip, true_mip)

@@ -36,15 +36,31 @@ class FocalTverskyLoss(nn.Module):
     one-hot/binary. Returns a scalar.
     """
 
-    def __init__(self, alpha: float = 0.7, beta: float = 0.3, gamma: float = 0.75, smooth: float = 1.0,
-                 activation: Literal["softmax", "sigmoid"] | None = "softmax", include_background: bool = True,
-                 to_onehot_y: bool = True, batch: bool = True):
+    def __init__(
+        self,
+        alpha: float = 0.7,
+        beta: float = 0.3,
+        gamma: float = 0.75,
+        smooth: float = 1.0,
+        activation: Literal["softmax", "sigmoid"] | None = "softmax",
+        include_background: bool = True,
+        to_onehot_y: bool = True,
+        batch: bool = True,
+    ):
         super().__init__()
         self.gamma = gamma
         self.tversky = TverskyLoss(
-            include_background=include_background, to_onehot_y=to_onehot_y,
-            sigmoid=activation == "sigmoid", softmax=activation == "softmax",
-            alpha=beta, beta=alpha, smooth_nr=smooth, smooth_dr=smooth, batch=batch, reduction="none")
+            include_background=include_background,
+            to_onehot_y=to_onehot_y,
+            sigmoid=activation == "sigmoid",
+            softmax=activation == "softmax",
+            alpha=beta,
+            beta=alpha,
+            smooth_nr=smooth,
+            smooth_dr=smooth,
+            batch=batch,
+            reduction="none",
+        )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         one_minus_ti = self.tversky(input, target)  # (C,) with batch=True, else (B, C)

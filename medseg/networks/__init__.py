@@ -9,19 +9,26 @@ MONAI and each other; network modules import ``base``, ``registry``, ``blocks`` 
 ``base`` only.
 """
 
+# network modules register themselves on import
+from medseg.networks import (
+    cellvta,  # noqa: E402,F401
+    dformer,  # noqa: E402,F401
+    stunet,  # noqa: E402,F401
+    swin_unetr,  # noqa: E402,F401
+    transunet,  # noqa: E402,F401
+    transunet3d,  # noqa: E402,F401
+    unet,  # noqa: E402,F401
+)
 from medseg.networks.base import NetworkOutput, SegmentationNetwork, check_network_contract, count_parameters
 from medseg.networks.registry import create_network, list_networks, network_entry, register_network
 
-# network modules register themselves on import
-from medseg.networks import unet  # noqa: E402,F401
-from medseg.networks import transunet3d  # noqa: E402,F401
-from medseg.networks import swin_unetr  # noqa: E402,F401
-from medseg.networks import transunet  # noqa: E402,F401
-from medseg.networks import stunet  # noqa: E402,F401
-from medseg.networks import dformer  # noqa: E402,F401
-from medseg.networks import cellvta  # noqa: E402,F401
-
 __all__ = [
-    "NetworkOutput", "SegmentationNetwork", "check_network_contract", "count_parameters",
-    "create_network", "list_networks", "network_entry", "register_network",
+    "NetworkOutput",
+    "SegmentationNetwork",
+    "check_network_contract",
+    "count_parameters",
+    "create_network",
+    "list_networks",
+    "network_entry",
+    "register_network",
 ]

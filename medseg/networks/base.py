@@ -26,10 +26,10 @@ The contract every network declares (checked by :func:`check_network_contract`, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,8 +108,10 @@ class SegmentationNetwork(nn.Module):
         expected = [tuple(round(s * r) for s, r in zip(size, scale)) for scale in self.deep_supervision_scales]
         got = [tuple(t.shape[2:]) for t in output.deep_supervision]
         if got != expected:
-            raise RuntimeError(f"{type(self).__name__} declares deep-supervision outputs {expected} for input {size}, "
-                               f"but returned {got}")
+            raise RuntimeError(
+                f"{type(self).__name__} declares deep-supervision outputs {expected} for input {size}, "
+                f"but returned {got}"
+            )
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -154,14 +156,17 @@ class SegmentationNetwork(nn.Module):
         ``spatial_dims`` axes each divisible by ``input_divisor``."""
         if x.ndim != self.spatial_dims + 2:
             raise InputShapeError(
-                f"{type(self).__name__} expects (B, C, {', '.join('HWD'[:self.spatial_dims])}) input, got shape {tuple(x.shape)}")
+                f"{type(self).__name__} expects (B, C, {', '.join('HWD'[: self.spatial_dims])}) input, "
+                f"got shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.in_channels:
             raise InputShapeError(f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}")
         divisor = _per_axis(self.input_divisor, self.spatial_dims)
         bad = [s for s, d in zip(x.shape[2:], divisor) if s % d]
         if bad:
             raise InputShapeError(
-                f"{type(self).__name__} needs spatial sizes divisible by {divisor}, got {tuple(x.shape[2:])}")
+                f"{type(self).__name__} needs spatial sizes divisible by {divisor}, got {tuple(x.shape[2:])}"
+            )
 
 
 def _per_axis(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
@@ -181,15 +186,21 @@ def check_network_contract(network: nn.Module) -> None:
     name = type(network).__name__
     if not isinstance(network, SegmentationNetwork):
         raise TypeError(f"{name} is not a SegmentationNetwork")
-    missing = [a for a in ("spatial_dims", "in_channels", "out_channels", "input_divisor", "deep_supervision_scales")
-               if not hasattr(network, a)]
+    missing = [
+        a
+        for a in ("spatial_dims", "in_channels", "out_channels", "input_divisor", "deep_supervision_scales")
+        if not hasattr(network, a)
+    ]
     if missing:
         raise TypeError(f"{name} does not declare {', '.join(missing)}")
     scales = network.deep_supervision_scales
     if not isinstance(scales, tuple) or not all(
-            isinstance(s, tuple) and len(s) == network.spatial_dims and all(0 < r <= 1 for r in s) for s in scales):
-        raise TypeError(f"{name}.deep_supervision_scales must be a tuple of {network.spatial_dims}-tuples of scales "
-                        f"in (0, 1], got {scales!r}")
+        isinstance(s, tuple) and len(s) == network.spatial_dims and all(0 < r <= 1 for r in s) for s in scales
+    ):
+        raise TypeError(
+            f"{name}.deep_supervision_scales must be a tuple of {network.spatial_dims}-tuples of scales "
+            f"in (0, 1], got {scales!r}"
+        )
     volumes = [math.prod(s) for s in scales]
     if volumes != sorted(volumes, reverse=True):
         raise TypeError(f"{name}.deep_supervision_scales must be finest first, got {scales!r}")

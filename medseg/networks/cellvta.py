@@ -35,8 +35,9 @@ and is unverified against the authors' checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution
@@ -47,7 +48,7 @@ from medseg.networks.base import NetworkOutput, SegmentationNetwork
 from medseg.networks.blocks import resample_abs_pos_embed
 from medseg.networks.pretrained import state_dict_from_checkpoint
 from medseg.networks.registry import register_network
-from medseg.networks.vit_adapter import ViTAdapter, VisionTransformer
+from medseg.networks.vit_adapter import VisionTransformer, ViTAdapter
 
 
 @dataclass
@@ -72,8 +73,16 @@ class CellVTAOutput(NetworkOutput):
 
 def _conv_block(in_channels: int, out_channels: int, dropout: float) -> Convolution:
     """CellViT ``Conv2DBlock``: conv 3x3 (bias) + BN + ReLU + dropout."""
-    return Convolution(2, in_channels, out_channels, kernel_size=3, act="RELU", norm="BATCH",
-                       dropout=dropout or None, adn_ordering="NAD")
+    return Convolution(
+        2,
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        act="RELU",
+        norm="BATCH",
+        dropout=dropout or None,
+        adn_ordering="NAD",
+    )
 
 
 def _upsample(in_channels: int, out_channels: int) -> nn.ConvTranspose2d:
@@ -96,16 +105,20 @@ class HoVerBranch(nn.Module):
         super().__init__()
         c0, c1, c2, c3 = channels
         self.bottleneck = nn.Sequential(_upsample(embed_dim, c3), _conv_block(c3, c3, dropout))
-        self.stages = nn.ModuleList([
-            nn.Sequential(*[_conv_block(2 * c3 if i == 0 else c3, c3, dropout) for i in range(3)]),
-            nn.Sequential(_conv_block(2 * c2, c2, dropout), _conv_block(c2, c2, dropout)),
-            nn.Sequential(_conv_block(2 * c1, c1, dropout), _conv_block(c1, c1, dropout)),
-            nn.Sequential(_conv_block(2 * c0, c0, dropout), _conv_block(c0, c0, dropout)),
-        ])
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(*[_conv_block(2 * c3 if i == 0 else c3, c3, dropout) for i in range(3)]),
+                nn.Sequential(_conv_block(2 * c2, c2, dropout), _conv_block(c2, c2, dropout)),
+                nn.Sequential(_conv_block(2 * c1, c1, dropout), _conv_block(c1, c1, dropout)),
+                nn.Sequential(_conv_block(2 * c0, c0, dropout), _conv_block(c0, c0, dropout)),
+            ]
+        )
         self.upsamples = nn.ModuleList([_upsample(c3, c2), _upsample(c2, c1), _upsample(c1, c0)])
         self.head = nn.Conv2d(c0, out_channels, kernel_size=1)
 
-    def forward(self, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, skips: Sequence[torch.Tensor], bottleneck: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         y, stage_features = self.bottleneck(bottleneck), []
         for i, stage in enumerate(self.stages):
             y = stage(torch.cat([skips[3 - i], y], dim=1))
@@ -125,12 +138,14 @@ class CellViTDecoder(nn.Module):
     def __init__(self, in_channels: int, embed_dim: int, channels: Sequence[int], n_types: int, dropout: float = 0.0):
         super().__init__()
         c0, c1, c2, c3 = channels
-        self.skips = nn.ModuleList([
-            nn.Sequential(_conv_block(in_channels, c0 // 2, dropout), _conv_block(c0 // 2, c0, dropout)),
-            nn.Sequential(_conv_block(embed_dim, c1, dropout), _conv_block(c1, c1, dropout)),
-            nn.Sequential(_conv_block(embed_dim, c2, dropout), _conv_block(c2, c2, dropout)),
-            nn.Sequential(_conv_block(embed_dim, c3, dropout), _conv_block(c3, c3, dropout)),
-        ])
+        self.skips = nn.ModuleList(
+            [
+                nn.Sequential(_conv_block(in_channels, c0 // 2, dropout), _conv_block(c0 // 2, c0, dropout)),
+                nn.Sequential(_conv_block(embed_dim, c1, dropout), _conv_block(c1, c1, dropout)),
+                nn.Sequential(_conv_block(embed_dim, c2, dropout), _conv_block(c2, c2, dropout)),
+                nn.Sequential(_conv_block(embed_dim, c3, dropout), _conv_block(c3, c3, dropout)),
+            ]
+        )
         self.nuclei_branch = HoVerBranch(embed_dim, channels, 2, dropout)
         self.hv_branch = HoVerBranch(embed_dim, channels, 2, dropout)
         self.type_branch = HoVerBranch(embed_dim, channels, n_types, dropout)
@@ -146,10 +161,25 @@ class CellViTDecoder(nn.Module):
 
 # everything but the ViT size, spelled out so a reference never depends on a default
 _PANNUKE = dict(
-    spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=19, mlp_ratio=4.0, layer_scale=1e-5,
-    patch_size=16, pretrain_img_size=224, spm_channels=64, deform_heads=8, deform_points=4, deform_ratio=0.5,
-    injector_init=1e-5, cffn_ratio=0.25, extra_extractors=2, drop_path_rate=0.4, decoder_channels=(64, 128, 256, 512),
-    dropout=0.0, freeze_encoder=True,
+    spatial_dims=2,
+    in_channels=3,
+    out_channels=6,
+    num_tissue_classes=19,
+    mlp_ratio=4.0,
+    layer_scale=1e-5,
+    patch_size=16,
+    pretrain_img_size=224,
+    spm_channels=64,
+    deform_heads=8,
+    deform_points=4,
+    deform_ratio=0.5,
+    injector_init=1e-5,
+    cffn_ratio=0.25,
+    extra_extractors=2,
+    drop_path_rate=0.4,
+    decoder_channels=(64, 128, 256, 512),
+    dropout=0.0,
+    freeze_encoder=True,
 )
 
 CELLVTA_REFERENCES = {
@@ -160,14 +190,29 @@ CELLVTA_REFERENCES = {
     "B": dict(_PANNUKE, embed_dim=768, depth=12, num_heads=12),
     "S": dict(_PANNUKE, embed_dim=384, depth=12, num_heads=6),
     # tests only: ViT-S-like but tiny, runs on 64 x 64 in well under a second on CPU
-    "tiny": dict(spatial_dims=2, in_channels=3, out_channels=6, num_tissue_classes=5, embed_dim=64, depth=4,
-                 num_heads=4, pretrain_img_size=32, spm_channels=16, deform_heads=4, deform_points=2,
-                 drop_path_rate=0.0, decoder_channels=(16, 32, 32, 64)),
+    "tiny": dict(
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=6,
+        num_tissue_classes=5,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        pretrain_img_size=32,
+        spm_channels=16,
+        deform_heads=4,
+        deform_points=2,
+        drop_path_rate=0.0,
+        decoder_channels=(16, 32, 32, 64),
+    ),
 }
 
 
-@register_network("cellvta", references=CELLVTA_REFERENCES,
-                  description="CellVTA: frozen ViT + ViT-Adapter (MS deformable attention) + CellViT NP/HV/NT decoder, 2D")
+@register_network(
+    "cellvta",
+    references=CELLVTA_REFERENCES,
+    description="CellVTA: frozen ViT + ViT-Adapter (MS deformable attention) + CellViT NP/HV/NT decoder, 2D",
+)
 class CellVTA(SegmentationNetwork):
     """CellVTA nuclei segmentation and classification network (2D, RGB).
 
@@ -231,11 +276,30 @@ class CellVTA(SegmentationNetwork):
         self.input_divisor = (patch_size, patch_size)
         self.deep_supervision_scales = ()  # NP/HV/tissue heads are extra outputs, not deep supervision
         try:
-            vit = VisionTransformer(patch_size, in_channels, embed_dim, depth, num_heads, mlp_ratio, layer_scale,
-                                    pretrain_img_size, drop_path_rate)
-            self.backbone = ViTAdapter(vit, in_channels, spm_channels, deform_heads, deform_points, deform_ratio,
-                                       injector_init, cffn_ratio, interaction_indexes, extra_extractors,
-                                       drop_path_rate)
+            vit = VisionTransformer(
+                patch_size,
+                in_channels,
+                embed_dim,
+                depth,
+                num_heads,
+                mlp_ratio,
+                layer_scale,
+                pretrain_img_size,
+                drop_path_rate,
+            )
+            self.backbone = ViTAdapter(
+                vit,
+                in_channels,
+                spm_channels,
+                deform_heads,
+                deform_points,
+                deform_ratio,
+                injector_init,
+                cffn_ratio,
+                interaction_indexes,
+                extra_extractors,
+                drop_path_rate,
+            )
         except ValueError as error:
             raise ConfigError(f"cellvta: {error}") from None
         self.decoder = CellViTDecoder(in_channels, embed_dim, decoder_channels, out_channels, dropout)
@@ -257,8 +321,14 @@ class CellVTA(SegmentationNetwork):
         features, cls = self.backbone(x)
         nuclei, hv, types, stage_features = self.decoder(x, features)
         tissue = self.tissue_head(cls) if self.tissue_head is not None else None
-        return CellVTAOutput(logits=types, decoder=stage_features, encoder=features,
-                             nuclei_probability_logits=nuclei, horizontal_vertical=hv, tissue_logits=tissue)
+        return CellVTAOutput(
+            logits=types,
+            decoder=stage_features,
+            encoder=features,
+            nuclei_probability_logits=nuclei,
+            horizontal_vertical=hv,
+            tissue_logits=tissue,
+        )
 
     #: :meth:`load_pretrained` fills the ViT encoder only (keys and report relative to it)
     pretrained_target = "backbone.vit"
@@ -287,10 +357,12 @@ class CellVTA(SegmentationNetwork):
             pos_embed = state["pos_embed"]
             if pos_embed.ndim != 3 or pos_embed.shape[-1] != own.shape[-1]:
                 raise PretrainedWeightsError(
-                    f"{source}: pos_embed {tuple(pos_embed.shape)} does not fit embed_dim {own.shape[-1]}")
+                    f"{source}: pos_embed {tuple(pos_embed.shape)} does not fit embed_dim {own.shape[-1]}"
+                )
             try:
-                state["pos_embed"] = resample_abs_pos_embed(pos_embed, self.vit.pretrain_grid,
-                                                            num_prefix_tokens=self.vit.num_prefix_tokens)
+                state["pos_embed"] = resample_abs_pos_embed(
+                    pos_embed, self.vit.pretrain_grid, num_prefix_tokens=self.vit.num_prefix_tokens
+                )
             except ValueError as error:
                 raise PretrainedWeightsError(f"{source}: {error}") from None
         return state

@@ -12,7 +12,8 @@ Computing and Applications 35, 2023 (online 2022); the only public code is kkk55
   Conv3d 3x3x3 + residual); patch merging 2x2x2 (concat 8C -> LN -> Linear 8C -> 2C, MONAI
   :class:`~monai.networks.nets.swin_unetr.PatchMergingV2`) after stages 1-3; LN on the bottleneck.
 - Dilated transformer blocks (the shared pre-LN :class:`~medseg.networks.blocks.ViTBlock`, attention
-  within groups of tokens, no relative position bias, no shifted windows) alternate: even blocks use LS-MSA (local scope: non-overlapping groups of ``group_size``
+  within groups of tokens, no relative position bias, no shifted windows) alternate: even blocks
+  use LS-MSA (local scope: non-overlapping groups of ``group_size``
   (2, 8, 8) = 128 contiguous tokens), odd blocks GS-MSA (global scope: groups of the same 128
   tokens taken with stride ``grid / group_size``, i.e. dilated over the whole volume). See
   :func:`group_tokens`.
@@ -57,7 +58,8 @@ the coarse slice axis first, ``(B, C, D, H, W)``. For medseg's ``(B, C, H, W, D)
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,8 +166,16 @@ class DilatedTransformerBlock(ViTBlock):
     token mixing; padded keys are masked additively.
     """
 
-    def __init__(self, dim: int, num_heads: int, group_size: Sequence[int], dilated: bool,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        group_size: Sequence[int],
+        dilated: bool,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path: float = 0.0,
+    ):
         super().__init__(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path, norm_eps=1e-5)
         self.group_size, self.dilated = tuple(group_size), dilated
 
@@ -183,14 +193,32 @@ class DFormerStage(nn.Module):
     ``(B, D, H, W, C) -> (B, D, H, W, C)``.
     """
 
-    def __init__(self, dim: int, depth: int, num_heads: int, group_size: Sequence[int], mlp_ratio: float,
-                 qkv_bias: bool, drop_path: Sequence[float]):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        group_size: Sequence[int],
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: Sequence[float],
+    ):
         super().__init__()
         self.peg = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
-        self.blocks = nn.ModuleList([
-            DilatedTransformerBlock(dim, num_heads, group_size, dilated=i % 2 == 1, mlp_ratio=mlp_ratio,
-                                    qkv_bias=qkv_bias, drop_path=drop_path[i])
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                DilatedTransformerBlock(
+                    dim,
+                    num_heads,
+                    group_size,
+                    dilated=i % 2 == 1,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop_path=drop_path[i],
+                )
+                for i in range(depth)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel_first = x.permute(0, 4, 1, 2, 3)
@@ -222,9 +250,20 @@ class PatchExpand(nn.Module):
 
 
 def _paper(**overrides) -> dict:
-    config = dict(spatial_dims=3, in_channels=1, out_channels=9, embed_dim=96, depths=(2, 2, 6, 2),
-                  num_heads=(3, 6, 12, 24), patch_size=(2, 4, 4), group_size=(2, 8, 8), mlp_ratio=4.0,
-                  qkv_bias=True, drop_path_rate=0.0, deep_supervision=False)
+    config = dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=9,
+        embed_dim=96,
+        depths=(2, 2, 6, 2),
+        num_heads=(3, 6, 12, 24),
+        patch_size=(2, 4, 4),
+        group_size=(2, 8, 8),
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        deep_supervision=False,
+    )
     return {**config, **overrides}
 
 
@@ -235,8 +274,14 @@ REFERENCES = {
     "paper_ds": _paper(deep_supervision=True),
     # small configuration used only by the tests: at 32^3 input the token grid is 16 x 8 x 8,
     # so stage 1 pads 8 -> 9 (masking), stage 2 pads 4 -> 6, stages 3-4 are global
-    "tiny": _paper(out_channels=3, embed_dim=8, depths=(2, 2, 2, 1), num_heads=(1, 2, 2, 4),
-                   group_size=(2, 3, 3), deep_supervision=True),
+    "tiny": _paper(
+        out_channels=3,
+        embed_dim=8,
+        depths=(2, 2, 2, 1),
+        num_heads=(1, 2, 2, 4),
+        group_size=(2, 3, 3),
+        deep_supervision=True,
+    ),
 }
 
 #: renames for medseg D-Former checkpoints written before the blocks moved to
@@ -244,8 +289,9 @@ REFERENCES = {
 _LEGACY_KEYS = ((".attn.out_proj.", ".attn.proj."), (".mlp.linear1.", ".mlp.fc1."), (".mlp.linear2.", ".mlp.fc2."))
 
 
-@register_network("dformer", references=REFERENCES,
-                  description="D-Former: dilated transformer U-Net with LS/GS-MSA and PEG (3D)")
+@register_network(
+    "dformer", references=REFERENCES, description="D-Former: dilated transformer U-Net with LS/GS-MSA and PEG (3D)"
+)
 class DFormer(SegmentationNetwork):
     """D-Former (3D): dilated-transformer encoder-decoder with LS/GS-MSA and PEG.
 
@@ -304,10 +350,12 @@ class DFormer(SegmentationNetwork):
         self.input_divisor = tuple(p * 2 ** (stages - 1) for p in patch_size)
         self.deep_supervision = deep_supervision
         # heads on the decoder stages above the finest: 1/2, 1/4 ... of the input, finest first
-        self.deep_supervision_scales = tuple((1.0 / 2**s,) * 3 for s in range(1, stages - 1)) if deep_supervision else ()
+        self.deep_supervision_scales = (
+            tuple((1.0 / 2**s,) * 3 for s in range(1, stages - 1)) if deep_supervision else ()
+        )
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear, as Swin
-        stage_rates = [rates[sum(depths[:s]): sum(depths[: s + 1])] for s in range(stages)]
+        stage_rates = [rates[sum(depths[:s]) : sum(depths[: s + 1])] for s in range(stages)]
 
         def stage(s: int) -> DFormerStage:
             return DFormerStage(dims[s], depths[s], num_heads[s], group_size, mlp_ratio, qkv_bias, stage_rates[s])
@@ -326,7 +374,9 @@ class DFormer(SegmentationNetwork):
         # deep supervision on the decoder stages above the finest (finest first)
         ds_levels = levels[-2::-1] if deep_supervision else []
         self.deep_supervision_expands = nn.ModuleList([PatchExpand(dims[s], dims[s], patch_size) for s in ds_levels])
-        self.deep_supervision_heads = nn.ModuleList([nn.Conv3d(dims[s], out_channels, 1, bias=False) for s in ds_levels])
+        self.deep_supervision_heads = nn.ModuleList(
+            [nn.Conv3d(dims[s], out_channels, 1, bias=False) for s in ds_levels]
+        )
         self.apply(init_linear_trunc_normal)  # Swin/Swin-Unet: trunc-normal (std 0.02) Linear weights, zero biases
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
@@ -347,11 +397,19 @@ class DFormer(SegmentationNetwork):
         full = self.final_expand(x)
         logits = self.head(full.permute(0, 4, 1, 2, 3))
         # finest first: decoder[-2] (second finest) first
-        deep_supervision = [head(expand(feature).permute(0, 4, 1, 2, 3)) for expand, head, feature in
-                            zip(self.deep_supervision_expands, self.deep_supervision_heads, decoder[-2::-1])]
+        deep_supervision = [
+            head(expand(feature).permute(0, 4, 1, 2, 3))
+            for expand, head, feature in zip(
+                self.deep_supervision_expands, self.deep_supervision_heads, decoder[-2::-1]
+            )
+        ]
         maps = [f.permute(0, 4, 1, 2, 3) for f in [*decoder, full]]
-        return NetworkOutput(logits=logits, decoder=maps, encoder=[f.permute(0, 4, 1, 2, 3) for f in encoder],
-                             deep_supervision=deep_supervision)
+        return NetworkOutput(
+            logits=logits,
+            decoder=maps,
+            encoder=[f.permute(0, 4, 1, 2, 3) for f in encoder],
+            deep_supervision=deep_supervision,
+        )
 
     def pretrained_state_dict(self, checkpoint: Any, source: str, **options: Any) -> dict[str, torch.Tensor]:
         """A medseg D-Former state dict (``torch.save(net.state_dict())``, a bundle's

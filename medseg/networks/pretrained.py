@@ -41,22 +41,31 @@ log = logging.getLogger(__name__)
 STATE_DICT_WRAPPERS = ("state_dict", "model", "network_weights")
 
 
-def load_state_dict_report(module: nn.Module, state: Mapping[str, torch.Tensor], source: str = "") -> dict[str, list[str]]:
+def load_state_dict_report(
+    module: nn.Module, state: Mapping[str, torch.Tensor], source: str = ""
+) -> dict[str, list[str]]:
     """Copy ``state`` into ``module`` non-strictly; return ``{"missing": [...], "unexpected": [...]}``.
 
     Raises:
         PretrainedWeightsError: a tensor present in both has a different shape.
     """
     own = module.state_dict()
-    mismatched = [f"{k}: file {tuple(v.shape)} vs network {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs network {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if mismatched:
         raise PretrainedWeightsError(f"{source}: shape mismatch for {len(mismatched)} tensors, first: {mismatched[0]}")
     result = module.load_state_dict(dict(state), strict=False)
     report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
     if report["missing"] or report["unexpected"]:
-        log.warning("%s: %d missing and %d unexpected keys", source or "weights",
-                    len(report["missing"]), len(report["unexpected"]))
+        log.warning(
+            "%s: %d missing and %d unexpected keys",
+            source or "weights",
+            len(report["missing"]),
+            len(report["unexpected"]),
+        )
     return report
 
 
@@ -105,8 +114,9 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def state_dict_from_checkpoint(checkpoint: Any, source: str, strip_module: bool = True,
-                               wrappers: Sequence[str] = STATE_DICT_WRAPPERS) -> dict[str, torch.Tensor]:
+def state_dict_from_checkpoint(
+    checkpoint: Any, source: str, strip_module: bool = True, wrappers: Sequence[str] = STATE_DICT_WRAPPERS
+) -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint read by :func:`read_checkpoint`.
 
     Unwraps ``{"state_dict": ...}``, ``{"model": ...}`` and ``{"network_weights": ...}`` (nested,
@@ -124,7 +134,8 @@ def state_dict_from_checkpoint(checkpoint: Any, source: str, strip_module: bool 
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PretrainedWeightsError(
             f"{source}: no state dict of tensors in the checkpoint (looked for a bare state dict or one under "
-            f"{', '.join(repr(w) for w in wrappers)})")
+            f"{', '.join(repr(w) for w in wrappers)})"
+        )
     if strip_module:
         return {k.removeprefix("module."): v for k, v in state.items()}
     return dict(state)
@@ -166,8 +177,13 @@ def convert_npz(arrays: Mapping[str, np.ndarray], keys: KeyTable, used: set[str]
         if src not in arrays:
             continue
         a = arrays[src]
-        state[dst] = (conv_from_hwio(a) if kind == "conv" else torch.from_numpy(a.T.copy()) if kind == "linear"
-                      else torch.from_numpy(a.reshape(-1).copy()))
+        state[dst] = (
+            conv_from_hwio(a)
+            if kind == "conv"
+            else torch.from_numpy(a.T.copy())
+            if kind == "linear"
+            else torch.from_numpy(a.reshape(-1).copy())
+        )
         used.add(src)
     return state
 
@@ -177,8 +193,13 @@ def to_npz(state: Mapping[str, torch.Tensor], keys: KeyTable) -> dict[str, np.nd
     arrays = {}
     for src, dst, kind in keys:
         t = state[dst].detach().cpu().float()
-        arrays[src] = (conv_to_hwio(t) if kind == "conv" else np.ascontiguousarray(t.numpy().T)
-                       if kind == "linear" else t.numpy().copy())
+        arrays[src] = (
+            conv_to_hwio(t)
+            if kind == "conv"
+            else np.ascontiguousarray(t.numpy().T)
+            if kind == "linear"
+            else t.numpy().copy()
+        )
     return arrays
 
 
@@ -189,21 +210,28 @@ def google_vit_keys(num_layers: int, prefix: str) -> list[tuple[str, str, str]]:
     """(npz key, torch key, kind) rows of the block LayerNorms and MLPs and the final
     ``encoder_norm`` of Google's ViT npz, for ``num_layers`` :class:`~medseg.networks.blocks.ViTBlock`
     at ``{prefix}.blocks.{i}`` and the final LayerNorm at ``{prefix}.norm``."""
-    keys = [("Transformer/encoder_norm/scale", f"{prefix}.norm.weight", "vec"),
-            ("Transformer/encoder_norm/bias", f"{prefix}.norm.bias", "vec")]
+    keys = [
+        ("Transformer/encoder_norm/scale", f"{prefix}.norm.weight", "vec"),
+        ("Transformer/encoder_norm/bias", f"{prefix}.norm.bias", "vec"),
+    ]
     for i in range(num_layers):
         src, dst = f"Transformer/encoderblock_{i}", f"{prefix}.blocks.{i}"
         for jax_name, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            keys += [(f"{src}/{jax_name}/scale", f"{dst}.{name}.weight", "vec"),
-                     (f"{src}/{jax_name}/bias", f"{dst}.{name}.bias", "vec")]
+            keys += [
+                (f"{src}/{jax_name}/scale", f"{dst}.{name}.weight", "vec"),
+                (f"{src}/{jax_name}/bias", f"{dst}.{name}.bias", "vec"),
+            ]
         for jax_name, name in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
-            keys += [(f"{src}/MlpBlock_3/{jax_name}/kernel", f"{dst}.mlp.{name}.weight", "linear"),
-                     (f"{src}/MlpBlock_3/{jax_name}/bias", f"{dst}.mlp.{name}.bias", "vec")]
+            keys += [
+                (f"{src}/MlpBlock_3/{jax_name}/kernel", f"{dst}.mlp.{name}.weight", "linear"),
+                (f"{src}/MlpBlock_3/{jax_name}/bias", f"{dst}.mlp.{name}.bias", "vec"),
+            ]
     return keys
 
 
-def google_vit_state_from_npz(arrays: Mapping[str, np.ndarray], num_layers: int, prefix: str,
-                              used: set[str]) -> dict[str, torch.Tensor]:
+def google_vit_state_from_npz(
+    arrays: Mapping[str, np.ndarray], num_layers: int, prefix: str, used: set[str]
+) -> dict[str, torch.Tensor]:
     """The ViT blocks and final norm of a Google ViT npz as ``{prefix}.*`` state-dict entries.
 
     Attention: the npz ``query``/``key``/``value`` kernels ``(D, heads, d)`` and biases
@@ -217,7 +245,8 @@ def google_vit_state_from_npz(arrays: Mapping[str, np.ndarray], num_layers: int,
         qkv = [f"{src}/{n}/kernel" for n in ("query", "key", "value")]
         if all(k in arrays for k in qkv):
             state[f"{dst}.qkv.weight"] = torch.cat(
-                [torch.from_numpy(arrays[k].reshape(arrays[k].shape[0], -1).T.copy()) for k in qkv])
+                [torch.from_numpy(arrays[k].reshape(arrays[k].shape[0], -1).T.copy()) for k in qkv]
+            )
             used.update(qkv)
         bias = [f"{src}/{n}/bias" for n in ("query", "key", "value")]
         if all(k in arrays for k in bias):
@@ -233,8 +262,9 @@ def google_vit_state_from_npz(arrays: Mapping[str, np.ndarray], num_layers: int,
     return state
 
 
-def google_vit_npz_from_state(state: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
-                              prefix: str) -> dict[str, np.ndarray]:
+def google_vit_npz_from_state(
+    state: Mapping[str, torch.Tensor], num_layers: int, num_heads: int, prefix: str
+) -> dict[str, np.ndarray]:
     """Inverse of :func:`google_vit_state_from_npz` (to write files in Google's format)."""
     arrays = to_npz(state, google_vit_keys(num_layers, prefix))
     for i in range(num_layers):
@@ -243,9 +273,9 @@ def google_vit_npz_from_state(state: Mapping[str, torch.Tensor], num_layers: int
         bias = state[f"{src}.qkv.bias"].detach().cpu().float().numpy()
         dim = weight.shape[1]
         for j, n in enumerate(("query", "key", "value")):
-            rows = weight[j * dim:(j + 1) * dim]
+            rows = weight[j * dim : (j + 1) * dim]
             arrays[f"{dst}/{n}/kernel"] = np.ascontiguousarray(rows.T.reshape(dim, num_heads, -1))
-            arrays[f"{dst}/{n}/bias"] = bias[j * dim:(j + 1) * dim].reshape(num_heads, -1).copy()
+            arrays[f"{dst}/{n}/bias"] = bias[j * dim : (j + 1) * dim].reshape(num_heads, -1).copy()
         out = state[f"{src}.proj.weight"].detach().cpu().float().numpy()
         arrays[f"{dst}/out/kernel"] = np.ascontiguousarray(out.T.reshape(num_heads, -1, dim))
         arrays[f"{dst}/out/bias"] = state[f"{src}.proj.bias"].detach().cpu().float().numpy().copy()

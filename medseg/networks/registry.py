@@ -28,8 +28,9 @@ Conventions for ``references`` (checked by ``tests/test_networks_common.py`` for
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -61,12 +62,17 @@ class NetworkEntry:
         signature = self.signature()
         parameters = signature.parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            accepted = [n for n, p in parameters.items()
-                        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            accepted = [
+                n
+                for n, p in parameters.items()
+                if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            ]
             unknown = sorted(set(config) - set(accepted))
             if unknown:
-                raise ConfigError(f"network '{self.name}': unknown option{'s' if len(unknown) > 1 else ''} "
-                                  f"{', '.join(unknown)} (accepted: {', '.join(accepted)})")
+                raise ConfigError(
+                    f"network '{self.name}': unknown option{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(unknown)} (accepted: {', '.join(accepted)})"
+                )
         try:
             signature.bind(**config)
         except TypeError as error:  # only the binding, not the builder, is run here
@@ -94,8 +100,7 @@ def register_network(name: str, references: dict[str, dict[str, Any]] | None = N
     return decorator
 
 
-def create_network(name: str, *, variant: str | None = None, pretrained: str | None = None,
-                   **config: Any) -> nn.Module:
+def create_network(name: str, *, variant: str | None = None, pretrained: str | None = None, **config: Any) -> nn.Module:
     """Build network ``name`` with ``config`` (``spatial_dims``, ``in_channels``, ``out_channels``...).
 
     Args:

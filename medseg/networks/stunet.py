@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,8 +70,15 @@ class BasicResBlock(nn.Module):
     the addition.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int | Sequence[int] = 1,
-                 projection: bool = False, kernel_size: int = 3, negative_slope: float = 0.01):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int | Sequence[int] = 1,
+        projection: bool = False,
+        kernel_size: int = 3,
+        negative_slope: float = 0.01,
+    ):
         super().__init__()
         stride = tuple(stride) if isinstance(stride, Sequence) else (stride,) * 3
         if not projection and (in_channels != out_channels or any(s != 1 for s in stride)):
@@ -110,7 +118,9 @@ def _per_axis_strides(pool_strides, stages: int) -> list[tuple[int, int, int]]:
         pool_strides = [2] * (stages - 1)
     pool_strides = list(pool_strides)
     if len(pool_strides) != stages - 1:
-        raise ConfigError(f"stunet: pool_strides needs {stages - 1} entries (one per downsampling), got {len(pool_strides)}")
+        raise ConfigError(
+            f"stunet: pool_strides needs {stages - 1} entries (one per downsampling), got {len(pool_strides)}"
+        )
     result = []
     for stride in pool_strides:
         per_axis = (int(stride),) * 3 if isinstance(stride, int) else tuple(int(s) for s in stride)
@@ -131,13 +141,22 @@ REFERENCES = {
     "H": _reference("H"),
     # small configuration used only by the tests
     # (the last stride 1 keeps a 2^3 bottleneck at 32^3 input; instance norm needs > 1 voxel)
-    "tiny": dict(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8, 8, 16, 16, 16),
-                 depths=(1, 2, 1, 1, 1, 1), pool_strides=(2, 2, 2, 2, 1)),
+    "tiny": dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=3,
+        channels=(4, 8, 8, 16, 16, 16),
+        depths=(1, 2, 1, 1, 1, 1),
+        pool_strides=(2, 2, 2, 2, 1),
+    ),
 }
 
 
-@register_network("stunet", references=REFERENCES,
-                  description="STU-Net S/B/L/H residual U-Net with nearest upsampling and deep supervision (3D)")
+@register_network(
+    "stunet",
+    references=REFERENCES,
+    description="STU-Net S/B/L/H residual U-Net with nearest upsampling and deep supervision (3D)",
+)
 class STUNet(SegmentationNetwork):
     """STU-Net (3D residual U-Net with nearest-neighbour upsampling and native deep supervision).
 
@@ -192,19 +211,35 @@ class STUNet(SegmentationNetwork):
         self.input_divisor = tuple(divisor)
         self.deep_supervision = deep_supervision
         # head on decoder level at 1 / prod(strides[:i + 1]) for i = 0 .. stages - 3, finest first
-        self.deep_supervision_scales = tuple(
-            tuple(1.0 / math.prod(s[a] for s in strides[:i + 1]) for a in range(3))
-            for i in range(len(channels) - 2)) if deep_supervision else ()
+        self.deep_supervision_scales = (
+            tuple(
+                tuple(1.0 / math.prod(s[a] for s in strides[: i + 1]) for a in range(3))
+                for i in range(len(channels) - 2)
+            )
+            if deep_supervision
+            else ()
+        )
 
         self.encoder = nn.ModuleList([_stage(in_channels, channels[0], depths[0], 1)])
         for d in range(1, len(channels)):
             self.encoder.append(_stage(channels[d - 1], channels[d], depths[d], strides[d - 1]))
         # decoder level u sits at the resolution of encoder stage l = stages - 2 - u (coarsest first)
         levels = list(range(len(channels) - 2, -1, -1))
-        self.upsamples = nn.ModuleList([
-            UpSample(3, channels[l + 1], channels[l], scale_factor=strides[l], mode="nontrainable",
-                     pre_conv=nn.Conv3d(channels[l + 1], channels[l], 1), interp_mode="nearest", align_corners=None)
-            for l in levels])
+        self.upsamples = nn.ModuleList(
+            [
+                UpSample(
+                    3,
+                    channels[l + 1],
+                    channels[l],
+                    scale_factor=strides[l],
+                    mode="nontrainable",
+                    pre_conv=nn.Conv3d(channels[l + 1], channels[l], 1),
+                    interp_mode="nearest",
+                    align_corners=None,
+                )
+                for l in levels
+            ]
+        )
         self.decoder = nn.ModuleList([_stage(2 * channels[l], channels[l], depths[l], 1) for l in levels])
         self.heads = nn.ModuleList([nn.Conv3d(channels[l], out_channels, 1) for l in levels])
         self.apply(_init_he)
@@ -222,7 +257,8 @@ class STUNet(SegmentationNetwork):
         if np.prod(bottleneck) <= 1:
             raise InputShapeError(
                 f"STUNet: input {tuple(x.shape[2:])} leaves a single-voxel bottleneck (strides {self.input_divisor}); "
-                "instance normalisation needs a larger patch")
+                "instance normalisation needs a larger patch"
+            )
 
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
         encoder = []
@@ -240,8 +276,9 @@ class STUNet(SegmentationNetwork):
             deep_supervision = [head(feature) for head, feature in zip(self.heads[-2::-1], decoder[-2::-1])]
         return NetworkOutput(logits=logits, decoder=decoder, encoder=encoder, deep_supervision=deep_supervision)
 
-    def pretrained_state_dict(self, checkpoint: Any, source: str, skip_heads: bool = False,
-                              **options: Any) -> dict[str, torch.Tensor]:
+    def pretrained_state_dict(
+        self, checkpoint: Any, source: str, skip_heads: bool = False, **options: Any
+    ) -> dict[str, torch.Tensor]:
         """An upstream STU-Net checkpoint (nnU-Net v1 ``{'state_dict': ...}``, e.g.
         ``model_final_checkpoint.model``, or a bare state dict), read by :meth:`load_pretrained`
         (``net.load_pretrained(path, skip_heads=True)``).

@@ -39,8 +39,15 @@ _REFERENCES = {
     "BTCV_v2": dict(spatial_dims=3, in_channels=1, out_channels=14, feature_size=48, use_v2=True),
     "2d": dict(spatial_dims=2, in_channels=1, out_channels=9, feature_size=48),
     # tests only; 2D because bfloat16 Conv3d on CPU falls back to PyTorch's slow reference kernel
-    "tiny": dict(spatial_dims=2, in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1),
-                 num_heads=(1, 1, 1, 1), window_size=4),
+    "tiny": dict(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=3,
+        feature_size=12,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        window_size=4,
+    ),
 }
 
 
@@ -64,8 +71,9 @@ def _meta_safe() -> Iterator[None]:
         yield
 
 
-@register_network("swin_unetr", references=_REFERENCES,
-                  description="Swin UNETR / SwinUNETR-V2 (MONAI SwinUNETR with taps), 2D/3D")
+@register_network(
+    "swin_unetr", references=_REFERENCES, description="Swin UNETR / SwinUNETR-V2 (MONAI SwinUNETR with taps), 2D/3D"
+)
 class SwinUNETR(SegmentationNetwork):
     """Swin UNETR on ``monai.networks.nets.SwinUNETR`` (see the module docstring for taps).
 
@@ -89,11 +97,24 @@ class SwinUNETR(SegmentationNetwork):
         InputShapeError: wrong input channels/dimensions/sizes (at call time).
     """
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 14, feature_size: int = 48,
-                 use_v2: bool = False, depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
-                 window_size: int | Sequence[int] = 7, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 dropout_path_rate: float = 0.0, norm_name: str | tuple = "instance", use_checkpoint: bool = False,
-                 use_flash_attention: bool = False, freeze_encoder: bool = False):
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 14,
+        feature_size: int = 48,
+        use_v2: bool = False,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int | Sequence[int] = 7,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        dropout_path_rate: float = 0.0,
+        norm_name: str | tuple = "instance",
+        use_checkpoint: bool = False,
+        use_flash_attention: bool = False,
+        freeze_encoder: bool = False,
+    ):
         super().__init__()
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.input_divisor = (32,) * spatial_dims
@@ -101,11 +122,21 @@ class SwinUNETR(SegmentationNetwork):
         try:
             with _meta_safe():
                 self.net = MonaiSwinUNETR(
-                    in_channels, out_channels, feature_size=feature_size, use_v2=use_v2, depths=depths,
-                    num_heads=num_heads, window_size=window_size, drop_rate=drop_rate,
-                    attn_drop_rate=attn_drop_rate, dropout_path_rate=dropout_path_rate, norm_name=norm_name,
-                    use_checkpoint=use_checkpoint, spatial_dims=spatial_dims,
-                    use_flash_attention=use_flash_attention)
+                    in_channels,
+                    out_channels,
+                    feature_size=feature_size,
+                    use_v2=use_v2,
+                    depths=depths,
+                    num_heads=num_heads,
+                    window_size=window_size,
+                    drop_rate=drop_rate,
+                    attn_drop_rate=attn_drop_rate,
+                    dropout_path_rate=dropout_path_rate,
+                    norm_name=norm_name,
+                    use_checkpoint=use_checkpoint,
+                    spatial_dims=spatial_dims,
+                    use_flash_attention=use_flash_attention,
+                )
         except ValueError as error:
             raise ConfigError(f"swin_unetr: {error}") from None
         if freeze_encoder:
@@ -114,8 +145,14 @@ class SwinUNETR(SegmentationNetwork):
     def forward_features(self, x: torch.Tensor) -> NetworkOutput:
         net = self.net
         hidden = net.swinViT(x, net.normalize)  # 5 maps: S/2 (f) ... S/32 (16f)
-        encoder = [net.encoder1(x), net.encoder2(hidden[0]), net.encoder3(hidden[1]), net.encoder4(hidden[2]),
-                   hidden[3], net.encoder10(hidden[4])]
+        encoder = [
+            net.encoder1(x),
+            net.encoder2(hidden[0]),
+            net.encoder3(hidden[1]),
+            net.encoder4(hidden[2]),
+            hidden[3],
+            net.encoder10(hidden[4]),
+        ]
         decoder = [net.decoder5(encoder[5], hidden[3])]
         for block, skip in zip((net.decoder4, net.decoder3, net.decoder2, net.decoder1), encoder[3::-1]):
             decoder.append(block(decoder[-1], skip))

@@ -68,9 +68,20 @@ LN_EPS = 1e-6
 
 REFERENCES = {
     "R50-ViT-B_16": dict(spatial_dims=2, in_channels=1, out_channels=9, img_size=224),
-    "tiny": dict(spatial_dims=2, in_channels=1, out_channels=3, img_size=64, resnet_units=(1, 1, 1),
-                 resnet_width=32, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128,
-                 head_channels=64, decoder_channels=(32, 32, 16, 16)),
+    "tiny": dict(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=3,
+        img_size=64,
+        resnet_units=(1, 1, 1),
+        resnet_width=32,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=128,
+        head_channels=64,
+        decoder_channels=(32, 32, 16, 16),
+    ),
 }
 
 
@@ -134,10 +145,13 @@ class ResNetV2Encoder(nn.Module):
         self.stages = nn.ModuleList()
         cin = width
         for s, n in enumerate(units):
-            cout, cmid = 4 * width * 2 ** s, width * 2 ** s
-            self.stages.append(nn.ModuleList(
-                BottleneckUnit(cin if u == 0 else cout, cout, cmid, stride=2 if (u == 0 and s > 0) else 1)
-                for u in range(n)))
+            cout, cmid = 4 * width * 2**s, width * 2**s
+            self.stages.append(
+                nn.ModuleList(
+                    BottleneckUnit(cin if u == 0 else cout, cout, cmid, stride=2 if (u == 0 and s > 0) else 1)
+                    for u in range(n)
+                )
+            )
             cin = cout
         self.out_channels = cin
 
@@ -149,7 +163,7 @@ class ResNetV2Encoder(nn.Module):
         for s, stage in enumerate(self.stages):
             for unit in stage:
                 y = unit(y)
-            expected = [d // (4 * 2 ** s) for d in size]
+            expected = [d // (4 * 2**s) for d in size]
             pad = [expected[1] - y.shape[-1], expected[0] - y.shape[-2]]
             # upstream quirk: the pad-0 max-pool loses a row/column; only the skip copy is padded
             features.append(F.pad(y, (0, pad[0], 0, pad[1])) if any(pad) else y)
@@ -175,8 +189,9 @@ class CUPBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
-@register_network("transunet", references=REFERENCES,
-                  description="TransUNet R50-ViT-B/16 hybrid encoder + cascaded upsampler (2D)")
+@register_network(
+    "transunet", references=REFERENCES, description="TransUNet R50-ViT-B/16 hybrid encoder + cascaded upsampler (2D)"
+)
 class TransUNet(SegmentationNetwork):
     """TransUNet R50-ViT hybrid (2D). See the module docstring for the layout and taps.
 
@@ -203,11 +218,25 @@ class TransUNet(SegmentationNetwork):
         InputShapeError: wrong input channels/dimensions/sizes (at call time).
     """
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 9, img_size: int = 224,
-                 resnet_units: Sequence[int] = (3, 4, 9), resnet_width: int = 64, hidden_size: int = 768,
-                 num_layers: int = 12, num_heads: int = 12, mlp_dim: int = 3072, dropout_rate: float = 0.1,
-                 attention_dropout_rate: float = 0.0, head_channels: int = 512,
-                 decoder_channels: Sequence[int] = (256, 128, 64, 16), n_skip: int = 3, freeze_encoder: bool = False):
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 9,
+        img_size: int = 224,
+        resnet_units: Sequence[int] = (3, 4, 9),
+        resnet_width: int = 64,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        head_channels: int = 512,
+        decoder_channels: Sequence[int] = (256, 128, 64, 16),
+        n_skip: int = 3,
+        freeze_encoder: bool = False,
+    ):
         super().__init__()
         if spatial_dims != 2:
             raise ConfigError(f"transunet is 2D (spatial_dims=2), got spatial_dims={spatial_dims}")
@@ -222,8 +251,18 @@ class TransUNet(SegmentationNetwork):
         self.repeat_input = in_channels == 1
         self.resnet = ResNetV2Encoder(3 if in_channels == 1 else in_channels, resnet_units, resnet_width)
         try:
-            self.transformer = TokenBottleneck(2, self.resnet.out_channels, self.grid, hidden_size, num_layers,
-                                               num_heads, mlp_dim, dropout_rate, attention_dropout_rate, norm_eps=LN_EPS)
+            self.transformer = TokenBottleneck(
+                2,
+                self.resnet.out_channels,
+                self.grid,
+                hidden_size,
+                num_layers,
+                num_heads,
+                mlp_dim,
+                dropout_rate,
+                attention_dropout_rate,
+                norm_eps=LN_EPS,
+            )
         except ValueError as error:
             raise ConfigError(f"transunet: {error}") from None
         self.conv_more = conv_bn_relu(2, hidden_size, head_channels)
@@ -233,7 +272,8 @@ class TransUNet(SegmentationNetwork):
         self.n_skip = n_skip
         cins = [head_channels, *decoder_channels[:-1]]
         self.decoder_blocks = nn.ModuleList(
-            CUPBlock(cin, cout, skip) for cin, cout, skip in zip(cins, decoder_channels, skip_channels))
+            CUPBlock(cin, cout, skip) for cin, cout, skip in zip(cins, decoder_channels, skip_channels)
+        )
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=3, padding=1)
         if freeze_encoder:
             self.resnet.requires_grad_(False)
@@ -275,8 +315,11 @@ class TransUNet(SegmentationNetwork):
 # --------------------------------------------------------------------------------------------
 def _resnet_keys(net: TransUNet) -> list[tuple[str, str, str]]:
     """(npz key, torch key, kind) of the BiT ResNet and the hybrid patch embedding."""
-    keys = [("conv_root/kernel", "resnet.root_conv.weight", "conv"),
-            ("gn_root/scale", "resnet.root_gn.weight", "vec"), ("gn_root/bias", "resnet.root_gn.bias", "vec")]
+    keys = [
+        ("conv_root/kernel", "resnet.root_conv.weight", "conv"),
+        ("gn_root/scale", "resnet.root_gn.weight", "vec"),
+        ("gn_root/bias", "resnet.root_gn.bias", "vec"),
+    ]
     for s, stage in enumerate(net.resnet.stages):
         for u, unit in enumerate(stage):
             src, dst = f"block{s + 1}/unit{u + 1}", f"resnet.stages.{s}.{u}"
@@ -285,8 +328,10 @@ def _resnet_keys(net: TransUNet) -> list[tuple[str, str, str]]:
                 keys.append((f"{src}/conv{n}/kernel", f"{dst}.conv{n}.weight", "conv"))
                 keys.append((f"{src}/gn{n}/scale", f"{dst}.gn{n}.weight", "vec"))
                 keys.append((f"{src}/gn{n}/bias", f"{dst}.gn{n}.bias", "vec"))
-    keys += [("embedding/kernel", "transformer.patch_embed.weight", "conv"),
-             ("embedding/bias", "transformer.patch_embed.bias", "vec")]
+    keys += [
+        ("embedding/kernel", "transformer.patch_embed.weight", "conv"),
+        ("embedding/bias", "transformer.patch_embed.bias", "vec"),
+    ]
     return keys
 
 
@@ -309,8 +354,9 @@ def transunet_state_from_npz(net: TransUNet, arrays: Mapping[str, np.ndarray]) -
         if side * side != tokens:  # classification checkpoints carry a class-token slot first
             pos, side = pos[:, 1:], math.isqrt(tokens - 1)
         if side * side == pos.shape[1]:
-            pos = resample_abs_pos_embed(pos, net.grid, (side, side), num_prefix_tokens=0, interpolation="bilinear",
-                                         antialias=False)
+            pos = resample_abs_pos_embed(
+                pos, net.grid, (side, side), num_prefix_tokens=0, interpolation="bilinear", antialias=False
+            )
         state["transformer.pos_embed"] = pos
         used.add(POS_EMBED_KEY)
     state.update(unused_arrays(arrays, used))
@@ -326,8 +372,9 @@ def transunet_to_npz(net: TransUNet) -> dict[str, np.ndarray]:
     """
     state = net.state_dict()
     arrays = to_npz(state, _resnet_keys(net))
-    arrays.update(google_vit_npz_from_state(state, len(net.transformer.blocks), net.transformer.num_heads,
-                                            "transformer"))
+    arrays.update(
+        google_vit_npz_from_state(state, len(net.transformer.blocks), net.transformer.num_heads, "transformer")
+    )
     pos = state["transformer.pos_embed"].detach().cpu().float().numpy()
     arrays[POS_EMBED_KEY] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
     return arrays

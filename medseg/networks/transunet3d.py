@@ -3,7 +3,8 @@
 Chen et al., "3D TransUNet: Advancing Medical Image Segmentation through Vision Transformers",
 arXiv:2310.07781, 2023 (../shared/docs/architectures.md section 1, "3D TransUNet"). Built on
 :class:`medseg.networks.unet.UNet` (MONAI ``DynUNet`` blocks) and the transformer bottleneck shared
-with the 2D TransUNet (:class:`~medseg.networks.blocks.TokenBottleneck`); no upstream code is copied. The Mask2Former-style transformer
+with the 2D TransUNet (:class:`~medseg.networks.blocks.TokenBottleneck`); no upstream code is
+copied. The Mask2Former-style transformer
 decoder variant of the paper is not implemented.
 
 Layout for an input ``(B, C, *S)`` (S divisible by the product of the strides, 32 by default):
@@ -52,14 +53,26 @@ from medseg.networks.unet import UNet
 
 REFERENCES = {
     "paper_encoder": dict(spatial_dims=3, in_channels=1, out_channels=14, img_size=(128, 128, 128)),
-    "tiny": dict(spatial_dims=3, in_channels=1, out_channels=3, img_size=(32, 32, 32), filters=(8, 16, 32, 32),
-                 deep_supervision=2, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64),
+    "tiny": dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=3,
+        img_size=(32, 32, 32),
+        filters=(8, 16, 32, 32),
+        deep_supervision=2,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=64,
+    ),
 }
 
 
-@register_network("transunet3d", references=REFERENCES,
-                  description="3D TransUNet (encoder-only): nnU-Net U-Net with a ViT-B bottleneck, LayerScale, "
-                              "deep supervision")
+@register_network(
+    "transunet3d",
+    references=REFERENCES,
+    description="3D TransUNet (encoder-only): nnU-Net U-Net with a ViT-B bottleneck, LayerScale, deep supervision",
+)
 class TransUNet3D(SegmentationNetwork):
     """3D TransUNet (encoder-only variant). See the module docstring for the layout and taps.
 
@@ -83,20 +96,38 @@ class TransUNet3D(SegmentationNetwork):
         InputShapeError: wrong input channels/dimensions/sizes (at call time).
     """
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 14,
-                 img_size: Sequence[int] | int = (128, 128, 128),
-                 filters: Sequence[int] = (32, 64, 128, 256, 320, 320),
-                 strides: Sequence[int | Sequence[int]] | None = None,
-                 kernel_sizes: Sequence[int | Sequence[int]] | None = None, deep_supervision: int = 4,
-                 hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12, mlp_dim: int = 3072,
-                 layer_scale: float | None = 1e-5, dropout_rate: float = 0.1, attention_dropout_rate: float = 0.0,
-                 freeze_encoder: bool = False):
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 14,
+        img_size: Sequence[int] | int = (128, 128, 128),
+        filters: Sequence[int] = (32, 64, 128, 256, 320, 320),
+        strides: Sequence[int | Sequence[int]] | None = None,
+        kernel_sizes: Sequence[int | Sequence[int]] | None = None,
+        deep_supervision: int = 4,
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        layer_scale: float | None = 1e-5,
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        freeze_encoder: bool = False,
+    ):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ConfigError(f"transunet3d: spatial_dims must be 2 or 3, got {spatial_dims}")
         try:
-            self.unet = UNet(spatial_dims, in_channels, out_channels, filters=filters, strides=strides,
-                             kernel_sizes=kernel_sizes, deep_supervision=deep_supervision)
+            self.unet = UNet(
+                spatial_dims,
+                in_channels,
+                out_channels,
+                filters=filters,
+                strides=strides,
+                kernel_sizes=kernel_sizes,
+                deep_supervision=deep_supervision,
+            )
         except ValueError as error:
             raise ConfigError(f"transunet3d: {error}") from None
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
@@ -104,12 +135,23 @@ class TransUNet3D(SegmentationNetwork):
         self.deep_supervision_scales = self.unet.deep_supervision_scales
         img_size = (img_size,) * spatial_dims if isinstance(img_size, int) else tuple(img_size)
         if len(img_size) != spatial_dims or any(s % d for s, d in zip(img_size, self.input_divisor)):
-            raise ConfigError(f"transunet3d: img_size {img_size} must have {spatial_dims} sizes divisible by "
-                              f"{self.input_divisor}")
+            raise ConfigError(
+                f"transunet3d: img_size {img_size} must have {spatial_dims} sizes divisible by {self.input_divisor}"
+            )
         self.grid = tuple(s // d for s, d in zip(img_size, self.input_divisor))
         try:
-            self.transformer = TokenBottleneck(spatial_dims, filters[-1], self.grid, hidden_size, num_layers, num_heads,
-                                               mlp_dim, dropout_rate, attention_dropout_rate, layer_scale=layer_scale)
+            self.transformer = TokenBottleneck(
+                spatial_dims,
+                filters[-1],
+                self.grid,
+                hidden_size,
+                num_layers,
+                num_heads,
+                mlp_dim,
+                dropout_rate,
+                attention_dropout_rate,
+                layer_scale=layer_scale,
+            )
         except ValueError as error:
             raise ConfigError(f"transunet3d: {error}") from None
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d

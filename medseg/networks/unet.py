@@ -10,7 +10,8 @@ replace its forward so the decoder/encoder features are exposed through :class:`
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from monai.networks.nets import DynUNet
@@ -20,10 +21,18 @@ from medseg.networks.registry import register_network
 
 REFERENCES = {
     "3d_fullres": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320)),
-    "3d_resenc": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320), res_block=True),
+    "3d_resenc": dict(
+        spatial_dims=3, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 320, 320), res_block=True
+    ),
     "2d": dict(spatial_dims=2, in_channels=1, out_channels=3, filters=(32, 64, 128, 256, 512, 512, 512)),
-    "hippocampus": dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(16, 32, 64, 128),
-                        strides=(1, 2, 2, 2), deep_supervision=2),
+    "hippocampus": dict(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=3,
+        filters=(16, 32, 64, 128),
+        strides=(1, 2, 2, 2),
+        deep_supervision=2,
+    ),
     "tiny": dict(spatial_dims=3, in_channels=1, out_channels=2, filters=(8, 16, 32), deep_supervision=1),
 }
 
@@ -33,16 +42,18 @@ def per_axis_strides(strides: Sequence[int | Sequence[int]], spatial_dims: int) 
     return [(int(s),) * spatial_dims if isinstance(s, int) else tuple(int(v) for v in s) for s in strides]
 
 
-def unet_deep_supervision_scales(strides: Sequence[int | Sequence[int]], spatial_dims: int,
-                                 heads: int) -> tuple[tuple[float, ...], ...]:
+def unet_deep_supervision_scales(
+    strides: Sequence[int | Sequence[int]], spatial_dims: int, heads: int
+) -> tuple[tuple[float, ...], ...]:
     """Scales of DynUNet's heads, finest first: head ``i`` sits on the decoder stage at
     ``1 / prod(strides[:i + 2])`` of the input, per axis."""
     axes = per_axis_strides(strides, spatial_dims)
-    return tuple(tuple(1.0 / math.prod(s[a] for s in axes[:i + 2]) for a in range(spatial_dims))
-                 for i in range(heads))
+    return tuple(tuple(1.0 / math.prod(s[a] for s in axes[: i + 2]) for a in range(spatial_dims)) for i in range(heads))
 
 
-@register_network("unet", references=REFERENCES, description="nnU-Net-style plain/residual U-Net (MONAI DynUNet), 2D/3D")
+@register_network(
+    "unet", references=REFERENCES, description="nnU-Net-style plain/residual U-Net (MONAI DynUNet), 2D/3D"
+)
 class UNet(SegmentationNetwork):
     """nnU-Net-style U-Net.
 
@@ -83,15 +94,25 @@ class UNet(SegmentationNetwork):
         if not 0 <= deep_supervision <= stages - 2:
             raise ValueError(f"deep_supervision must be in 0..{stages - 2}")
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
-        self.input_divisor = tuple(math.prod(s[a] for s in per_axis_strides(strides, spatial_dims))
-                                   for a in range(spatial_dims))
+        self.input_divisor = tuple(
+            math.prod(s[a] for s in per_axis_strides(strides, spatial_dims)) for a in range(spatial_dims)
+        )
         self.deep_supervision_scales = unet_deep_supervision_scales(strides, spatial_dims, deep_supervision)
         self.net = DynUNet(
-            spatial_dims, in_channels, out_channels, kernel_size=kernel_sizes, strides=strides,
-            upsample_kernel_size=strides[1:], filters=list(filters), dropout=dropout,
-            norm_name=norm_name, act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-            deep_supervision=deep_supervision > 0, deep_supr_num=max(deep_supervision, 1),
-            res_block=res_block, trans_bias=False,
+            spatial_dims,
+            in_channels,
+            out_channels,
+            kernel_size=kernel_sizes,
+            strides=strides,
+            upsample_kernel_size=strides[1:],
+            filters=list(filters),
+            dropout=dropout,
+            norm_name=norm_name,
+            act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
+            deep_supervision=deep_supervision > 0,
+            deep_supr_num=max(deep_supervision, 1),
+            res_block=res_block,
+            trans_bias=False,
         )
         if deep_supervision == 0:  # DynUNet has no heads attribute then; keep forward_features uniform
             self.net.deep_supervision_heads = torch.nn.ModuleList()

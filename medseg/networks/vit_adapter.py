@@ -11,7 +11,8 @@
 * :class:`ViTAdapter` -- Chen et al., "Vision Transformer Adapter for Dense Predictions", ICLR
   2023: a convolutional Spatial Prior Module, Injectors (ViT tokens query the spatial features
   through multi-scale deformable attention) and Extractors (spatial features query the ViT tokens)
-  around ranges of ViT blocks (:class:`~medseg.networks.blocks.MultiScaleDeformableAttention`). As in CellVTA (Yang et al., "CellVTA: Enhancing Vision Foundation
+  around ranges of ViT blocks (:class:`~medseg.networks.blocks.MultiScaleDeformableAttention`). As
+  in CellVTA (Yang et al., "CellVTA: Enhancing Vision Foundation
   Models for Accurate Cell Segmentation and Classification", 2025) every level is one octave finer
   than in ViT-Adapter: outputs ``f1..f4`` at 1/2, 1/4, 1/8 and 1/16 of the input. The exact
   CellVTA Spatial Prior Module layout is taken from the project's architecture notes
@@ -23,7 +24,7 @@ Written from the papers; no code from timm, ViT-Adapter or CellVTA is copied.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +75,18 @@ class VisionTransformer(nn.Module):
 
     num_prefix_tokens = 1
 
-    def __init__(self, patch_size: int = 16, in_channels: int = 3, embed_dim: int = 1024, depth: int = 24,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, layer_scale: float | None = 1e-5,
-                 pretrain_img_size: int = 224, drop_path_rate: float = 0.0):
+    def __init__(
+        self,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        layer_scale: float | None = 1e-5,
+        pretrain_img_size: int = 224,
+        drop_path_rate: float = 0.0,
+    ):
         super().__init__()
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.pretrain_grid = (pretrain_img_size // patch_size,) * 2
@@ -84,8 +94,10 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pretrain_grid[0] * self.pretrain_grid[1], embed_dim))
         rates = [drop_path_rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path_rate]
-        self.blocks = nn.ModuleList(ViTBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, layer_scale=layer_scale,
-                                             drop_path=rate) for rate in rates)
+        self.blocks = nn.ModuleList(
+            ViTBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, layer_scale=layer_scale, drop_path=rate)
+            for rate in rates
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         if not self.pos_embed.is_meta:
             trunc_normal_(self.pos_embed, std=0.02)
@@ -126,8 +138,11 @@ class SpatialPriorModule(nn.Module):
 
     def __init__(self, in_channels: int = 3, channels: int = 64, embed_dim: int = 1024):
         super().__init__()
-        self.stem = nn.Sequential(conv_bn_relu(2, in_channels, channels), conv_bn_relu(2, channels, channels),
-                                  conv_bn_relu(2, channels, channels))
+        self.stem = nn.Sequential(
+            conv_bn_relu(2, in_channels, channels),
+            conv_bn_relu(2, channels, channels),
+            conv_bn_relu(2, channels, channels),
+        )
         widths = (channels, channels, 2 * channels, 4 * channels, 4 * channels)
         self.convs = nn.ModuleList(conv_bn_relu(2, widths[i], widths[i + 1], stride=2) for i in range(4))
         self.projections = nn.ModuleList(nn.Conv2d(width, embed_dim, kernel_size=1) for width in widths[1:])
@@ -176,8 +191,9 @@ class Injector(nn.Module):
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
 
     def forward(self, query, reference_points, features, spatial_shapes):
-        return query + self.gamma * self.attn(self.query_norm(query), reference_points, self.feat_norm(features),
-                                              spatial_shapes)
+        return query + self.gamma * self.attn(
+            self.query_norm(query), reference_points, self.feat_norm(features), spatial_shapes
+        )
 
 
 class Extractor(nn.Module):
@@ -200,13 +216,23 @@ class Extractor(nn.Module):
 class InteractionBlock(nn.Module):
     """Injector, a range of ViT blocks (run by :class:`ViTAdapter`), Extractor (+ extra extractors)."""
 
-    def __init__(self, dim: int, n_heads: int, n_points: int, ratio: float, init_values: float,
-                 cffn_ratio: float, drop_path: float, extra_extractors: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_points: int,
+        ratio: float,
+        init_values: float,
+        cffn_ratio: float,
+        drop_path: float,
+        extra_extractors: int = 0,
+    ):
         super().__init__()
         self.injector = Injector(dim, 3, n_heads, n_points, ratio, init_values)
         self.extractor = Extractor(dim, n_heads, n_points, ratio, cffn_ratio, drop_path)
         self.extra_extractors = nn.ModuleList(
-            Extractor(dim, n_heads, n_points, ratio, cffn_ratio, drop_path) for _ in range(extra_extractors))
+            Extractor(dim, n_heads, n_points, ratio, cffn_ratio, drop_path) for _ in range(extra_extractors)
+        )
 
     def extract(self, c, reference_points, tokens, vit_shape, c_shapes):
         for extractor in [self.extractor, *self.extra_extractors]:
@@ -237,15 +263,27 @@ class ViTAdapter(nn.Module):
         ``i``, ``c_k`` = adapter features, ``up`` = bilinear).
     """
 
-    def __init__(self, vit: VisionTransformer, in_channels: int = 3, spm_channels: int = 64, deform_heads: int = 8,
-                 deform_points: int = 4, deform_ratio: float = 0.5, injector_init: float = 1e-5,
-                 cffn_ratio: float = 0.25, interaction_indexes: Sequence[Sequence[int]] | None = None,
-                 extra_extractors: int = 2, drop_path_rate: float = 0.4):
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        in_channels: int = 3,
+        spm_channels: int = 64,
+        deform_heads: int = 8,
+        deform_points: int = 4,
+        deform_ratio: float = 0.5,
+        injector_init: float = 1e-5,
+        cffn_ratio: float = 0.25,
+        interaction_indexes: Sequence[Sequence[int]] | None = None,
+        extra_extractors: int = 2,
+        drop_path_rate: float = 0.4,
+    ):
         super().__init__()
         dim, depth = vit.embed_dim, len(vit.blocks)
         if interaction_indexes is None:
             if depth % 4:
-                raise ValueError(f"ViT depth {depth} does not split into 4 interaction blocks; give interaction_indexes")
+                raise ValueError(
+                    f"ViT depth {depth} does not split into 4 interaction blocks; give interaction_indexes"
+                )
             interaction_indexes = [(i * depth // 4, (i + 1) * depth // 4 - 1) for i in range(4)]
         self.interaction_indexes = [tuple(int(i) for i in pair) for pair in interaction_indexes]
         self.vit = vit
@@ -253,9 +291,18 @@ class ViTAdapter(nn.Module):
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
         last = len(self.interaction_indexes) - 1
         self.interactions = nn.ModuleList(
-            InteractionBlock(dim, deform_heads, deform_points, deform_ratio, injector_init, cffn_ratio,
-                             drop_path_rate, extra_extractors if i == last else 0)
-            for i in range(len(self.interaction_indexes)))
+            InteractionBlock(
+                dim,
+                deform_heads,
+                deform_points,
+                deform_ratio,
+                injector_init,
+                cffn_ratio,
+                drop_path_rate,
+                extra_extractors if i == last else 0,
+            )
+            for i in range(len(self.interaction_indexes))
+        )
         self.up = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
         self.norms = nn.ModuleList(nn.BatchNorm2d(dim) for _ in range(4))
         if not self.level_embed.is_meta:
@@ -278,13 +325,15 @@ class ViTAdapter(nn.Module):
         for (first, last), interaction in zip(self.interaction_indexes, self.interactions):
             tokens = interaction.injector(tokens, vit_queries, c, c_shapes)
             sequence = torch.cat([cls, tokens], dim=1)
-            for block in self.vit.blocks[first:last + 1]:
+            for block in self.vit.blocks[first : last + 1]:
                 sequence = block(sequence)
             cls, tokens = sequence[:, :1], sequence[:, 1:]
             c = interaction.extract(c, c_queries, tokens, vit_shape, c_shapes)
             vit_maps.append(tokens.transpose(1, 2).reshape(batch, -1, *vit_shape))
-        c2, c3, c4 = (part.transpose(1, 2).reshape(batch, -1, *shape)
-                      for part, shape in zip(c.split([h * w for h, w in c_shapes], dim=1), c_shapes))
+        c2, c3, c4 = (
+            part.transpose(1, 2).reshape(batch, -1, *shape)
+            for part, shape in zip(c.split([h * w for h, w in c_shapes], dim=1), c_shapes)
+        )
         c1 = self.up(c2) + c1
         features = []
         for norm, level_map, vit_map in zip(self.norms, (c1, c2, c3, c4), vit_maps):

@@ -34,8 +34,7 @@ def _as_dict(card: Any) -> dict[str, Any]:
     raise ConfigError(f"data card of unexpected type {type(card).__name__}")
 
 
-def load_training_data_card(name_or_path: str | None, dataset_dir: str | Path | None = None
-                            ) -> TrainingDataCard:
+def load_training_data_card(name_or_path: str | None, dataset_dir: str | Path | None = None) -> TrainingDataCard:
     """Load a data card by name or path; without one, labels and modality come from the
     dataset's MSD / nnU-Net ``dataset.json`` (:func:`card_from_dataset_json`).
 
@@ -46,8 +45,10 @@ def load_training_data_card(name_or_path: str | None, dataset_dir: str | Path | 
     if not name_or_path:
         if dataset_dir is not None and (Path(dataset_dir) / "dataset.json").is_file():
             return card_from_dataset_json(Path(dataset_dir) / "dataset.json")
-        raise ConfigError("data.data_card: a data card (name or path) is required for the label "
-                          "map and modality (or a dataset.json beside imagesTr/ and labelsTr/)")
+        raise ConfigError(
+            "data.data_card: a data card (name or path) is required for the label "
+            "map and modality (or a dataset.json beside imagesTr/ and labelsTr/)"
+        )
     try:
         from medseg.data_cards import load_data_card
     except ImportError as error:  # pragma: no cover - the reader ships with medseg
@@ -58,8 +59,12 @@ def load_training_data_card(name_or_path: str | None, dataset_dir: str | Path | 
         raise ConfigError(f"data.data_card: {error}") from None
     raw = _as_dict(card)
     try:
-        labels = check_unique([label if isinstance(label, Label) else Label.model_validate(label)
-                               for label in (getattr(card, "labels", None) or raw.get("labels") or [])])
+        labels = check_unique(
+            [
+                label if isinstance(label, Label) else Label.model_validate(label)
+                for label in (getattr(card, "labels", None) or raw.get("labels") or [])
+            ]
+        )
     except ValueError as error:
         raise ConfigError(f"data.data_card: invalid labels in {name_or_path} ({error})") from None
     if not labels:
@@ -72,8 +77,18 @@ def load_training_data_card(name_or_path: str | None, dataset_dir: str | Path | 
 
 #: a generic SNOMED CT segmented property when dataset.json gives only a name
 _GENERIC_TYPE = {"value": "85756007", "scheme": "SCT", "meaning": "Tissue"}
-_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+_PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+]
 
 
 def card_from_dataset_json(path: Path) -> TrainingDataCard:
@@ -104,13 +119,21 @@ def card_from_dataset_json(path: Path) -> TrainingDataCard:
             ids[int(label_id)] = str(name)
     if not ids:
         raise ConfigError(f"{path.name}: no foreground label")
-    labels = [Label(id=i, name=name, type=_GENERIC_TYPE, color=_PALETTE[(i - 1) % len(_PALETTE)])
-              for i, name in sorted(ids.items())]
+    labels = [
+        Label(id=i, name=name, type=_GENERIC_TYPE, color=_PALETTE[(i - 1) % len(_PALETTE)])
+        for i, name in sorted(ids.items())
+    ]
     channels = raw.get("modality") or raw.get("channel_names") or {}
-    modality = [guess_modality(Path(f"{str(v).lower()}.nii")) or str(v).upper()
-                for _, v in sorted(channels.items(), key=lambda kv: int(kv[0]))]
-    card = {"name": str(raw.get("name") or path.parent.name), "source": str(raw.get("reference") or ""),
-            "licence": str(raw.get("licence") or raw.get("license") or ""), "modality": modality,
-            "labels": [label.model_dump(mode="json") for label in labels],
-            "quirks": ["labels and modality from dataset.json (generic SNOMED CT codes)"]}
+    modality = [
+        guess_modality(Path(f"{str(v).lower()}.nii")) or str(v).upper()
+        for _, v in sorted(channels.items(), key=lambda kv: int(kv[0]))
+    ]
+    card = {
+        "name": str(raw.get("name") or path.parent.name),
+        "source": str(raw.get("reference") or ""),
+        "licence": str(raw.get("licence") or raw.get("license") or ""),
+        "modality": modality,
+        "labels": [label.model_dump(mode="json") for label in labels],
+        "quirks": ["labels and modality from dataset.json (generic SNOMED CT codes)"],
+    }
     return TrainingDataCard(labels=check_unique(labels), modality=modality or None, raw=card)

@@ -99,10 +99,14 @@ class SchedulerConfig(_Section):
     power: float = 0.9
     warmup_iterations: int = Field(0, ge=0)
     min_lr: float = Field(0.0, ge=0)
-    time_based: bool = Field(False, description=(
-        "with training.max_minutes: progress = max(iterations done / total, elapsed / max_minutes), and "
-        "training stops when the budget is spent, so the LR is annealed on time whatever the CPU share; "
-        "the number of iterations then depends on the machine (not bitwise reproducible)"))
+    time_based: bool = Field(
+        False,
+        description=(
+            "with training.max_minutes: progress = max(iterations done / total, elapsed / max_minutes), and "
+            "training stops when the budget is spent, so the LR is annealed on time whatever the CPU share; "
+            "the number of iterations then depends on the machine (not bitwise reproducible)"
+        ),
+    )
 
 
 class TrainingConfig(_Section):

@@ -87,7 +87,13 @@ class LRSchedule:
     that is larger."""
 
     def __init__(self, total_iterations: int, name: str, power: float, warmup: int, min_ratio: float):
-        self.total, self.name, self.power, self.warmup, self.min_ratio = total_iterations, name, power, warmup, min_ratio
+        self.total, self.name, self.power, self.warmup, self.min_ratio = (
+            total_iterations,
+            name,
+            power,
+            warmup,
+            min_ratio,
+        )
         self.time_fraction = 0.0
 
     def __call__(self, it: int) -> float:
@@ -139,8 +145,14 @@ class Trainer:
     image/label grid mismatch, empty dataset).
     """
 
-    def __init__(self, config: TrainConfig, output_dir: str | os.PathLike | None = None, fold: int | None = None,
-                 resume: bool = False, show_progress: bool = True):
+    def __init__(
+        self,
+        config: TrainConfig,
+        output_dir: str | os.PathLike | None = None,
+        fold: int | None = None,
+        resume: bool = False,
+        show_progress: bool = True,
+    ):
         self.config = config
         self.fold = config.data.fold if fold is None else fold
         self.output_dir = Path(output_dir or Path("runs") / config.name / f"fold_{self.fold}")
@@ -198,8 +210,12 @@ class Trainer:
     def _setup_network(self) -> None:
         c = self.config
         torch.manual_seed(c.training.seed)
-        net_config = {"spatial_dims": 3, "in_channels": len(self.modality), "out_channels": self.num_classes,
-                      **c.network.config}
+        net_config = {
+            "spatial_dims": 3,
+            "in_channels": len(self.modality),
+            "out_channels": self.num_classes,
+            **c.network.config,
+        }
         self.network_spec = NetworkSpec(name=c.network.name, config=net_config)
         self.network = create_network(c.network.name, pretrained=c.network.pretrained, **net_config).to(self.device)
         divisor = getattr(self.network, "input_divisor", (1, 1, 1))
@@ -207,16 +223,24 @@ class Trainer:
             if any(p % d for p, d in zip(size, divisor)):
                 raise ConfigError(f"{key}: {size} is not divisible by the network's input divisor {tuple(divisor)}")
         self.loss = build_loss(
-            c.loss.name, self.network, self.patch_size, c.loss.kwargs, c.loss.deep_supervision,
-            c.loss.deep_supervision_weights, c.loss.dsd.model_dump() if c.loss.dsd else None).to(self.device)
+            c.loss.name,
+            self.network,
+            self.patch_size,
+            c.loss.kwargs,
+            c.loss.deep_supervision,
+            c.loss.deep_supervision_weights,
+            c.loss.dsd.model_dump() if c.loss.dsd else None,
+        ).to(self.device)
         if c.training.channels_last:
             self.network.to(memory_format=_memory_format(True, len(self.patch_size) + 2))
             self.loss.to(memory_format=_memory_format(True, len(self.patch_size) + 2))
         self.step_module: nn.Module = TrainStep(self.network, self.loss, c.training.channels_last)
         if self.world_size > 1:
             self.step_module = nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                self.step_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
 
     def _setup_data(self) -> None:
         c = self.config
@@ -224,24 +248,37 @@ class Trainer:
         self.cases = {case.case_id: case for case in self._cases()}
         missing = sorted(set(fold.train + fold.val) - set(self.cases))
         if missing:
-            raise DatasetError(f"fold {self.fold}: case {missing[0]} of the plan is not in {c.data.dataset_dir}"
-                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise DatasetError(
+                f"fold {self.fold}: case {missing[0]} of the plan is not in {c.data.dataset_dir}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         self.train_cases = [self.cases[i].as_dict() for i in fold.train]
         self.val_cases = [self.cases[i].as_dict() for i in fold.val]
         if c.validation.max_cases:
             self.val_cases = self.val_cases[: c.validation.max_cases]
         if len(self.train_cases) < self.batch_size * self.world_size or not self.val_cases:
-            raise DatasetError(f"fold {self.fold}: {len(self.train_cases)} training / {len(self.val_cases)} validation "
-                               f"cases are too few for batch size {self.batch_size} x {self.world_size} processes")
+            raise DatasetError(
+                f"fold {self.fold}: {len(self.train_cases)} training / {len(self.val_cases)} validation "
+                f"cases are too few for batch size {self.batch_size} x {self.world_size} processes"
+            )
         self.train_ds = CacheDataset(
-            self.train_cases, training_transforms(self.spacing, self.normalization, self.patch_size,
-                                                  c.data.foreground_oversample, c.augmentation),
-            cache_rate=c.data.cache_rate, num_workers=max(1, c.data.num_workers) if c.data.num_workers else None,
-            progress=False)
+            self.train_cases,
+            training_transforms(
+                self.spacing, self.normalization, self.patch_size, c.data.foreground_oversample, c.augmentation
+            ),
+            cache_rate=c.data.cache_rate,
+            num_workers=max(1, c.data.num_workers) if c.data.num_workers else None,
+            progress=False,
+        )
         # validation reads the cases as `medseg predict` does (medseg.io, on their own grid)
-        self.val_images = [(read_image(case["image"]), read_image(case["label"]).array)
-                           for case in self.val_cases] if self.is_main else []
-        self.iterations = c.training.iterations_per_epoch or len(self.train_cases) // (self.batch_size * self.world_size)
+        self.val_images = (
+            [(read_image(case["image"]), read_image(case["label"]).array) for case in self.val_cases]
+            if self.is_main
+            else []
+        )
+        self.iterations = c.training.iterations_per_epoch or len(self.train_cases) // (
+            self.batch_size * self.world_size
+        )
         self.total_iterations = self.iterations * c.training.epochs
 
     def _setup_optimizer(self) -> None:
@@ -251,8 +288,13 @@ class Trainer:
         if o.name == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                             nesterov=o.nesterov and o.momentum > 0)
+            self.optimizer = torch.optim.SGD(
+                params,
+                lr=o.lr,
+                weight_decay=o.weight_decay,
+                momentum=o.momentum,
+                nesterov=o.nesterov and o.momentum > 0,
+            )
         s = c.scheduler
         if s.time_based and not c.training.max_minutes:
             raise ConfigError("scheduler.time_based: needs training.max_minutes")
@@ -287,8 +329,15 @@ class Trainer:
                 raise DatasetError(f"{c.plan}: label values {unknown} are not in the data card {c.data_card}")
             return plan
         divisor = tuple(int(d) for d in _network_divisor(self.config))
-        return make_plan(c.dataset_dir, label_ids=[label.id for label in self.card.labels], modality=self.card.modality,
-                         divisor=divisor, num_folds=c.num_folds, seed=self.config.training.seed, cases=self._cases())
+        return make_plan(
+            c.dataset_dir,
+            label_ids=[label.id for label in self.card.labels],
+            modality=self.card.modality,
+            divisor=divisor,
+            num_folds=c.num_folds,
+            seed=self.config.training.seed,
+            cases=self._cases(),
+        )
 
     def close(self) -> None:
         """Leave the DDP process group (if this trainer joined one)."""
@@ -316,7 +365,8 @@ class Trainer:
                 row = self._train_epoch(epoch, started)
                 budget_spent = row.pop("budget_spent", False)
                 time_up = budget_spent or bool(
-                    c.training.max_minutes and time.perf_counter() - started > 60 * c.training.max_minutes)
+                    c.training.max_minutes and time.perf_counter() - started > 60 * c.training.max_minutes
+                )
                 if (epoch + 1) % c.validation.every == 0 or epoch + 1 == c.training.epochs or time_up:
                     row.update(self._validate(epoch))
                 self.elapsed = time.perf_counter() - started
@@ -335,14 +385,23 @@ class Trainer:
         package = None
         if self.is_main and c.export.enabled:
             package = self.export(epochs_trained=epoch + 1, stopped_early=stopped_early)
-        result = TrainResult(self.output_dir, epoch + 1, self.best_epoch, self.best_summary, self.elapsed, package,
-                             self.history)
+        result = TrainResult(
+            self.output_dir, epoch + 1, self.best_epoch, self.best_summary, self.elapsed, package, self.history
+        )
         if self.is_main:
-            write_json_atomic(self.output_dir / "summary.json", {
-                "epochs": result.epochs, "best_epoch": result.best_epoch, "best": result.best_metrics,
-                "train_seconds": round(result.train_seconds, 1), "package": str(package) if package else None,
-                "stopped_early": stopped_early, "seconds_per_epoch": round(result.train_seconds / max(1, epoch + 1), 1),
-                "peak_memory_mb": round(_peak_memory_mb(self.device), 1)})
+            write_json_atomic(
+                self.output_dir / "summary.json",
+                {
+                    "epochs": result.epochs,
+                    "best_epoch": result.best_epoch,
+                    "best": result.best_metrics,
+                    "train_seconds": round(result.train_seconds, 1),
+                    "package": str(package) if package else None,
+                    "stopped_early": stopped_early,
+                    "seconds_per_epoch": round(result.train_seconds / max(1, epoch + 1), 1),
+                    "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
+                },
+            )
         if self.world_size > 1:
             dist.barrier()
         return result
@@ -355,8 +414,9 @@ class Trainer:
 
     def _budget_fraction(self, started: float) -> float:
         """Share of ``training.max_minutes`` spent (rank 0's clock, broadcast so all ranks agree)."""
-        fraction = torch.tensor([(time.perf_counter() - started) / (60 * self.config.training.max_minutes)],
-                                device=self.device)  # NCCL broadcasts CUDA tensors
+        fraction = torch.tensor(
+            [(time.perf_counter() - started) / (60 * self.config.training.max_minutes)], device=self.device
+        )  # NCCL broadcasts CUDA tensors
         if self.world_size > 1:
             dist.broadcast(fraction, 0)
         return float(fraction)
@@ -368,20 +428,33 @@ class Trainer:
         seed = epoch_seed(c.training.seed, epoch, self.rank)
         self.train_ds.transform.set_random_state(seed=seed)
         if self.world_size > 1:
-            sampler = DistributedSampler(self.train_ds, self.world_size, self.rank, shuffle=True,
-                                         seed=c.training.seed, drop_last=True)
+            sampler = DistributedSampler(
+                self.train_ds, self.world_size, self.rank, shuffle=True, seed=c.training.seed, drop_last=True
+            )
             sampler.set_epoch(epoch)
         else:
             sampler = RandomSampler(self.train_ds, generator=torch.Generator().manual_seed(seed))
-        loader = DataLoader(self.train_ds, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=c.data.num_workers,
-                            generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+        loader = DataLoader(
+            self.train_ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=c.data.num_workers,
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=False,
+        )
         self.step_module.train()
         amp = c.training.amp and self.device.type == "cuda"
         losses, samples, t0 = [], 0, time.perf_counter()
-        bar = tqdm(total=self.iterations, desc=f"epoch {epoch + 1}/{c.training.epochs}", unit="it",
-                   disable=not (self.is_main and self.show_progress), mininterval=1.0 if sys.stderr.isatty() else 30.0,
-                   dynamic_ncols=True, leave=sys.stderr.isatty())
+        bar = tqdm(
+            total=self.iterations,
+            desc=f"epoch {epoch + 1}/{c.training.epochs}",
+            unit="it",
+            disable=not (self.is_main and self.show_progress),
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            dynamic_ncols=True,
+            leave=sys.stderr.isatty(),
+        )
         batches = _cycle(loader)
         for _ in range(self.iterations):
             if time_based:
@@ -410,9 +483,16 @@ class Trainer:
             bar.update()
         bar.close()
         seconds = time.perf_counter() - t0
-        return {"epoch": epoch + 1, "step": self.global_step, "lr": self.optimizer.param_groups[0]["lr"],
-                "train_loss": float(np.mean(losses)) if losses else float("nan"), "budget_spent": budget_spent, "epoch_s": round(seconds, 2),
-                "samples_per_s": round(samples / max(seconds, 1e-9), 3), "peak_memory_mb": round(_peak_memory_mb(self.device), 1)}
+        return {
+            "epoch": epoch + 1,
+            "step": self.global_step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "budget_spent": budget_spent,
+            "epoch_s": round(seconds, 2),
+            "samples_per_s": round(samples / max(seconds, 1e-9), 3),
+            "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
+        }
 
     @torch.no_grad()
     def inference_card(self) -> ModelCard:
@@ -420,10 +500,18 @@ class Trainer:
         validation Predictor uses and the exported package carries."""
         c = self.config
         return ModelCard(
-            name=c.export.name or c.name, version=c.export.version, network=self.network_spec,
-            modality=list(self.modality), labels=list(self.card.labels), spacing=self.spacing,
-            orientation="RAS", normalization=self.normalization, patch_size=self.inference_patch_size,
-            overlap=c.validation.overlap, postprocessing=c.export.postprocessing)
+            name=c.export.name or c.name,
+            version=c.export.version,
+            network=self.network_spec,
+            modality=list(self.modality),
+            labels=list(self.card.labels),
+            spacing=self.spacing,
+            orientation="RAS",
+            normalization=self.normalization,
+            patch_size=self.inference_patch_size,
+            overlap=c.validation.overlap,
+            postprocessing=c.export.postprocessing,
+        )
 
     def _validate(self, epoch: int) -> dict[str, Any]:
         """Dice/HD95 per class on the fold's validation cases (rank 0 only), measured the way
@@ -436,13 +524,13 @@ class Trainer:
 
         c = self.config
         self.network.eval()
-        predictor = Predictor.from_network(self.network, self.inference_card(), device=self.device,
-                                           sw_batch_size=c.validation.sw_batch_size)
+        predictor = Predictor.from_network(
+            self.network, self.inference_card(), device=self.device, sw_batch_size=c.validation.sw_batch_size
+        )
         per_case, t0 = [], time.perf_counter()
         for image, label in self.val_images:
             prediction = predictor.predict(image).label_map.array
-            metrics = label_map_metrics(prediction, label.astype(np.int64), self.num_classes,
-                                        image.spacing)
+            metrics = label_map_metrics(prediction, label.astype(np.int64), self.num_classes, image.spacing)
             if not c.validation.hd95:
                 for values in metrics.values():
                     values["hd95"] = float("nan")
@@ -458,9 +546,13 @@ class Trainer:
         mean_dice = summary.get("mean", {}).get("dice", float("nan"))
         if math.isfinite(mean_dice) and mean_dice > self.best_metric:
             self.best_metric, self.best_epoch = mean_dice, epoch + 1
-            self.best_summary = {"epoch": epoch + 1, "num_cases": len(per_case), "fold": self.fold,
-                                 "dice": {names.get(k, k): v["dice"] for k, v in summary.items()},
-                                 "hd95_mm": {names.get(k, k): v["hd95"] for k, v in summary.items()}}
+            self.best_summary = {
+                "epoch": epoch + 1,
+                "num_cases": len(per_case),
+                "fold": self.fold,
+                "dice": {names.get(k, k): v["dice"] for k, v in summary.items()},
+                "hd95_mm": {names.get(k, k): v["hd95"] for k, v in summary.items()},
+            }
             self._save_checkpoint(epoch, "best.pt")
         return row
 
@@ -474,8 +566,19 @@ class Trainer:
 
     def _log_row(self, row: dict[str, Any], writer) -> None:
         names = [_column(label.name) for label in self.card.labels] + ["mean"]
-        columns = ["epoch", "step", "lr", "train_loss", "epoch_s", "samples_per_s", "peak_memory_mb", "val_s",
-                   *[f"val_dice_{n}" for n in names], *[f"val_hd95_{n}" for n in names], "elapsed_s"]
+        columns = [
+            "epoch",
+            "step",
+            "lr",
+            "train_loss",
+            "epoch_s",
+            "samples_per_s",
+            "peak_memory_mb",
+            "val_s",
+            *[f"val_dice_{n}" for n in names],
+            *[f"val_hd95_{n}" for n in names],
+            "elapsed_s",
+        ]
         path = self.output_dir / "log.csv"
         new = not path.exists()
         with path.open("a", newline="") as handle:
@@ -496,13 +599,23 @@ class Trainer:
     # ----------------------------------------------------------------------------------- state
     def _save_checkpoint(self, epoch: int, name: str) -> None:
         state = {
-            "epoch": epoch + 1, "global_step": self.global_step, "elapsed_s": self.elapsed,
-            "network": self.network.state_dict(), "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "global_step": self.global_step,
+            "elapsed_s": self.elapsed,
+            "network": self.network.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "best": {"metric": self.best_metric, "epoch": self.best_epoch, "summary": self.best_summary},
-            "history": self.history, "config": self.config.model_dump(mode="json"), "fold": self.fold,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "history": self.history,
+            "config": self.config.model_dump(mode="json"),
+            "fold": self.fold,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
         }
         _save_atomic(state, self.output_dir / "checkpoints" / name)
 
@@ -538,28 +651,44 @@ class Trainer:
 
         c = self.config
         best = self.output_dir / "checkpoints" / "best.pt"
-        weights = (torch.load(best, map_location="cpu", weights_only=False)["network"] if best.is_file()
-                   else self.network.state_dict())
+        weights = (
+            torch.load(best, map_location="cpu", weights_only=False)["network"]
+            if best.is_file()
+            else self.network.state_dict()
+        )
         weights = _contiguous_state(weights)
-        card = self.inference_card().model_copy(update=dict(
-            description=c.export.description or f"{c.network.name} trained on {self.plan.dataset} (fold {self.fold})",
-            training={
-                "config": c.model_dump(mode="json"), "fold": self.fold, "epochs": epochs_trained,
-                "stopped_early": stopped_early, "best_epoch": self.best_epoch, "train_seconds": round(self.elapsed, 1),
-                "num_training_cases": len(self.train_cases), "num_validation_cases": len(self.val_cases),
-                "batch_size": self.batch_size, "training_patch_size": list(self.patch_size), "world_size": self.world_size, "hardware": _hardware(self.device),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__},
-            },
-            metrics={"validation": {**self.best_summary, "protocol": VALIDATION_PROTOCOL}},
-            data_card=self.card.as_dict(),
-            trained_at=utc_timestamp(),
-        ))
+        card = self.inference_card().model_copy(
+            update=dict(
+                description=c.export.description
+                or f"{c.network.name} trained on {self.plan.dataset} (fold {self.fold})",
+                training={
+                    "config": c.model_dump(mode="json"),
+                    "fold": self.fold,
+                    "epochs": epochs_trained,
+                    "stopped_early": stopped_early,
+                    "best_epoch": self.best_epoch,
+                    "train_seconds": round(self.elapsed, 1),
+                    "num_training_cases": len(self.train_cases),
+                    "num_validation_cases": len(self.val_cases),
+                    "batch_size": self.batch_size,
+                    "training_patch_size": list(self.patch_size),
+                    "world_size": self.world_size,
+                    "hardware": _hardware(self.device),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__},
+                },
+                metrics={"validation": {**self.best_summary, "protocol": VALIDATION_PROTOCOL}},
+                data_card=self.card.as_dict(),
+                trained_at=utc_timestamp(),
+            )
+        )
         return ModelPackage.save(self.output_dir / "model", card, weights).path
 
 
-VALIDATION_PROTOCOL = ("medseg Predictor (model grid, sliding window, inverse to the input grid, "
-                       "post-processing); Dice and HD95 (mm) on the input grid, MONAI metrics")
+VALIDATION_PROTOCOL = (
+    "medseg Predictor (model grid, sliding window, inverse to the input grid, "
+    "post-processing); Dice and HD95 (mm) on the input grid, MONAI metrics"
+)
 
 
 def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -605,8 +734,12 @@ def _network_divisor(config: TrainConfig) -> tuple[int, ...]:
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    info = {
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -24,7 +24,15 @@ from medseg.networks.blocks.token_bottleneck import TokenBottleneck
 from medseg.networks.blocks.vit import Attention, LayerScale, Mlp, ViTBlock, init_linear_trunc_normal
 
 __all__ = [
-    "Attention", "LayerScale", "Mlp", "MultiScaleDeformableAttention", "TokenBottleneck", "ViTBlock",
-    "conv_bn_relu", "grid_reference_points", "init_linear_trunc_normal", "multi_scale_deformable_attention",
+    "Attention",
+    "LayerScale",
+    "Mlp",
+    "MultiScaleDeformableAttention",
+    "TokenBottleneck",
+    "ViTBlock",
+    "conv_bn_relu",
+    "grid_reference_points",
+    "init_linear_trunc_normal",
+    "multi_scale_deformable_attention",
     "resample_abs_pos_embed",
 ]

@@ -16,7 +16,7 @@ projection to ``ratio * d_model`` channels follows ViT-Adapter (Chen et al., ICL
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +57,18 @@ def multi_scale_deformable_attention(
         level_value = tokens.permute(0, 2, 3, 1).reshape(batch * heads, channels, int(height), int(width))
         # (B, Q, M, P, 2) -> (B*M, Q, P, 2)
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # (B*M, D, Q, P)
+        sampled.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*M, D, Q, P)
     # (B, Q, M, L, P) -> (B*M, 1, Q, L*P)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (B*M, D, Q)
     return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous()
 
 
-def grid_reference_points(spatial_shapes: Sequence[tuple[int, int]], device: torch.device | None = None,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grid_reference_points(
+    spatial_shapes: Sequence[tuple[int, int]], device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Pixel centres of every level, normalised to ``[0, 1]`` as ``(x, y)``: ``(1, sum(H*W), 1, 2)``.
 
     Used as the reference point of each query token (one per position, shared by all levels).
@@ -130,8 +132,13 @@ class MultiScaleDeformableAttention(nn.Module):
             nn.init.xavier_uniform_(projection.weight)
             nn.init.zeros_(projection.bias)
 
-    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, features: torch.Tensor,
-                spatial_shapes: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        features: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
         batch, queries, _ = query.shape
         if len(spatial_shapes) != self.n_levels:
             raise ValueError(f"expected {self.n_levels} levels, got {len(spatial_shapes)}")

@@ -18,9 +18,14 @@ import torch.nn.functional as F
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
-def resample_abs_pos_embed(posemb: torch.Tensor, new_size: Sequence[int], old_size: Sequence[int] | None = None,
-                           num_prefix_tokens: int = 1, interpolation: str = "bicubic",
-                           antialias: bool = True) -> torch.Tensor:
+def resample_abs_pos_embed(
+    posemb: torch.Tensor,
+    new_size: Sequence[int],
+    old_size: Sequence[int] | None = None,
+    num_prefix_tokens: int = 1,
+    interpolation: str = "bicubic",
+    antialias: bool = True,
+) -> torch.Tensor:
     """Resample ``posemb`` ``(1, prefix + prod(old_size), D)`` to ``(1, prefix + prod(new_size), D)``.
 
     Args:
@@ -52,8 +57,10 @@ def resample_abs_pos_embed(posemb: torch.Tensor, new_size: Sequence[int], old_si
     if old_size is None:
         side = round(grid_tokens ** (1.0 / dims))
         if side**dims != grid_tokens:
-            raise ValueError(f"position embedding with {grid_tokens} grid tokens is not a {'square' if dims == 2 else 'cubic'}"
-                             f" grid; give old_size")
+            raise ValueError(
+                f"position embedding with {grid_tokens} grid tokens is not a {'square' if dims == 2 else 'cubic'}"
+                f" grid; give old_size"
+            )
         old_size = (side,) * dims
     old_size = tuple(int(s) for s in old_size)
     if len(old_size) != dims or math.prod(old_size) != grid_tokens:

@@ -48,9 +48,20 @@ class TokenBottleneck(nn.Module):
     ``spatial_dims`` axes.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, grid: Sequence[int], hidden_size: int = 768,
-                 num_layers: int = 12, num_heads: int = 12, mlp_dim: int = 3072, dropout_rate: float = 0.1,
-                 attention_dropout_rate: float = 0.0, layer_scale: float | None = None, norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        grid: Sequence[int],
+        hidden_size: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.0,
+        layer_scale: float | None = None,
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
         if spatial_dims not in (2, 3) or len(grid) != spatial_dims:
             raise ValueError(f"TokenBottleneck: grid {tuple(grid)} must have spatial_dims (2 or 3) axes")
@@ -61,10 +72,19 @@ class TokenBottleneck(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.pos_drop = nn.Dropout(dropout_rate)
         self.blocks = nn.ModuleList(
-            ViTBlock(hidden_size, num_heads, mlp_dim=mlp_dim, qkv_bias=True, layer_scale=layer_scale,
-                     mlp_drop=dropout_rate, attn_drop=attention_dropout_rate, proj_drop=attention_dropout_rate,
-                     norm_eps=norm_eps)
-            for _ in range(num_layers))
+            ViTBlock(
+                hidden_size,
+                num_heads,
+                mlp_dim=mlp_dim,
+                qkv_bias=True,
+                layer_scale=layer_scale,
+                mlp_drop=dropout_rate,
+                attn_drop=attention_dropout_rate,
+                proj_drop=attention_dropout_rate,
+                norm_eps=norm_eps,
+            )
+            for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(hidden_size, eps=norm_eps)
 
     @property
@@ -73,8 +93,9 @@ class TokenBottleneck(nn.Module):
 
     def position_embedding(self, grid: Sequence[int]) -> torch.Tensor:
         """``pos_embed`` resampled (linear/bilinear/trilinear, no antialiasing) to ``grid``."""
-        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, num_prefix_tokens=0,
-                                      interpolation="linear", antialias=False)
+        return resample_abs_pos_embed(
+            self.pos_embed, grid, self.grid, num_prefix_tokens=0, interpolation="linear", antialias=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x)

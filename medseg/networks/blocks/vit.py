@@ -49,8 +49,7 @@ class Attention(nn.Module):
     (additive float, or boolean with True = attend) -> ``(B, N, D)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} not divisible by num_heads {num_heads}")
@@ -63,8 +62,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+        )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, dim)))
 
 
@@ -115,9 +115,20 @@ class ViTBlock(nn.Module):
     Shapes: ``(B, N, D)`` (+ optional ``attn_mask``, see :class:`Attention`) -> ``(B, N, D)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int | None = None, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, layer_scale: float | None = None, drop_path: float = 0.0,
-                 mlp_drop: float = 0.0, attn_drop: float = 0.0, proj_drop: float = 0.0, norm_eps: float = 1e-6):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_scale: float | None = None,
+        drop_path: float = 0.0,
+        mlp_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
         super().__init__()
         hidden = int(mlp_dim) if mlp_dim is not None else int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
