@@ -5,6 +5,8 @@ Per series, in ``out_dir``, named ``<stem>`` + suffix (see :func:`series_stem`):
 - ``<stem>.nii.gz`` — the label map (NIfTI, sform = qform = the input affine);
 - ``<stem>.seg.dcm`` — DICOM SEG (binary, PS3.3 A.51) referencing the source series, only when the
   input was DICOM (``image.dicom_source``);
+- ``<stem>.rtstruct.dcm`` — DICOM RT Structure Set (PS3.3 A.19, :mod:`medseg.io.rtstruct`): one
+  ROI per label with planar contours on the source slices, only for DICOM input;
 - ``<stem>.json`` — the report: model (name, version, weights sha256, training time), input
   geometry, per-label volumes, timings;
 - ``<stem>.png`` — a preview (:func:`write_preview`): sagittal, coronal and axial slices through the
@@ -43,11 +45,22 @@ from medseg.package import ModelCard
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.inference.predictor import Prediction
 
-FORMATS = ("nifti", "seg", "json", "png")
-SUFFIXES = {"nifti": ".nii.gz", "seg": ".seg.dcm", "json": ".json", "png": ".png"}
+FORMATS = ("nifti", "seg", "rtstruct", "json", "png")
+SUFFIXES = {"nifti": ".nii.gz", "seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm", "json": ".json", "png": ".png"}
+#: formats written only for DICOM input (they reference the source instances)
+DICOM_ONLY_FORMATS = ("seg", "rtstruct")
+#: what is written when no formats are given (RTSTRUCT only on request)
+DEFAULT_FORMATS = ("nifti", "seg", "json", "png")
 #: series metadata copied into the report (no patient-level keys)
-SERIES_KEYS = ("modality", "series_uid", "study_uid", "series_description", "series_number",
-               "manufacturer", "instance_count")
+SERIES_KEYS = (
+    "modality",
+    "series_uid",
+    "study_uid",
+    "series_description",
+    "series_number",
+    "manufacturer",
+    "instance_count",
+)
 
 
 def _sanitize(text: str, limit: int = 48) -> str:
@@ -70,16 +83,18 @@ def stem_for(meta: dict[str, Any], dicom: bool) -> str:
     """
     if dicom:
         uid = str(meta.get("series_uid") or "")
-        parts = [str(meta["series_number"]) if meta.get("series_number") is not None else "",
-                 _sanitize(meta.get("series_description") or ""),
-                 hashlib.sha1(uid.encode()).hexdigest()[:8] if uid else ""]
+        parts = [
+            str(meta["series_number"]) if meta.get("series_number") is not None else "",
+            _sanitize(meta.get("series_description") or ""),
+            hashlib.sha1(uid.encode()).hexdigest()[:8] if uid else "",
+        ]
         stem = "_".join(p for p in parts if p)
         return stem or "series"
     name = strip_suffix(Path(str(meta.get("series_uid") or meta.get("source") or "image")).name)
     return _sanitize(name) or "image"
 
 
-def output_paths(out_dir: str | Path, stem: str, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
+def output_paths(out_dir: str | Path, stem: str, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Path]:
     """``{format: path}`` for ``stem`` in ``out_dir``."""
     return {fmt: Path(out_dir) / f"{stem}{SUFFIXES[fmt]}" for fmt in formats}
 
@@ -95,8 +110,9 @@ def geometry(image: Image) -> dict[str, Any]:
     }
 
 
-def build_report(prediction: "Prediction", image: Image, card: ModelCard,
-                 outputs: dict[str, Path] | None = None) -> dict[str, Any]:
+def build_report(
+    prediction: Prediction, image: Image, card: ModelCard, outputs: dict[str, Path] | None = None
+) -> dict[str, Any]:
     """The JSON report of one prediction (see the module docstring).
 
     ``model`` identifies the exact weights: ``name``, ``version``, ``weights_sha256`` (64 hex,
@@ -113,12 +129,17 @@ def build_report(prediction: "Prediction", image: Image, card: ModelCard,
         "medseg_version": medseg.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {
-            "name": card.name, "version": card.version,
-            "weights_sha256": card.weights_sha256, "weights_sha256_short": card.weights_short,
-            "trained_at": card.trained_at, "clinically_validated": card.clinically_validated,
+            "name": card.name,
+            "version": card.version,
+            "weights_sha256": card.weights_sha256,
+            "weights_sha256_short": card.weights_short,
+            "trained_at": card.trained_at,
+            "clinically_validated": card.clinically_validated,
             "network": card.network.name,
-            "modality": list(card.modality), "spacing_mm": list(card.spacing),
-            "orientation": card.orientation, "patch_size": list(card.patch_size),
+            "modality": list(card.modality),
+            "spacing_mm": list(card.spacing),
+            "orientation": card.orientation,
+            "patch_size": list(card.patch_size),
         },
         "input": {**series, **geometry(image), "warnings": list(image.warnings)},
         "settings": prediction.settings,
@@ -189,11 +210,20 @@ def view_geometry(affine: np.ndarray) -> list[dict[str, Any]]:
         up = (up_axis, up_sign * up_flip)
         to_right = affine[:3, right[0]] * right[1]
         to_top = affine[:3, up[0]] * up[1]
-        views.append({
-            "name": name, "through": voxel_of[through_world][0], "right": right, "up": up,
-            "letters": {"left": direction_letter(-to_right), "right": direction_letter(to_right),
-                        "bottom": direction_letter(-to_top), "top": direction_letter(to_top)},
-        })
+        views.append(
+            {
+                "name": name,
+                "through": voxel_of[through_world][0],
+                "right": right,
+                "up": up,
+                "letters": {
+                    "left": direction_letter(-to_right),
+                    "right": direction_letter(to_right),
+                    "bottom": direction_letter(-to_top),
+                    "top": direction_letter(to_top),
+                },
+            }
+        )
     return views
 
 
@@ -251,8 +281,9 @@ def _format_ml(volume: float) -> str:
     return f"{volume:.2f} ml" if volume < 100 else f"{volume:.1f} ml" if volume < 1000 else f"{volume:.0f} ml"
 
 
-def preview_annotations(image: Image, labels: Sequence[Label], statistics: Sequence[dict],
-                        card: ModelCard | None = None) -> dict[str, Any]:
+def preview_annotations(
+    image: Image, labels: Sequence[Label], statistics: Sequence[dict], card: ModelCard | None = None
+) -> dict[str, Any]:
     """The text of a preview (also stored in the PNG's text chunks).
 
     Returns:
@@ -282,18 +313,29 @@ def preview_annotations(image: Image, labels: Sequence[Label], statistics: Seque
     if len(shown) > LEGEND_MAX:
         shown = [label for label in shown if volumes.get(label.id, 0.0) > 0]
     more = len(labels) - len(shown[:LEGEND_MAX])
-    legend = [(label, f"{label.name[:40]}: {_format_ml(volumes.get(label.id, 0.0))}")
-              for label in shown[:LEGEND_MAX]]
+    legend = [(label, f"{label.name[:40]}: {_format_ml(volumes.get(label.id, 0.0))}") for label in shown[:LEGEND_MAX]]
     validated = bool(card is not None and card.clinically_validated)
     series = series[:64]
-    return {"series": f"{modality} · {series}" if modality else series, "model": model,
-            "notice": None if validated else NOT_FOR_DIAGNOSTIC_USE, "legend": legend,
-            "more": more}
+    return {
+        "series": f"{modality} · {series}" if modality else series,
+        "model": model,
+        "notice": None if validated else NOT_FOR_DIAGNOSTIC_USE,
+        "legend": legend,
+        "more": more,
+    }
 
 
-def write_preview(label_map: np.ndarray, image: Image, labels: Sequence[Label], path: str | Path,
-                  alpha: float = 0.45, *, statistics: Sequence[dict] | None = None,
-                  card: ModelCard | None = None, dpi: int = 100) -> Path:
+def write_preview(
+    label_map: np.ndarray,
+    image: Image,
+    labels: Sequence[Label],
+    path: str | Path,
+    alpha: float = 0.45,
+    *,
+    statistics: Sequence[dict] | None = None,
+    card: ModelCard | None = None,
+    dpi: int = 100,
+) -> Path:
     """A PNG a clinician can read: sagittal, coronal and axial slices of ``image`` through the
     segmentation's centre of mass (:func:`preview_slices`) with the label overlay, atomically.
 
@@ -357,8 +399,10 @@ def write_preview(label_map: np.ndarray, image: Image, labels: Sequence[Label], 
 
     # layout in inches: banner, header, panel titles, panels, legend
     width, margin, gap = 12.0, 0.45, 0.75
-    mm = [(data.shape[v["right"][0]] * spacing[v["right"][0]],
-           data.shape[v["up"][0]] * spacing[v["up"][0]]) for v in views]
+    mm = [
+        (data.shape[v["right"][0]] * spacing[v["right"][0]], data.shape[v["up"][0]] * spacing[v["up"][0]])
+        for v in views
+    ]
     scale = min(3.8 / max(h for _, h in mm), (width - 2 * margin - 2 * gap) / sum(w for w, _ in mm))
     for _ in range(20):  # keep every panel at least 1.4 in wide (titles), all within the width
         boxes = [max(w * scale, 1.4) for w, _ in mm]
@@ -381,20 +425,47 @@ def write_preview(label_map: np.ndarray, image: Image, labels: Sequence[Label], 
 
     top = 0.0
     if text["notice"]:
-        figure.patches.append(Rectangle(
-            (0, y(banner_h)), 1, banner_h / height, transform=figure.transFigure,
-            facecolor="#b00020", edgecolor="none"))
-        figure.text(0.5, y(banner_h / 2), f"{text['notice']}  ·  research output, verify against "
-                    "the source images", ha="center", va="center", color="white", fontsize=13,
-                    fontweight="bold")
+        figure.patches.append(
+            Rectangle(
+                (0, y(banner_h)),
+                1,
+                banner_h / height,
+                transform=figure.transFigure,
+                facecolor="#b00020",
+                edgecolor="none",
+            )
+        )
+        figure.text(
+            0.5,
+            y(banner_h / 2),
+            f"{text['notice']}  ·  research output, verify against the source images",
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=13,
+            fontweight="bold",
+        )
         top = banner_h
-    figure.text(margin / width, y(top + 0.32), f"Series: {text['series']}", ha="left",
-                va="center", fontsize=14, fontweight="bold")
+    figure.text(
+        margin / width,
+        y(top + 0.32),
+        f"Series: {text['series']}",
+        ha="left",
+        va="center",
+        fontsize=14,
+        fontweight="bold",
+    )
     if text["model"]:
-        figure.text(margin / width, y(top + 0.62), f"Model: {text['model']}", ha="left",
-                    va="center", fontsize=11.5)
-    figure.text(1 - margin / width, y(top + 0.32), f"medseg {medseg.__version__}", ha="right",
-                va="center", fontsize=10, color="#555555")
+        figure.text(margin / width, y(top + 0.62), f"Model: {text['model']}", ha="left", va="center", fontsize=11.5)
+    figure.text(
+        1 - margin / width,
+        y(top + 0.32),
+        f"medseg {medseg.__version__}",
+        ha="right",
+        va="center",
+        fontsize=10,
+        color="#555555",
+    )
     top += header_h
     band_top = top + title_h
     x = margin + (width - 2 * margin - 2 * gap - sum(boxes)) / 2
@@ -405,10 +476,8 @@ def write_preview(label_map: np.ndarray, image: Image, labels: Sequence[Label], 
         aspect = spacing[view["up"][0]] / spacing[view["right"][0]]
         bottom = band_top + (panel_h + box_h) / 2  # vertically centred in the band
         axis = figure.add_axes((x / width, y(bottom), box_w / width, box_h / height))
-        axis.imshow(plane, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect,
-                    interpolation="nearest")
-        axis.imshow(overlay, cmap=cmap, vmin=0, vmax=size - 1, origin="lower", aspect=aspect,
-                    interpolation="nearest")
+        axis.imshow(plane, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect, interpolation="nearest")
+        axis.imshow(overlay, cmap=cmap, vmin=0, vmax=size - 1, origin="lower", aspect=aspect, interpolation="nearest")
         axis.set_xticks([])
         axis.set_yticks([])
         centre = np.asarray(data.shape, dtype=np.float64) / 2 - 0.5
@@ -426,21 +495,37 @@ def write_preview(label_map: np.ndarray, image: Image, labels: Sequence[Label], 
         axis.text(0.5, 1.02, letters["top"], ha="center", va="bottom", **style)
         axis.text(0.5, -0.02, letters["bottom"], ha="center", va="top", **style)
         x += box_w + gap
-    handles = [Patch(facecolor=[c / 255 for c in label.color], edgecolor="black", linewidth=0.6,
-                     label=entry) for label, entry in text["legend"]]
+    handles = [
+        Patch(facecolor=[c / 255 for c in label.color], edgecolor="black", linewidth=0.6, label=entry)
+        for label, entry in text["legend"]
+    ]
     if text["more"]:
-        handles.append(Patch(facecolor="none", edgecolor="none",
-                             label=f"+ {text['more']} more label(s), see the report"))
+        handles.append(
+            Patch(facecolor="none", edgecolor="none", label=f"+ {text['more']} more label(s), see the report")
+        )
     legend_top = band_top + panel_h + letter_h
     if handles:
-        figure.legend(handles=handles, loc="upper center", ncol=legend_cols, frameon=False,
-                      bbox_to_anchor=(0.5, y(legend_top)), fontsize=11.5, handlelength=1.6,
-                      handleheight=1.1, columnspacing=2.5,
-                      title="Segmented volume (whole series)", title_fontsize=11)
-    description = "; ".join([f"Series: {text['series']}", f"Model: {text['model'] or 'unknown'}",
-                             *(entry for _, entry in text["legend"])])
-    metadata = {"Title": f"medseg preview: {text['series']}", "Description": description,
-                "Software": f"medseg {medseg.__version__}"}
+        figure.legend(
+            handles=handles,
+            loc="upper center",
+            ncol=legend_cols,
+            frameon=False,
+            bbox_to_anchor=(0.5, y(legend_top)),
+            fontsize=11.5,
+            handlelength=1.6,
+            handleheight=1.1,
+            columnspacing=2.5,
+            title="Segmented volume (whole series)",
+            title_fontsize=11,
+        )
+    description = "; ".join(
+        [f"Series: {text['series']}", f"Model: {text['model'] or 'unknown'}", *(entry for _, entry in text["legend"])]
+    )
+    metadata = {
+        "Title": f"medseg preview: {text['series']}",
+        "Description": description,
+        "Software": f"medseg {medseg.__version__}",
+    }
     if text["notice"]:
         metadata["Disclaimer"] = text["notice"].capitalize()
     return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", metadata=metadata))
@@ -462,9 +547,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_dir: str | Path,
-                  formats: Sequence[str] = FORMATS, stem: str | None = None,
-                  warnings: list[str] | None = None) -> dict[str, Path]:
+def write_outputs(
+    prediction: Prediction,
+    image: Image,
+    card: ModelCard,
+    out_dir: str | Path,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    stem: str | None = None,
+    warnings: list[str] | None = None,
+) -> dict[str, Path]:
     """Write the outputs of ``prediction`` for ``image`` and return ``{format: path}``.
 
     Args:
@@ -473,8 +564,9 @@ def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_d
         card: the model card (labels, name, version, weights hash, training time, whether
             validated); its identity goes into the report, the SEG and the preview.
         out_dir: folder, created if needed.
-        formats: any of ``nifti``, ``seg``, ``json``, ``png``; ``seg`` is skipped (not an error)
-            when the input was not DICOM.
+        formats: any of ``nifti``, ``seg``, ``rtstruct``, ``json``, ``png`` (default
+            :data:`DEFAULT_FORMATS`, all but ``rtstruct``); ``seg`` and ``rtstruct`` are skipped
+            (not an error) when the input was not DICOM.
         stem: file-name stem (default: :func:`series_stem`).
         warnings: if given, receives the writers' warnings (e.g. the SEG's repaired or emptied
             patient/study attributes, by keyword); they are also added to the report's
@@ -490,7 +582,7 @@ def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_d
     if unknown:
         raise ValueError(f"unknown output format(s) {unknown} (known: {', '.join(FORMATS)})")
     stem = stem or series_stem(image)
-    wanted = [f for f in FORMATS if f in formats and (f != "seg" or image.dicom_source)]
+    wanted = [f for f in FORMATS if f in formats and (f not in DICOM_ONLY_FORMATS or image.dicom_source)]
     paths = output_paths(out_dir, stem, wanted)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     labels = sorted(card.labels, key=lambda label: label.id)
@@ -499,16 +591,41 @@ def write_outputs(prediction: "Prediction", image: Image, card: ModelCard, out_d
     if "nifti" in paths:
         written["nifti"] = write_nifti(prediction.label_map, paths["nifti"], label_map=True)
     if "seg" in paths:
-        parameters = {key: value for key, value in (("weights_sha256", card.weights_sha256),
-                                                    ("trained_at", card.trained_at)) if value}
-        written["seg"] = write_seg(prediction.label_map, image, labels, paths["seg"],
-                                   series_description=f"{card.name} segmentation"[:64],
-                                   algorithm_name=card.name, algorithm_version=card.version,
-                                   algorithm_parameters=parameters,
-                                   content_description=card.identity, warnings=notes)
+        parameters = {
+            key: value
+            for key, value in (("weights_sha256", card.weights_sha256), ("trained_at", card.trained_at))
+            if value
+        }
+        written["seg"] = write_seg(
+            prediction.label_map,
+            image,
+            labels,
+            paths["seg"],
+            series_description=f"{card.name} segmentation"[:64],
+            algorithm_name=card.name,
+            algorithm_version=card.version,
+            algorithm_parameters=parameters,
+            content_description=card.identity,
+            warnings=notes,
+        )
+    if "rtstruct" in paths:
+        from medseg.io.rtstruct import write_rtstruct
+
+        written["rtstruct"] = write_rtstruct(
+            prediction.label_map,
+            image,
+            labels,
+            paths["rtstruct"],
+            series_description=f"{card.name} contours"[:64],
+            structure_set_label=card.name[:16],
+            algorithm_name=card.name,
+            algorithm_version=card.version,
+            warnings=notes,
+        )
     if "png" in paths:
-        written["png"] = write_preview(prediction.label_map.array, image, labels, paths["png"],
-                                       statistics=prediction.statistics, card=card)
+        written["png"] = write_preview(
+            prediction.label_map.array, image, labels, paths["png"], statistics=prediction.statistics, card=card
+        )
     if "json" in paths:
         report = build_report(prediction, image, card, {**written, "json": paths["json"]})
         report["input"]["warnings"] = [*report["input"]["warnings"], *notes]

@@ -23,9 +23,9 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,10 @@ from medseg.labels import Label
 
 METADATA = Path("configs") / "metadata.json"
 WEIGHTS = Path("models") / "model.pt"
+#: MONAI Bundle inference config, written for ``unet`` packages (:func:`monai_inference_config`)
+INFERENCE = Path("configs") / "inference.json"
+#: the MONAI bundle meta schema shipped with medseg, for ``monai.bundle verify_metadata``
+BUNDLE_SCHEMA = Path(__file__).parent / "bundle_schema" / "meta_schema.json"
 BUNDLED_MODELS = Path(__file__).parent / "models"
 
 
@@ -87,14 +91,20 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     data_card: dict[str, Any] = Field(default_factory=dict)
     weights_sha256: str | None = Field(
-        None, description="sha256 (64 lower-case hex) of models/model.pt; set by ModelPackage.save, "
-                          "computed at load time for older packages")
+        None,
+        description="sha256 (64 lower-case hex) of models/model.pt; set by ModelPackage.save, "
+        "computed at load time for older packages",
+    )
     trained_at: str | None = Field(
-        None, description="when the weights were produced, ISO 8601 UTC ('2026-11-22T04:52:58Z'); "
-                          "None for packages written before this field existed")
+        None,
+        description="when the weights were produced, ISO 8601 UTC ('2026-11-22T04:52:58Z'); "
+        "None for packages written before this field existed",
+    )
     clinically_validated: bool = Field(
-        False, description="the model has been validated and cleared for diagnostic use; only then "
-                           "do previews omit the 'not for diagnostic use' notice")
+        False,
+        description="the model has been validated and cleared for diagnostic use; only then "
+        "do previews omit the 'not for diagnostic use' notice",
+    )
 
     @field_validator("weights_sha256")
     @classmethod
@@ -127,7 +137,7 @@ class ModelCard(BaseModel):
         return f"{self.name} {self.version}" + (f" sha256:{short}" if short else "")
 
 
-def utc_timestamp(value: "str | _dt.datetime | None" = None) -> str:
+def utc_timestamp(value: str | _dt.datetime | None = None) -> str:
     """``value`` (default: now) as ISO 8601 UTC text with seconds, ``YYYY-MM-DDTHH:MM:SSZ``.
 
     Raises:
@@ -210,7 +220,8 @@ class ModelPackage:
                 raise UnreadableFileError(
                     f"{self.path.name}: models/model.pt (sha256 {actual[:12]}) does not match the "
                     f"model card's weights_sha256 ({self.card.weights_short}); the weights were "
-                    "changed after export - re-export the package")
+                    "changed after export - re-export the package"
+                )
         spec = self.card.network
         network = create_network(spec.name, **spec.config)
         state = torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
@@ -218,7 +229,7 @@ class ModelPackage:
         return network.to(device).eval()
 
     @staticmethod
-    def save(path: str | os.PathLike, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> "ModelPackage":
+    def save(path: str | os.PathLike, card: ModelCard, state_dict: dict[str, torch.Tensor]) -> ModelPackage:
         """Write a package atomically (to a temporary directory, then rename) and return it.
 
         The stored card gets ``weights_sha256`` = sha256 of the written ``models/model.pt``
@@ -232,9 +243,13 @@ class ModelPackage:
             (tmp / METADATA).parent.mkdir(parents=True)
             (tmp / WEIGHTS).parent.mkdir(parents=True)
             torch.save(state_dict, tmp / WEIGHTS)
-            card = card.model_copy(update={"weights_sha256": file_sha256(tmp / WEIGHTS),
-                                           "trained_at": card.trained_at or utc_timestamp()})
+            card = card.model_copy(
+                update={"weights_sha256": file_sha256(tmp / WEIGHTS), "trained_at": card.trained_at or utc_timestamp()}
+            )
             (tmp / METADATA).write_text(json.dumps(_bundle_metadata(card), indent=2))
+            inference = monai_inference_config(card)
+            if inference is not None:
+                (tmp / INFERENCE).write_text(json.dumps(inference, indent=2))
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -261,20 +276,186 @@ def _bundle_metadata(card: ModelCard) -> dict[str, Any]:
         "authors": "medseg",
         "copyright": card.data_card.get("licence", ""),
         "network_data_format": {
-            "inputs": {"image": {
-                "type": "image", "format": "magnitude", "modality": "/".join(card.modality),
-                "num_channels": channels, "spatial_shape": list(card.patch_size),
-                "dtype": "float32", "value_range": [], "is_patch_data": True,
-                "channel_def": {str(i): m for i, m in enumerate(card.modality)},
-            }},
-            "outputs": {"pred": {
-                "type": "image", "format": "segmentation", "num_channels": card.num_classes,
-                "spatial_shape": list(card.patch_size), "dtype": "float32", "value_range": [0, 1],
-                "is_patch_data": True,
-                "channel_def": {"0": "background", **{str(l.id): l.name for l in card.labels}},
-            }},
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": "/".join(card.modality),
+                    "num_channels": channels,
+                    "spatial_shape": list(card.patch_size),
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": True,
+                    "channel_def": {str(i): m for i, m in enumerate(card.modality)},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": card.num_classes,
+                    "spatial_shape": list(card.patch_size),
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "background", **{str(l.id): l.name for l in card.labels}},
+                }
+            },
         },
+        **(
+            {}
+            if monai_inference_config(card) is not None
+            else {
+                "medseg_bundle_note": (
+                    f"no configs/inference.json: network {card.network.name!r} has no MONAI "
+                    "equivalent; run it with `medseg predict`"
+                )
+            }
+        ),
         "medseg": card.model_dump(mode="json"),
+    }
+
+
+def dynunet_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """``monai.networks.nets.DynUNet`` keyword arguments equal to medseg's ``unet`` ``config``.
+
+    Mirrors :class:`medseg.networks.unet.UNet`: strides default to ``[1, 2, ...]``, kernel 3,
+    transposed-conv upsampling with the strides, instance norm (affine), LeakyReLU 0.01, no
+    transposed-conv bias. The medseg state dict loads into this DynUNet once the ``net.`` key
+    prefix is removed (with ``deep_supervision = 0`` there are no head weights either way).
+
+    Raises:
+        ValueError: a config value DynUNet cannot take.
+    """
+    filters = [int(f) for f in config.get("filters", (32, 64, 128, 256, 320, 320))]
+    stages = len(filters)
+    strides = config.get("strides") or [1] + [2] * (stages - 1)
+    kernels = config.get("kernel_sizes") or [3] * stages
+    heads = int(config.get("deep_supervision", 0))
+    norm = config.get("norm_name", ("INSTANCE", {"affine": True}))
+    return {
+        "spatial_dims": int(config.get("spatial_dims", 3)),
+        "in_channels": int(config.get("in_channels", 1)),
+        "out_channels": int(config.get("out_channels", 2)),
+        "kernel_size": list(kernels),
+        "strides": list(strides),
+        "upsample_kernel_size": list(strides[1:]),
+        "filters": filters,
+        "dropout": config.get("dropout"),
+        "norm_name": list(norm) if isinstance(norm, (list, tuple)) else norm,
+        "act_name": ["leakyrelu", {"inplace": True, "negative_slope": 0.01}],
+        "deep_supervision": heads > 0,
+        "deep_supr_num": max(heads, 1),
+        "res_block": bool(config.get("res_block", False)),
+        "trans_bias": False,
+    }
+
+
+def monai_inference_config(card: ModelCard) -> dict[str, Any] | None:
+    """The MONAI Bundle ``configs/inference.json`` of a ``unet`` package, ``None`` otherwise.
+
+    ``python -m monai.bundle run --config_file configs/inference.json --meta_file
+    configs/metadata.json --bundle_root <package> --dataset_dir <folder of .nii/.nii.gz>
+    [--output_dir <folder>]`` segments every image with MONAI alone: LoadImaged,
+    EnsureChannelFirstd, Orientationd (the card's orientation), Spacingd (the card's spacing,
+    mm), NormalizeIntensityd (zscore: ``nonzero=False, channel_wise=True``; ``ct``:
+    ScaleIntensityRanged computing ``(clip(x) - mean) / std``), a Gaussian
+    SlidingWindowInferer with the card's patch size and overlap, DynUNet
+    (:func:`dynunet_kwargs`) with ``models/model.pt`` (``net.`` prefix stripped), argmax
+    over the logits (AsDiscreted), Invertd back to the input grid, SaveImaged (``<name>_seg.nii.gz``,
+    uint8 labels). Post-processing of the card (largest component, blob removal) is not
+    applied; ``medseg predict`` remains the reference runtime.
+    """
+    if card.network.name != "unet":
+        return None
+    norm = card.normalization
+    if norm.scheme == "zscore":
+        normalise = [{"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": False, "channel_wise": True}]
+    elif norm.scheme == "ct" and norm.mean is not None and norm.std:
+        low, high = norm.clip if norm.clip else (-1e9, 1e9)
+        normalise = [  # (clip(x) - mean) / std as one linear map of the clip range
+            {
+                "_target_": "ScaleIntensityRanged",
+                "keys": "image",
+                "a_min": float(low),
+                "a_max": float(high),
+                "b_min": (float(low) - norm.mean) / norm.std,
+                "b_max": (float(high) - norm.mean) / norm.std,
+                "clip": True,
+            }
+        ]
+    elif norm.scheme == "none":
+        normalise = []
+    else:
+        return None
+    return {
+        "imports": ["$import glob", "$import os", "$import torch"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "ckpt_path": "$@bundle_root + '/models/model.pt'",
+        "dataset_dir": "/workspace/data",
+        "output_dir": "$@bundle_root + '/eval'",
+        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))",
+        "network_def": {"_target_": "DynUNet", **dynunet_kwargs(card.network.config)},
+        "network": "$@network_def.to(@device).eval()",
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+                {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                {"_target_": "Orientationd", "keys": "image", "axcodes": card.orientation},
+                {"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing), "mode": "bilinear"},
+                {"_target_": "EnsureTyped", "keys": "image", "dtype": "$torch.float32"},
+                *normalise,
+            ],
+        },
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]", "transform": "@preprocessing"},
+        "inferer": {
+            "_target_": "SlidingWindowInferer",
+            "roi_size": list(card.patch_size),
+            "sw_batch_size": 1,
+            "overlap": card.overlap,
+            "mode": "gaussian",
+            "sigma_scale": 0.125,
+            "padding_mode": "constant",
+            "cval": 0.0,
+        },
+        "postprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                {
+                    "_target_": "Invertd",
+                    "keys": "pred",
+                    "transform": "@preprocessing",
+                    "orig_keys": "image",
+                    "nearest_interp": True,
+                    "to_tensor": True,
+                },
+                {
+                    "_target_": "SaveImaged",
+                    "keys": "pred",
+                    "output_dir": "@output_dir",
+                    "output_postfix": "seg",
+                    "output_dtype": "$torch.uint8",
+                    "resample": False,
+                    "separate_folder": False,
+                    "print_log": False,
+                },
+            ],
+        },
+        "load_weights": (
+            "$@network_def.load_state_dict({(k[4:] if k.startswith('net.') else k):"
+            " v for k, v in torch.load(@ckpt_path, map_location='cpu', "
+            "weights_only=True).items()})"
+        ),
+        "predict": (
+            "$[@postprocessing(dict(item, pred=@inferer(item['image'].unsqueeze(0)"
+            ".to(@device), @network)[0].cpu())) for item in @dataset]"
+        ),
+        "initialize": ["$torch.set_grad_enabled(False)", "@load_weights"],
+        "run": ["@predict"],
+        "finalize": [],
     }
 
 
@@ -325,8 +506,7 @@ def package_folders() -> list[Path]:
     found = []
     for folder in model_search_path():
         if folder.is_dir():
-            found += sorted((p for p in folder.iterdir() if (p / METADATA).is_file()),
-                            key=lambda p: p.name)
+            found += sorted((p for p in folder.iterdir() if (p / METADATA).is_file()), key=lambda p: p.name)
     return found
 
 

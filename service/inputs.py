@@ -34,7 +34,9 @@ from service.pipeline import RESULT_FORMATS
 from service.problems import Problem
 from service.uploads import Received, display_name
 
-DICOM_ONLY = ("seg",)
+DICOM_ONLY = ("seg", "rtstruct")
+#: results written only when asked for (not in the default "all that fit the input")
+OPT_IN = ("rtstruct",)
 MAX_OVERLAP = 0.9  # the work grows as 1 / (1 - overlap) ** 3: 0.99 is a million times 0.5
 
 
@@ -43,17 +45,25 @@ class JobOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, max_length=100, pattern=MODEL_NAME_PATTERN,
-                              description="a registered model name (GET /v1/models), never a "
-                              "path; default: the service's")
-    series_uid: str | None = Field(None, max_length=200, description="series to segment when the "
-                                   "upload holds several (SeriesInstanceUID)")
+    model: str | None = Field(
+        None,
+        max_length=100,
+        pattern=MODEL_NAME_PATTERN,
+        description="a registered model name (GET /v1/models), never a path; default: the service's",
+    )
+    series_uid: str | None = Field(
+        None, max_length=200, description="series to segment when the upload holds several (SeriesInstanceUID)"
+    )
     tta: bool = Field(False, description="test-time augmentation (mirroring)")
-    overlap: float | None = Field(None, ge=0.0, le=MAX_OVERLAP,
-                                  description="sliding-window overlap in [0, 0.9]; default: the "
-                                  "model card's")
-    formats: list[str] | None = Field(None, description="results to write: seg, nifti, report, "
-                                      "preview (default: all that fit the input)")
+    overlap: float | None = Field(
+        None, ge=0.0, le=MAX_OVERLAP, description="sliding-window overlap in [0, 0.9]; default: the model card's"
+    )
+    formats: list[str] | None = Field(
+        None,
+        description="results to write: seg, nifti, report, "
+        "preview, rtstruct (default: all that fit the input, "
+        "except rtstruct; seg and rtstruct need DICOM input)",
+    )
 
     @field_validator("formats", mode="before")
     @classmethod
@@ -64,8 +74,7 @@ class JobOptions(BaseModel):
             value = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
             unknown = sorted(set(value) - set(RESULT_FORMATS))
             if unknown:
-                raise ValueError(f"unknown format(s) {', '.join(unknown)} "
-                                 f"(choose from {', '.join(RESULT_FORMATS)})")
+                raise ValueError(f"unknown format(s) {', '.join(unknown)} (choose from {', '.join(RESULT_FORMATS)})")
             return sorted(set(value), key=list(RESULT_FORMATS).index) or None
         return value
 
@@ -76,8 +85,7 @@ def parse_options(fields: dict[str, list[str]]) -> JobOptions:
     Raises:
         Problem: 422 ``invalid-request`` naming the bad field.
     """
-    values: dict[str, Any] = {name: (vals if name == "formats" else vals[-1])
-                              for name, vals in fields.items()}
+    values: dict[str, Any] = {name: (vals if name == "formats" else vals[-1]) for name, vals in fields.items()}
     for name in ("model", "series_uid", "overlap"):
         if values.get(name) == "":
             values[name] = None
@@ -109,8 +117,7 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
-_SUFFIX = {"zip": ".zip", "nifti-gz": ".nii.gz", "nifti": ".nii", "nrrd": ".nrrd",
-           "metaimage": ".mha"}
+_SUFFIX = {"zip": ".zip", "nifti-gz": ".nii.gz", "nifti": ".nii", "nrrd": ".nrrd", "metaimage": ".mha"}
 
 
 def check_zip_limits(path: Path, settings: Settings, name: str) -> None:
@@ -130,20 +137,22 @@ def check_zip_limits(path: Path, settings: Settings, name: str) -> None:
     except zipfile.BadZipFile:
         raise UnreadableFileError(f"{name}: not a readable ZIP archive") from None
     if len(entries) > settings.max_instances:
-        raise InputTooLargeError(f"{name}: {len(entries)} files exceed the limit of "
-                                 f"{settings.max_instances}")
+        raise InputTooLargeError(f"{name}: {len(entries)} files exceed the limit of {settings.max_instances}")
     total = sum(e.file_size for e in entries)
     compressed = sum(e.compress_size for e in entries)
     if total > settings.max_uncompressed_bytes:
-        raise UnsafeArchiveError(f"{name}: uncompressed size {total} bytes exceeds the limit of "
-                                 f"{settings.max_uncompressed_bytes} bytes")
+        raise UnsafeArchiveError(
+            f"{name}: uncompressed size {total} bytes exceeds the limit of {settings.max_uncompressed_bytes} bytes"
+        )
     if total > settings.max_zip_ratio * max(compressed, 1) and total > 1024**2:
-        raise UnsafeArchiveError(f"{name}: compression ratio {total / max(compressed, 1):.0f} "
-                                 f"exceeds {settings.max_zip_ratio:g} (zip bomb?)")
+        raise UnsafeArchiveError(
+            f"{name}: compression ratio {total / max(compressed, 1):.0f} exceeds {settings.max_zip_ratio:g} (zip bomb?)"
+        )
 
 
-def prepare_input(received: Received, upload_dir: Path, settings: Settings, card: ModelCard,
-                  options: JobOptions) -> dict[str, Any]:
+def prepare_input(
+    received: Received, upload_dir: Path, settings: Settings, card: ModelCard, options: JobOptions
+) -> dict[str, Any]:
     """Check an upload in ``upload_dir`` (which becomes ``<job>/input``); returns the job's input
     record: ``kind``, ``path`` (relative to the job folder), ``series_uid``, ``modality``,
     ``instances``, ``shape``, ``spacing`` (mm) and ``validate_s``.
@@ -163,8 +172,7 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
             raise UnreadableFileError(f"{name}: not a NIfTI, NRRD, MetaImage, DICOM or ZIP file")
         target = file.path
         wanted = _SUFFIX[kind]
-        if not (kind == "metaimage" and target.suffix.lower() == ".mhd") and \
-                not target.name.lower().endswith(wanted):
+        if not (kind == "metaimage" and target.suffix.lower() == ".mhd") and not target.name.lower().endswith(wanted):
             target = target.with_name(target.name.split(".")[0] + wanted)
             os.replace(file.path, target)
         if kind == "zip":
@@ -189,15 +197,18 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
         series = choose_series(series_list, options.series_uid, name)
         source_kind = "dicom" if series.format == "dicom" else "volume"
         if series.instance_count > settings.max_instances:
-            raise InputTooLargeError(f"series {series.uid}: {series.instance_count} instances exceed "
-                                     f"the limit of {settings.max_instances}")
+            raise InputTooLargeError(
+                f"series {series.uid}: {series.instance_count} instances exceed the limit of {settings.max_instances}"
+            )
         reason = modality_mismatch(series.modality, card)  # before any pixel is read
         if reason:
             raise ModalityMismatchError(f"series {series.uid}: {reason}")
-        formats = options.formats or [f for f in RESULT_FORMATS
-                                      if source_kind == "dicom" or f not in DICOM_ONLY]
+        formats = options.formats or [
+            f for f in RESULT_FORMATS if f not in OPT_IN and (source_kind == "dicom" or f not in DICOM_ONLY)
+        ]
         if source_kind != "dicom" and any(f in DICOM_ONLY for f in formats):
-            raise UnsupportedInputError(f"{name}: a DICOM SEG needs DICOM input")
+            kinds = " and ".join("a DICOM SEG" if f == "seg" else "an RTSTRUCT" for f in DICOM_ONLY if f in formats)
+            raise UnsupportedInputError(f"{name}: {kinds} needs DICOM input")
         # pixels too (headers first: detached data, declared size): a truncated, undecodable or
         # unsafe file is refused now, by the same reader and the same checks the worker uses
         image = series.read()
@@ -213,8 +224,7 @@ def prepare_input(received: Received, upload_dir: Path, settings: Settings, card
         raise type(error)(str(error).replace(target.name, name)) from None
     return {
         "kind": source_kind,
-        "path": str(Path("input") / target.relative_to(upload_dir)) if target != upload_dir
-        else "input",
+        "path": str(Path("input") / target.relative_to(upload_dir)) if target != upload_dir else "input",
         # a single volume file's "uid" is its path in the upload folder, which moves: not kept
         "series_uid": series.uid if target.is_dir() or target.suffix == ".zip" else None,
         "study_uid": series.study_uid or None,

@@ -12,13 +12,19 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # result names in the API -> write_outputs format names
-RESULT_FORMATS = {"seg": "seg", "nifti": "nifti", "report": "json", "preview": "png"}
-MEDIA_TYPES = {"seg": "application/dicom", "nifti": "application/gzip",
-               "report": "application/json", "preview": "image/png"}
+RESULT_FORMATS = {"seg": "seg", "nifti": "nifti", "report": "json", "preview": "png", "rtstruct": "rtstruct"}
+MEDIA_TYPES = {
+    "seg": "application/dicom",
+    "nifti": "application/gzip",
+    "report": "application/json",
+    "preview": "image/png",
+    "rtstruct": "application/dicom",
+}
 
 
 class PredictorCache:
@@ -43,8 +49,13 @@ class PredictorCache:
             if key in self._predictors:
                 self._predictors.move_to_end(key)
                 return self._predictors[key]
-        predictor = Predictor(resolve_model(model, allow_path=False), device=self.device,
-                              tta=bool(tta), overlap=overlap, max_windows=self.max_windows)
+        predictor = Predictor(
+            resolve_model(model, allow_path=False),
+            device=self.device,
+            tta=bool(tta),
+            overlap=overlap,
+            max_windows=self.max_windows,
+        )
         with self._lock:
             self._predictors[key] = predictor
             while len(self._predictors) > self.size:
@@ -52,8 +63,15 @@ class PredictorCache:
         return predictor
 
 
-def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictors: PredictorCache,
-            progress: Callable[..., None] | None = None, policy=None) -> dict[str, Any]:
+def run_job(
+    job_dir: Path,
+    job_input: dict,
+    model: str,
+    options: dict,
+    predictors: PredictorCache,
+    progress: Callable[..., None] | None = None,
+    policy=None,
+) -> dict[str, Any]:
     """Segment one job's input; returns ``{"results", "timings", "statistics"}``.
 
     ``results`` maps result names (seg, nifti, report, preview) to paths relative to ``job_dir``.
@@ -67,8 +85,11 @@ def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictor
     start = time.perf_counter()
     from medseg.io.safety import ReadPolicy
 
-    image = read_image(job_dir / job_input["path"], series_uid=job_input.get("series_uid"),
-                       policy=policy or ReadPolicy(detached_data="refuse"))
+    image = read_image(
+        job_dir / job_input["path"],
+        series_uid=job_input.get("series_uid"),
+        policy=policy or ReadPolicy(detached_data="refuse"),
+    )
     timings["read_s"] = time.perf_counter() - start
 
     mark = time.perf_counter()
@@ -87,8 +108,7 @@ def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictor
     partial, final = job_dir / "output.partial", job_dir / "output"
     shutil.rmtree(partial, ignore_errors=True)
     warnings: list[str] = []  # e.g. SEG patient/study attributes repaired (keywords, no values)
-    paths = write_outputs(prediction, image, predictor.package.card, partial, formats=formats,
-                          warnings=warnings)
+    paths = write_outputs(prediction, image, predictor.package.card, partial, formats=formats, warnings=warnings)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     timings["write_s"] = time.perf_counter() - mark
@@ -100,8 +120,7 @@ def run_job(job_dir: Path, job_input: dict, model: str, options: dict, predictor
         if fmt in by_format:
             results[name] = str(Path("output") / by_format[fmt].relative_to(partial))
     statistics = getattr(prediction, "statistics", None)
-    return {"results": results, "timings": timings, "statistics": _jsonable(statistics),
-            "warnings": warnings}
+    return {"results": results, "timings": timings, "statistics": _jsonable(statistics), "warnings": warnings}
 
 
 def _jsonable(value: Any) -> Any:

@@ -34,28 +34,36 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "predict", help="segment images, scanner exports and archives with a model package",
+        "predict",
+        help="segment images, scanner exports and archives with a model package",
         description="Segment every series of the inputs that fits the model; write a NIfTI label "
-                    "map, a DICOM SEG (DICOM input), a JSON report and a preview PNG per series.",
+        "map, a DICOM SEG (DICOM input), a JSON report and a preview PNG per series.",
         epilog="exit status: 0 every fitting series segmented; 1 a series or input failed, or no "
-               "series fitted the model (per-series errors on stderr); 2 bad arguments, unknown "
-               "model, or an output that would overwrite an input")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image file, folder of scanner exports (recursive) or ZIP archive")
+        "series fitted the model (per-series errors on stderr); 2 bad arguments, unknown "
+        "model, or an output that would overwrite an input",
+    )
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image file, folder of scanner exports (recursive) or ZIP archive"
+    )
     parser.add_argument("--model", "-m", required=True, help="model package name or path")
     parser.add_argument("--output", "-o", required=True, help="output folder")
-    parser.add_argument("--formats", default="nifti,seg,json,png",
-                        help="comma-separated outputs among nifti,seg,json,png (default: all; seg "
-                             "only for DICOM input)")
+    parser.add_argument(
+        "--formats",
+        default="nifti,seg,json,png",
+        help="comma-separated outputs among nifti,seg,rtstruct,json,png "
+        "(default: nifti,seg,json,png; seg and rtstruct only for DICOM "
+        "input)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
-    parser.add_argument("--overlap", type=float, default=None,
-                        help="sliding-window overlap in [0, 1) (default: the model card's)")
-    parser.add_argument("--skip-existing", action="store_true",
-                        help="skip series whose report is already in the output folder (resume)")
+    parser.add_argument(
+        "--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: the model card's)"
+    )
+    parser.add_argument(
+        "--skip-existing", action="store_true", help="skip series whose report is already in the output folder (resume)"
+    )
     parser.add_argument("--runtime", default="auto", help="auto, eager, channels_last or compile")
-    parser.add_argument("--sw-batch-size", type=int, default=None,
-                        help="windows per network call (default: automatic)")
+    parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per network call (default: automatic)")
     parser.set_defaults(func=run)
 
 
@@ -73,8 +81,7 @@ def _formats(text: str) -> tuple[str, ...]:
     formats = tuple(f.strip() for f in text.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
-        raise ConfigError(f"--formats: unknown {', '.join(unknown) or 'empty list'} "
-                          f"(choose from {', '.join(FORMATS)})")
+        raise ConfigError(f"--formats: unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(FORMATS)})")
     return formats
 
 
@@ -145,17 +152,21 @@ def run(args: argparse.Namespace) -> int:
     todo = []
     used: set[str] = set()
     for info in candidates:
-        meta = {"series_uid": info.uid, "series_number": info.series_number,
-                "series_description": info.description, "source": info.source}
+        meta = {
+            "series_uid": info.uid,
+            "series_number": info.series_number,
+            "series_description": info.description,
+            "source": info.source,
+        }
         stem = stem_for(meta, dicom=info.format == "dicom")
         while stem in used:  # two volume files of the same name in different folders
             stem += "_"
         used.add(stem)
-        clash = [p for p in output_paths(out_dir, stem, formats).values()
-                 if p.resolve() in input_files]
+        clash = [p for p in output_paths(out_dir, stem, formats).values() if p.resolve() in input_files]
         if clash:
-            raise ConfigError(f"--output {out_dir}: {clash[0].name} would overwrite an input; "
-                              "choose another output folder")
+            raise ConfigError(
+                f"--output {out_dir}: {clash[0].name} would overwrite an input; choose another output folder"
+            )
         if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
             outcomes.append(_Outcome(_label(info), "exists", stem))
             continue
@@ -179,15 +190,26 @@ def _run(args, todo, outcomes, package, device, formats, out_dir) -> int:
 
     card = package.card
 
-    predictor = Predictor(package, device=device, tta=args.tta, overlap=args.overlap,
-                          sw_batch_size=args.sw_batch_size, runtime=args.runtime) if todo else None
+    predictor = (
+        Predictor(
+            package,
+            device=device,
+            tta=args.tta,
+            overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size,
+            runtime=args.runtime,
+        )
+        if todo
+        else None
+    )
     voxels, compute = 0, 0.0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as reader, \
-            tqdm(total=len(todo), unit="series", file=sys.stderr, disable=None) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as reader,
+        tqdm(total=len(todo), unit="series", file=sys.stderr, disable=None) as bar,
+    ):
         pending: Future | None = reader.submit(todo[0][0].read) if todo else None
         for index, (info, stem) in enumerate(todo):
-            current, pending = pending, (reader.submit(todo[index + 1][0].read)
-                                         if index + 1 < len(todo) else None)
+            current, pending = pending, (reader.submit(todo[index + 1][0].read) if index + 1 < len(todo) else None)
             name = _label(info)
             try:
                 image = current.result()
@@ -225,8 +247,10 @@ def _report(outcomes: list[_Outcome], out_dir: Path) -> int:
         else:
             print(f"{outcome.status:<8} {outcome.name}: {outcome.reason}")
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "exists", "skipped", "failed")}
-    print(f"{counts['done']} segmented, {counts['exists']} already done, {counts['skipped']} skipped, "
-          f"{counts['failed']} failed; outputs in {out_dir}")
+    print(
+        f"{counts['done']} segmented, {counts['exists']} already done, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed; outputs in {out_dir}"
+    )
     if counts["failed"]:
         return 1
     if counts["done"] + counts["exists"] == 0:

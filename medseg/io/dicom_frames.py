@@ -48,7 +48,11 @@ class Frame:
         pixel_spacing: ``(row spacing, column spacing)`` in mm, DICOM PixelSpacing order.
         shape: ``(rows, columns)``.
         slope / intercept: RescaleSlope / RescaleIntercept of this frame.
-        temporal_key: sorts frames that share a position (multi-volume series) in time.
+        volume_key: what defines the frame's time point in a multi-volume series:
+            ``(TemporalPositionIdentifier / TemporalPositionIndex, (b-value, gradient) or (),
+            TriggerTime)`` (see :func:`diffusion_key`).
+        temporal_key: tie-breakers ordering frames with the same volume key:
+            ``(InstanceNumber, AcquisitionNumber, frame index)``.
         slice_normal: ``(3,)`` LPS unit normal; the CSA SliceNormalVector for mosaics,
             otherwise ``row_cosine x column_cosine``.
         tile: for mosaics, ``(tile_row, tile_col, tile_rows, tile_cols)`` in the mosaic image.
@@ -64,13 +68,13 @@ class Frame:
     slope: float = 1.0
     intercept: float = 0.0
     temporal_key: tuple = ()
+    volume_key: tuple = ()
     slice_normal: np.ndarray = field(default_factory=lambda: np.zeros(3))
     tile: tuple[int, int, int, int] | None = None
 
     def orientation_key(self) -> tuple[float, ...]:
         """Rounded ImageOrientationPatient, to compare orientations between frames."""
-        return tuple(np.round(np.concatenate([self.row_cosine, self.column_cosine]),
-                              ORIENTATION_DECIMALS).tolist())
+        return tuple(np.round(np.concatenate([self.row_cosine, self.column_cosine]), ORIENTATION_DECIMALS).tolist())
 
 
 def _floats(value: Any, count: int, what: str, name: str) -> np.ndarray:
@@ -140,8 +144,7 @@ def mosaic_layout(ds: Dataset, name: str) -> tuple[int, np.ndarray | None]:
         tag = ds.get((0x0019, 0x100A))
     if tag is not None and tag.value not in (None, b"", ""):
         try:
-            count = int(tag.value if not isinstance(tag.value, bytes)
-                        else int.from_bytes(tag.value[:2], "little"))
+            count = int(tag.value if not isinstance(tag.value, bytes) else int.from_bytes(tag.value[:2], "little"))
         except (TypeError, ValueError):
             count = None
     normal = None
@@ -162,21 +165,113 @@ def mosaic_layout(ds: Dataset, name: str) -> tuple[int, np.ndarray | None]:
         except Exception:
             normal = None
     if not count or count < 1:
-        raise UnsupportedInputError(
-            f"{name}: Siemens mosaic without NumberOfImagesInMosaic (0019,100A or CSA header)")
+        raise UnsupportedInputError(f"{name}: Siemens mosaic without NumberOfImagesInMosaic (0019,100A or CSA header)")
     return int(count), normal
 
 
-def _temporal_key(ds: Dataset) -> tuple:
-    def number(keyword: str) -> float:
+def _number(value: Any) -> float | None:
+    """``value`` as a float (first item of a multi-value; an undecoded private IS/DS element is
+    read as text, ``b"1000\\8\\0\\0"`` -> 1000), or ``None``."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bytes):
         try:
-            value = ds.get(keyword)
-            return float(value) if value not in (None, "") else 0.0
-        except (TypeError, ValueError):
-            return 0.0
+            value = value.decode("ascii").split("\\")[0].strip("\0 ")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+        if value is None:
+            return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
-    return (number("TemporalPositionIdentifier"), number("AcquisitionNumber"),
-            number("InstanceNumber"))
+
+def _vector(value: Any) -> tuple[float, ...] | None:
+    if isinstance(value, bytes):  # an undecoded private FD element (Siemens, implicit VR)
+        if len(value) != 24:
+            return None
+        import struct
+
+        value = struct.unpack("<3d", value)
+    try:
+        vector = tuple(round(float(v), 4) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vector if len(vector) == 3 else None
+
+
+def _private(ds: Dataset, group: int, creator: str, offset: int, tag: int) -> Any:
+    """A private element by its creator (falls back to the usual fixed tag ``tag``)."""
+    try:
+        return ds.private_block(group, creator)[offset].value
+    except (KeyError, ValueError):
+        element = ds.get(tag)
+        return None if element is None else element.value
+
+
+def diffusion_key(ds: Dataset) -> tuple:
+    """``(b-value, gradient direction)`` of a diffusion-weighted image, or ``()``.
+
+    Read from the public DiffusionBValue (0018,9087) and DiffusionGradientOrientation
+    (0018,9089) (top level or in MRDiffusionSequence), else the private equivalents: Siemens
+    B_value (0019,100C) / DiffusionGradientDirection (0019,100E), Philips (2001,1003) /
+    (2005,10B0..10B2), GE (0043,1039) (first value, modulo 1e9) / (0019,10BB..10BD).
+    The direction is rounded to 4 decimals; either part may be ``None``.
+    """
+    source = ds
+    seq = ds.get("MRDiffusionSequence")
+    if seq:
+        source = seq[0]
+    bvalue = _number(source.get("DiffusionBValue"))
+    gradient = None
+    directional = source.get("DiffusionGradientDirectionSequence")
+    if directional:
+        gradient = _vector(directional[0].get("DiffusionGradientOrientation") or ())
+    if gradient is None and source.get("DiffusionGradientOrientation") is not None:
+        gradient = _vector(source.get("DiffusionGradientOrientation"))
+    if bvalue is None:
+        bvalue = _number(_private(ds, 0x0019, "SIEMENS MR HEADER", 0x0C, 0x0019100C))
+    if gradient is None:
+        gradient = _vector(_private(ds, 0x0019, "SIEMENS MR HEADER", 0x0E, 0x0019100E) or ())
+    if bvalue is None:
+        bvalue = _number(_private(ds, 0x2001, "Philips Imaging DD 001", 0x03, 0x20011003))
+    if gradient is None:
+        parts = [
+            _number(_private(ds, 0x2005, "Philips MR Imaging DD 004", o, 0x20051000 + o)) for o in (0xB0, 0xB1, 0xB2)
+        ]
+        if all(p is not None for p in parts):
+            gradient = _vector(parts)
+    if bvalue is None:
+        ge = _number(_private(ds, 0x0043, "GEMS_PARM_01", 0x39, 0x00431039))
+        if ge is not None:
+            bvalue = ge % 1e9
+    if gradient is None:
+        parts = [_number(_private(ds, 0x0019, "GEMS_ACQU_01", o, 0x00191000 + o)) for o in (0xBB, 0xBC, 0xBD)]
+        if all(p is not None for p in parts):
+            gradient = _vector(parts)
+    if bvalue is None and gradient is None:
+        return ()
+    return (bvalue, gradient)
+
+
+def _volume_key(ds: Dataset, temporal_index: float | None = None) -> tuple:
+    """What defines the time point (volume) of an image: ``(TemporalPositionIdentifier or
+    TemporalPositionIndex, diffusion key, TriggerTime)``; see :class:`Frame`."""
+    temporal = temporal_index if temporal_index else _number(ds.get("TemporalPositionIdentifier"))
+    return (temporal or 0.0, diffusion_key(ds), _number(ds.get("TriggerTime")) or 0.0)
+
+
+def _temporal_key(ds: Dataset) -> tuple:
+    """``(InstanceNumber, AcquisitionNumber)``: the tie-breakers after the volume key.
+
+    AcquisitionNumber comes last: Philips exports number acquisitions per slice group, not per
+    volume, so ordering by it first mixes slices of different volumes.
+    """
+    return (_number(ds.get("InstanceNumber")) or 0.0, _number(ds.get("AcquisitionNumber")) or 0.0)
 
 
 def _rescale(item: Dataset | None) -> tuple[float, float]:
@@ -216,22 +311,39 @@ def frames_of(ds: Dataset, path: str | Path) -> list[Frame]:
             if position is None or "ImagePositionPatient" not in position:
                 raise MissingGeometryError(f"{name}: frame {index + 1} has no ImagePositionPatient")
             if orientation is None or "ImageOrientationPatient" not in orientation:
-                raise MissingGeometryError(
-                    f"{name}: frame {index + 1} has no ImageOrientationPatient")
+                raise MissingGeometryError(f"{name}: frame {index + 1} has no ImageOrientationPatient")
             if measures is None or "PixelSpacing" not in measures:
                 raise MissingGeometryError(f"{name}: frame {index + 1} has no PixelSpacing")
             content = _functional_group(ds, index, "FrameContentSequence")
-            temporal = float(content.get("TemporalPositionIndex", 0) or 0) if content else 0.0
-            slope, intercept = _rescale(_functional_group(ds, index,
-                                                          "PixelValueTransformationSequence"))
+            temporal = _number(content.get("TemporalPositionIndex")) if content else None
+            diffusion = _functional_group(ds, index, "MRDiffusionSequence")
+            timing = _functional_group(ds, index, "CardiacSynchronizationSequence")
+            trigger = _number(timing.get("NominalCardiacTriggerDelayTime")) if timing is not None else None
+            frame_ds = Dataset()
+            if diffusion is not None:
+                frame_ds.MRDiffusionSequence = [diffusion]
+            volume_key = (
+                temporal or 0.0,
+                diffusion_key(frame_ds) if diffusion is not None else diffusion_key(ds),
+                trigger or 0.0,
+            )
+            slope, intercept = _rescale(_functional_group(ds, index, "PixelValueTransformationSequence"))
             iop = _floats(orientation.ImageOrientationPatient, 6, "ImageOrientationPatient", name)
-            frames.append(Frame(
-                file=str(path), frame_number=index + 1,
-                position=_floats(position.ImagePositionPatient, 3, "ImagePositionPatient", name),
-                row_cosine=iop[:3], column_cosine=iop[3:],
-                pixel_spacing=tuple(_floats(measures.PixelSpacing, 2, "PixelSpacing", name)),
-                shape=(rows, cols), slope=slope, intercept=intercept,
-                temporal_key=(temporal, *_temporal_key(ds), index)))
+            frames.append(
+                Frame(
+                    file=str(path),
+                    frame_number=index + 1,
+                    position=_floats(position.ImagePositionPatient, 3, "ImagePositionPatient", name),
+                    row_cosine=iop[:3],
+                    column_cosine=iop[3:],
+                    pixel_spacing=tuple(_floats(measures.PixelSpacing, 2, "PixelSpacing", name)),
+                    shape=(rows, cols),
+                    slope=slope,
+                    intercept=intercept,
+                    temporal_key=(*_temporal_key(ds), index),
+                    volume_key=volume_key,
+                )
+            )
     else:
         for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if ds.get(keyword) in (None, ""):
@@ -243,10 +355,21 @@ def frames_of(ds: Dataset, path: str | Path) -> list[Frame]:
         if is_mosaic(ds):
             frames.extend(_mosaic_frames(ds, str(path), position, iop, spacing, slope, intercept))
         else:
-            frames.append(Frame(
-                file=str(path), frame_number=None, position=position, row_cosine=iop[:3],
-                column_cosine=iop[3:], pixel_spacing=spacing, shape=(rows, cols), slope=slope,
-                intercept=intercept, temporal_key=(*_temporal_key(ds), 0)))
+            frames.append(
+                Frame(
+                    file=str(path),
+                    frame_number=None,
+                    position=position,
+                    row_cosine=iop[:3],
+                    column_cosine=iop[3:],
+                    pixel_spacing=spacing,
+                    shape=(rows, cols),
+                    slope=slope,
+                    intercept=intercept,
+                    temporal_key=(*_temporal_key(ds), 0),
+                    volume_key=_volume_key(ds),
+                )
+            )
     for frame in frames:
         _check_orientation(frame, name)
         if frame.tile is None:
@@ -268,35 +391,52 @@ def _check_orientation(frame: Frame, name: str) -> None:
     frame.column_cosine = col / np.linalg.norm(col)
 
 
-def _mosaic_frames(ds: Dataset, path: str, position: np.ndarray, iop: np.ndarray,
-                   spacing: tuple[float, float], slope: float, intercept: float) -> list[Frame]:
+def _mosaic_frames(
+    ds: Dataset,
+    path: str,
+    position: np.ndarray,
+    iop: np.ndarray,
+    spacing: tuple[float, float],
+    slope: float,
+    intercept: float,
+) -> list[Frame]:
     name = Path(path).name
     count, normal = mosaic_layout(ds, name)
     grid = math.ceil(math.sqrt(count))
     rows, cols = int(ds.Rows), int(ds.Columns)
     if rows % grid or cols % grid:
-        raise UnsupportedInputError(f"{name}: mosaic {rows}x{cols} does not split into "
-                                    f"{grid}x{grid} tiles")
+        raise UnsupportedInputError(f"{name}: mosaic {rows}x{cols} does not split into {grid}x{grid} tiles")
     tile_rows, tile_cols = rows // grid, cols // grid
     row_cos, col_cos = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
     if normal is None:
         normal = np.cross(row_cos, col_cos)
     # ImagePositionPatient of a mosaic is the corner of the whole mosaic; move it to the corner
     # of one tile (the correction dcm2niix and nibabel's MosaicWrapper apply).
-    first = (position + row_cos * spacing[1] * (cols - tile_cols) / 2.0
-             + col_cos * spacing[0] * (rows - tile_rows) / 2.0)
+    first = position + row_cos * spacing[1] * (cols - tile_cols) / 2.0 + col_cos * spacing[0] * (rows - tile_rows) / 2.0
     step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
     if step in (None, ""):
         raise MissingGeometryError(f"{name}: mosaic without SpacingBetweenSlices/SliceThickness")
     step = float(step)
     key = _temporal_key(ds)
-    return [Frame(file=path, frame_number=None, position=first + index * step * normal,
-                  row_cosine=row_cos, column_cosine=col_cos, pixel_spacing=spacing,
-                  shape=(tile_rows, tile_cols), slope=slope, intercept=intercept,
-                  temporal_key=(*key, 0), slice_normal=normal,
-                  tile=((index // grid) * tile_rows, (index % grid) * tile_cols,
-                        tile_rows, tile_cols))
-            for index in range(count)]
+    volume_key = _volume_key(ds)
+    return [
+        Frame(
+            file=path,
+            frame_number=None,
+            position=first + index * step * normal,
+            row_cosine=row_cos,
+            column_cosine=col_cos,
+            pixel_spacing=spacing,
+            shape=(tile_rows, tile_cols),
+            slope=slope,
+            intercept=intercept,
+            temporal_key=(*key, 0),
+            volume_key=volume_key,
+            slice_normal=normal,
+            tile=((index // grid) * tile_rows, (index % grid) * tile_cols, tile_rows, tile_cols),
+        )
+        for index in range(count)
+    ]
 
 
 def read_instance(path: str | Path) -> Dataset:
@@ -314,12 +454,13 @@ def read_instance(path: str | Path) -> Dataset:
             ds = pydicom.dcmread(str(path), force=True)
             if "TransferSyntaxUID" not in ds.file_meta:
                 ds.file_meta.TransferSyntaxUID = (
-                    pydicom.uid.ImplicitVRLittleEndian if ds.original_encoding[0]
-                    else pydicom.uid.ExplicitVRLittleEndian)
+                    pydicom.uid.ImplicitVRLittleEndian
+                    if ds.original_encoding[0]
+                    else pydicom.uid.ExplicitVRLittleEndian
+                )
             return ds
     except Exception as error:  # pydicom raises many types for corrupt input
-        raise UnreadableFileError(f"{Path(path).name}: cannot read DICOM "
-                                  f"({type(error).__name__})") from None
+        raise UnreadableFileError(f"{Path(path).name}: cannot read DICOM ({type(error).__name__})") from None
 
 
 def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
@@ -336,8 +477,9 @@ def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise UnreadableFileError(f"{name}: no pixel data")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise UnsupportedInputError(f"{name}: colour images (SamplesPerPixel > 1) are not "
-                                    "supported for segmentation volumes")
+        raise UnsupportedInputError(
+            f"{name}: colour images (SamplesPerPixel > 1) are not supported for segmentation volumes"
+        )
     try:
         array = ds.pixel_array
     except NotImplementedError as error:
@@ -345,8 +487,7 @@ def decode_pixels(ds: Dataset, path: str | Path) -> np.ndarray:
         label = getattr(syntax, "name", str(syntax))
         raise UnsupportedInputError(f"{name}: cannot decode transfer syntax {label}") from error
     except Exception as error:
-        raise UnreadableFileError(f"{name}: pixel data is corrupt or truncated "
-                                  f"({type(error).__name__})") from None
+        raise UnreadableFileError(f"{name}: pixel data is corrupt or truncated ({type(error).__name__})") from None
     array = np.asarray(array)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
@@ -361,5 +502,5 @@ def frame_pixels(pixels: np.ndarray, frame: Frame) -> np.ndarray:
         plane = pixels if pixels.ndim == 2 else pixels[0]
     if frame.tile is not None:
         r0, c0, nr, nc = frame.tile
-        plane = plane[r0:r0 + nr, c0:c0 + nc]
+        plane = plane[r0 : r0 + nr, c0 : c0 + nc]
     return plane

@@ -10,6 +10,12 @@ with a warning on the series:
 - files that carry the ``DICM`` marker but cannot be parsed (named in the warning).
 
 Files that are not DICOM at all (READMEs, JSON sidecars) are ignored silently.
+
+A series mixing echoes (EchoNumbers) or image kinds (magnitude / phase / real / imaginary /
+derived, from ImageType) is split into parts the way dcm2niix writes them, each its own
+:class:`SeriesInfo`: ``<SeriesInstanceUID>`` for the main part (first echo, magnitude), and
+``<uid>.e2``, ``<uid>.ph``, ``<uid>.derived``... for the others (:func:`split_series`). Pass the
+part's uid to ``choose_series`` / ``--series``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pydicom
@@ -53,8 +59,24 @@ NON_IMAGE_SOP_CLASS_PREFIXES = (
 )
 
 #: Modalities of non-image objects.
-NON_IMAGE_MODALITIES = {"SR", "PR", "SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "KO", "REG", "DOC",
-                        "FID", "ANN", "RWV", "AU", "ECG", "HD", "PLAN"}
+NON_IMAGE_MODALITIES = {
+    "SR",
+    "PR",
+    "SEG",
+    "RTSTRUCT",
+    "RTPLAN",
+    "RTRECORD",
+    "KO",
+    "REG",
+    "DOC",
+    "FID",
+    "ANN",
+    "RWV",
+    "AU",
+    "ECG",
+    "HD",
+    "PLAN",
+}
 
 
 #: First two bytes of a DICOM dataset without the Part 10 preamble: group 0002 or 0008, little
@@ -100,8 +122,9 @@ def read_header(path: str | Path) -> Dataset | None:
         return None
     except Exception as error:  # truncated or garbage content
         if has_marker:
-            raise UnreadableFileError(f"{path.name}: corrupt or truncated DICOM header "
-                                      f"({type(error).__name__})") from None
+            raise UnreadableFileError(
+                f"{path.name}: corrupt or truncated DICOM header ({type(error).__name__})"
+            ) from None
         return None
     if not _looks_like_instance(ds):
         if has_marker:
@@ -117,8 +140,11 @@ def read_header(path: str | Path) -> Dataset | None:
 def _declares_image(ds: Dataset) -> bool:
     """The file meta declares an image SOP class (even if the dataset lost Rows/Columns)."""
     sop = _sop_class(ds)
-    return bool(sop) and sop.startswith("1.2.840.10008.5.1.4.1.1.") and not any(
-        sop.startswith(prefix) for prefix in NON_IMAGE_SOP_CLASS_PREFIXES)
+    return (
+        bool(sop)
+        and sop.startswith("1.2.840.10008.5.1.4.1.1.")
+        and not any(sop.startswith(prefix) for prefix in NON_IMAGE_SOP_CLASS_PREFIXES)
+    )
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -171,14 +197,22 @@ def _series_key(ds: Dataset) -> tuple[str, bool]:
     uid = str(ds.get("SeriesInstanceUID") or "").strip()
     if uid:
         return uid, False
-    parts = [str(ds.get(k) or "") for k in ("StudyInstanceUID", "FrameOfReferenceUID",
-                                           "SeriesNumber", "SeriesDescription", "Modality",
-                                           "SeriesDate", "SeriesTime")]
+    parts = [
+        str(ds.get(k) or "")
+        for k in (
+            "StudyInstanceUID",
+            "FrameOfReferenceUID",
+            "SeriesNumber",
+            "SeriesDescription",
+            "Modality",
+            "SeriesDate",
+            "SeriesTime",
+        )
+    ]
     return "nouid-" + hashlib.sha1("|".join(parts).encode()).hexdigest()[:16], True
 
 
-def scan_dicom_files(paths: Iterable[str | Path], *, source: str,
-                     policy: ReadPolicy = CLI_POLICY) -> list[SeriesInfo]:
+def scan_dicom_files(paths: Iterable[str | Path], *, source: str, policy: ReadPolicy = CLI_POLICY) -> list[SeriesInfo]:
     """Group DICOM files into image series (headers only).
 
     Args:
@@ -207,8 +241,9 @@ def scan_dicom_files(paths: Iterable[str | Path], *, source: str,
             continue
         if is_derived:
             derived.add(key)
-        groups[key].append(_Instance(path=str(path), ds=ds, orientation=_orientation(ds),
-                                     size=(int(ds.Rows), int(ds.Columns))))
+        groups[key].append(
+            _Instance(path=str(path), ds=ds, orientation=_orientation(ds), size=(int(ds.Rows), int(ds.Columns)))
+        )
 
     series: list[SeriesInfo] = []
     for key, instances in groups.items():
@@ -225,51 +260,126 @@ def scan_dicom_files(paths: Iterable[str | Path], *, source: str,
             continue
         oriented = [i.orientation for i in instances if i.orientation is not None]
         majority = Counter(oriented).most_common(1)[0][0] if oriented else None
-        others = [i for i in instances
-                  if i.orientation is not None and i.orientation != majority]
+        others = [i for i in instances if i.orientation is not None and i.orientation != majority]
         if others:
-            notes.append(f"skipped {len(others)} image(s) whose orientation differs from the "
-                         "series majority (localizer/scout?)")
+            notes.append(
+                f"skipped {len(others)} image(s) whose orientation differs from the series majority (localizer/scout?)"
+            )
             instances = [i for i in instances if i.orientation in (majority, None)]
         size = Counter(i.size for i in instances).most_common(1)[0][0]
         others = [i for i in instances if i.size != size]
         if others:
-            notes.append(f"skipped {len(others)} image(s) whose matrix size differs from the "
-                         f"series majority {size[0]}x{size[1]}")
+            notes.append(
+                f"skipped {len(others)} image(s) whose matrix size differs from the series majority {size[0]}x{size[1]}"
+            )
             instances = [i for i in instances if i.size == size]
         if unreadable:
             shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
             notes.append(f"skipped {len(unreadable)} unreadable DICOM file(s): {shown}")
-        first = instances[0].ds
-        number = first.get("SeriesNumber")
-        try:
-            number = int(number) if number not in (None, "") else None
-        except (TypeError, ValueError):
-            number = None
-        series.append(SeriesInfo(
-            uid=key,
-            modality=str(first.get("Modality") or ""),
-            description=str(first.get("SeriesDescription") or ""),
-            study_uid=str(first.get("StudyInstanceUID") or ""),
-            instance_count=len(instances),
-            files=sorted(i.path for i in instances),
-            warnings=notes,
-            series_number=number,
-            format="dicom",
-            source=source,
-            declared_voxels=sum(_declared_voxels(i.ds) for i in instances),
-            policy=policy,
-            _reader=_read_series,
-        ))
+        for uid, part, part_notes in split_series(key, instances):
+            first = part[0].ds
+            number = first.get("SeriesNumber")
+            try:
+                number = int(number) if number not in (None, "") else None
+            except (TypeError, ValueError):
+                number = None
+            series.append(
+                SeriesInfo(
+                    uid=uid,
+                    modality=str(first.get("Modality") or ""),
+                    description=str(first.get("SeriesDescription") or ""),
+                    study_uid=str(first.get("StudyInstanceUID") or ""),
+                    instance_count=len(part),
+                    files=sorted(i.path for i in part),
+                    warnings=notes + part_notes,
+                    series_number=number,
+                    format="dicom",
+                    source=source,
+                    declared_voxels=sum(_declared_voxels(i.ds) for i in part),
+                    policy=policy,
+                    _reader=_read_series,
+                )
+            )
     if not series and unreadable:
         from medseg.errors import UnreadableFileError
 
         shown = ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else "")
-        raise UnreadableFileError(f"{Path(source).name}: no readable DICOM image; unreadable "
-                                  f"file(s): {shown}")
-    series.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None
-                               else -1, s.uid))
+        raise UnreadableFileError(f"{Path(source).name}: no readable DICOM image; unreadable file(s): {shown}")
+    series.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else -1, s.uid))
     return series
+
+
+def _echo_number(ds: Dataset) -> int | None:
+    value = ds.get("EchoNumbers")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else None
+    try:
+        return int(float(value)) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def image_kind(ds: Dataset) -> str:
+    """``"phase"``, ``"real"``, ``"imaginary"``, ``"derived"`` or ``"magnitude"`` from ImageType
+    (PS3.3 C.8.3.1.1.1 and the vendor values dcm2niix recognises: ``P``/``PHASE``,
+    ``R``/``REAL``, ``I``/``IMAGINARY``; value 1 ``DERIVED``); ``M``/``MAGNITUDE`` or anything
+    else is magnitude."""
+    values = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    if "P" in values or "PHASE" in values:
+        return "phase"
+    if "R" in values or "REAL" in values:
+        return "real"
+    if "I" in values or "IMAGINARY" in values:
+        return "imaginary"
+    if values and values[0] == "DERIVED":
+        return "derived"
+    return "magnitude"
+
+
+#: series-part suffix of each image kind other than magnitude (see :func:`split_series`).
+KIND_SUFFIXES = {"magnitude": "", "phase": ".ph", "real": ".real", "imaginary": ".imag", "derived": ".derived"}
+
+
+def split_series(uid: str, instances: list[_Instance]) -> list[tuple[str, list[_Instance], list[str]]]:
+    """Split one SeriesInstanceUID into the volumes dcm2niix would write separately.
+
+    Instances are grouped by EchoNumbers (0018,0086) and by image kind (:func:`image_kind`:
+    magnitude / phase / real / imaginary / derived from ImageType (0008,0008)). Each group is
+    one series part with its own uid:
+
+    - ``<uid>`` for the first echo's magnitude (original) images, the main part;
+    - ``<uid>.e<N>`` for echo ``N`` other than the first (only when the series has several);
+    - ``<uid>.ph``, ``.real``, ``.imag``, ``.derived`` appended for the other kinds (only when
+      the series mixes kinds), e.g. ``<uid>.e2.ph`` for the phase of the second echo.
+
+    When the main part is absent (a series of phase images only), the suffixes still apply, so a
+    uid always says what the part holds. A series with one echo and one kind is returned whole.
+
+    Returns:
+        ``[(uid, instances, notes)]``, main part first, each note naming the split.
+    """
+    echoes = sorted({e for e in (_echo_number(i.ds) for i in instances) if e is not None})
+    kinds = sorted({image_kind(i.ds) for i in instances}, key=list(KIND_SUFFIXES).index)
+    if len(echoes) <= 1 and len(kinds) <= 1:
+        return [(uid, instances, [])]
+    groups: dict[tuple[int, int], list[_Instance]] = {}
+    for instance in instances:
+        echo = _echo_number(instance.ds)
+        echo_rank = echoes.index(echo) if echo in echoes else 0
+        kind_rank = list(KIND_SUFFIXES).index(image_kind(instance.ds))
+        groups.setdefault((echo_rank, kind_rank), []).append(instance)
+    notes = []
+    if len(echoes) > 1:
+        notes.append(f"split by echo: {len(echoes)} echoes (EchoNumbers " + ", ".join(str(e) for e in echoes) + ")")
+    if len(kinds) > 1:
+        notes.append(f"split by image type: {', '.join(kinds)}")
+    parts = []
+    for (echo_rank, kind_rank), members in sorted(groups.items()):
+        suffix = f".e{echoes[echo_rank]}" if len(echoes) > 1 and echo_rank > 0 else ""
+        suffix += list(KIND_SUFFIXES.values())[kind_rank]
+        part_uid = uid + suffix
+        parts.append((part_uid, members, [f"{note}; this part is {part_uid}" for note in notes]))
+    return parts
 
 
 def _declared_voxels(ds: Dataset) -> int:
@@ -284,10 +394,11 @@ def _declared_voxels(ds: Dataset) -> int:
 
 def _read_series(info: SeriesInfo):
     name = f"{info.uid} ({info.description})" if info.description else info.uid
-    image = read_dicom_volume(info.files, series_name=name, warnings=info.warnings,
-                              meta={"source": info.source})
+    image = read_dicom_volume(info.files, series_name=name, warnings=info.warnings, meta={"source": info.source})
     if info.uid.startswith("nouid-"):
         image.meta["series_uid"] = info.uid
+    elif info.uid != image.meta.get("series_uid"):
+        image.meta["series_part"] = info.uid  # an echo / phase / derived part of the series
     if info._keepalive is not None and image.dicom_source is not None:
         image.dicom_source = SourceFiles(image.dicom_source, keepalive=info._keepalive)
     return image

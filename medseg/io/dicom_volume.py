@@ -3,7 +3,13 @@
 Slices are ordered by their distance along the slice normal (``row x column`` of
 ImageOrientationPatient) computed from ImagePositionPatient, never by InstanceNumber or file name.
 Frames at the same position are either duplicates (identical pixels: dropped with a warning) or
-the time points of a multi-volume series (fMRI, DWI), which become a trailing T axis.
+the time points of a multi-volume series (fMRI, DWI), which become a trailing T axis. Time
+points are ordered by what defines them: TemporalPositionIdentifier, the diffusion b-value and
+gradient direction (public or Siemens/GE/Philips private tags), TriggerTime, and only then
+InstanceNumber and AcquisitionNumber (:func:`_time_order`): Philips exports whose
+AcquisitionNumber changes within a volume would otherwise mix slices of different volumes.
+Echoes and magnitude/phase/derived images of one series are separated earlier, by the scan
+(:func:`medseg.io.dicom_scan.split_series`).
 
 A stack whose positions do not lie on a regular grid along the normal (variable slice gaps, or
 the sheared stack of a CT with gantry tilt) is resampled onto the orthogonal grid
@@ -63,8 +69,9 @@ def _dataset_meta(ds: Any) -> dict[str, Any]:
     }
 
 
-def _output_dtype(stored: list[np.dtype], slopes: np.ndarray, intercepts: np.ndarray,
-                  low: float, high: float) -> np.dtype:
+def _output_dtype(
+    stored: list[np.dtype], slopes: np.ndarray, intercepts: np.ndarray, low: float, high: float
+) -> np.dtype:
     """Smallest dtype that holds rescaled values exactly (float32 when a slope is not 1)."""
     if np.any(slopes != 1.0) or np.any(intercepts != np.round(intercepts)):
         return np.dtype(np.float32)
@@ -77,8 +84,9 @@ def _output_dtype(stored: list[np.dtype], slopes: np.ndarray, intercepts: np.nda
     return np.dtype(np.float64)
 
 
-def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str] | None = None,
-                      meta: dict[str, Any] | None = None) -> Image:
+def read_dicom_volume(
+    files: list[str], *, series_name: str, warnings: list[str] | None = None, meta: dict[str, Any] | None = None
+) -> Image:
     """Read one series' instances into an :class:`Image`.
 
     Args:
@@ -106,28 +114,34 @@ def read_dicom_volume(files: list[str], *, series_name: str, warnings: list[str]
     clusters = _slice_positions(frames, planes, normal, series_name, notes)
     volumes = len(clusters[0])
     array = _stack(frames, planes, clusters, volumes)
-    array, affine, resampled = _geometry(array, frames, clusters, normal, first_ds, series_name,
-                                         notes)
+    array, affine, resampled = _geometry(array, frames, clusters, normal, first_ds, series_name, notes)
     if volumes == 1:
         array = array[..., 0]
     source_files = [frames[c[0]].file for c in clusters]
     image_meta = _dataset_meta(first_ds) if first_ds is not None else {}
     image_meta.update(meta or {})
-    image_meta.update({
-        "instance_count": len({f.file for f in frames}),
-        "dicom_layout": ("mosaic" if reference.tile is not None
-                         else "multi-frame" if reference.frame_number is not None
-                         else "single-frame"),
-        "resampled": resampled,
-    })
+    image_meta.update(
+        {
+            "instance_count": len({f.file for f in frames}),
+            "dicom_layout": (
+                "mosaic"
+                if reference.tile is not None
+                else "multi-frame"
+                if reference.frame_number is not None
+                else "single-frame"
+            ),
+            "resampled": resampled,
+        }
+    )
     if reference.frame_number is not None:
         image_meta["dicom_frame_numbers"] = [frames[c[0]].frame_number for c in clusters]
     if volumes > 1:
         image_meta["volumes"] = volumes
     for note in notes:
         log.info("series %s: %s", series_name, note)
-    return Image(array=array, affine=affine, meta=image_meta, warnings=notes,
-                 dicom_source=None if resampled else source_files)
+    return Image(
+        array=array, affine=affine, meta=image_meta, warnings=notes, dicom_source=None if resampled else source_files
+    )
 
 
 def _decode_frames(files: list[str], series_name: str) -> tuple[list[Frame], list[np.ndarray], Any]:
@@ -144,8 +158,7 @@ def _decode_frames(files: list[str], series_name: str) -> tuple[list[Frame], lis
         pixels = decode_pixels(ds, path)
         frame_count = pixels.shape[0] if pixels.ndim == 3 else 1
         if instance_frames[0].frame_number and len(instance_frames) != frame_count:
-            raise UnreadableFileError(f"{Path(path).name}: NumberOfFrames does not match the "
-                                      "pixel data")
+            raise UnreadableFileError(f"{Path(path).name}: NumberOfFrames does not match the pixel data")
         for frame in instance_frames:
             frames.append(frame)
             planes.append(frame_pixels(pixels, frame))
@@ -159,20 +172,18 @@ def _check_same_plane(frames: list[Frame], series_name: str) -> None:
     reference = frames[0]
     for frame in frames[1:]:
         if frame.orientation_key() != reference.orientation_key():
-            raise UnsupportedInputError(
-                f"series {series_name}: frames with different orientations in one series")
+            raise UnsupportedInputError(f"series {series_name}: frames with different orientations in one series")
         if frame.shape != reference.shape:
             raise UnsupportedInputError(
-                f"series {series_name}: frames of different sizes {frame.shape} and "
-                f"{reference.shape}")
-        if not np.allclose(frame.pixel_spacing, reference.pixel_spacing,
-                           rtol=PIXEL_SPACING_RTOL, atol=0):
-            raise UnsupportedInputError(
-                f"series {series_name}: frames with different PixelSpacing")
+                f"series {series_name}: frames of different sizes {frame.shape} and {reference.shape}"
+            )
+        if not np.allclose(frame.pixel_spacing, reference.pixel_spacing, rtol=PIXEL_SPACING_RTOL, atol=0):
+            raise UnsupportedInputError(f"series {series_name}: frames with different PixelSpacing")
 
 
-def _slice_positions(frames: list[Frame], planes: list[np.ndarray], normal: np.ndarray,
-                     series_name: str, notes: list[str]) -> list[list[int]]:
+def _slice_positions(
+    frames: list[Frame], planes: list[np.ndarray], normal: np.ndarray, series_name: str, notes: list[str]
+) -> list[list[int]]:
     """Frame indices per slice position along ``normal`` (sorted), each in time order with exact
     duplicates dropped; every position holds the same number of frames (volumes)."""
     distances = np.array([float(np.dot(f.position, normal)) for f in frames])
@@ -188,12 +199,13 @@ def _slice_positions(frames: list[Frame], planes: list[np.ndarray], normal: np.n
         for index in cluster[1:]:
             if np.linalg.norm(frames[index].position - base) > GRID_TOLERANCE_MM:
                 raise UnsupportedInputError(
-                    f"series {series_name}: frames at the same slice location have different "
-                    "in-plane positions")
+                    f"series {series_name}: frames at the same slice location have different in-plane positions"
+                )
 
+    order_key = _time_order(frames)
     duplicates: list[str] = []  # file of each dropped frame
     for cluster in clusters:
-        cluster.sort(key=lambda i: frames[i].temporal_key)
+        cluster.sort(key=order_key)
         seen: set[bytes] = set()
         kept = []
         for index in cluster:
@@ -207,29 +219,55 @@ def _slice_positions(frames: list[Frame], planes: list[np.ndarray], normal: np.n
     if duplicates:
         names = sorted(set(duplicates))
         shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-        notes.append(f"skipped {len(duplicates)} duplicate slice(s) (same position and pixel "
-                     f"data) in {len(names)} file(s): {shown}")
+        notes.append(
+            f"skipped {len(duplicates)} duplicate slice(s) (same position and pixel "
+            f"data) in {len(names)} file(s): {shown}"
+        )
     counts = {len(cluster) for cluster in clusters}
     if len(counts) != 1:
         raise UnsupportedInputError(
             f"series {series_name}: slice positions hold different numbers of images "
-            f"({min(counts)}..{max(counts)}); incomplete multi-volume series?")
+            f"({min(counts)}..{max(counts)}); incomplete multi-volume series?"
+        )
     return clusters
 
 
-def _stack(frames: list[Frame], planes: list[np.ndarray], clusters: list[list[int]],
-           volumes: int) -> np.ndarray:
+def _time_order(frames: list[Frame]):
+    """Sort key (frame index -> tuple) putting the frames at one position in time order.
+
+    Time points are ordered by what defines them (:attr:`Frame.volume_key`):
+    TemporalPositionIdentifier, then the diffusion (b-value, gradient direction) -- ranked by
+    first appearance (smallest InstanceNumber) so that volumes keep their acquisition order --
+    then TriggerTime; InstanceNumber and AcquisitionNumber only break the remaining ties.
+    """
+    first: dict[Any, tuple] = {}
+    for frame in frames:
+        diffusion = frame.volume_key[1] if len(frame.volume_key) > 1 else ()
+        if diffusion not in first or frame.temporal_key < first[diffusion]:
+            first[diffusion] = frame.temporal_key
+    rank = {key: index for index, key in enumerate(sorted(first, key=lambda k: first[k]))}
+
+    def key(index: int) -> tuple:
+        frame = frames[index]
+        volume = frame.volume_key or (0.0, (), 0.0)
+        return (volume[0], rank[volume[1]], volume[2], *frame.temporal_key)
+
+    return key
+
+
+def _stack(frames: list[Frame], planes: list[np.ndarray], clusters: list[list[int]], volumes: int) -> np.ndarray:
     """Rescaled (RescaleSlope/Intercept) planes stacked as ``(I, J, K, T)`` in the smallest
     dtype that holds the values."""
     slopes = np.array([frames[c[t]].slope for c in clusters for t in range(volumes)])
     intercepts = np.array([frames[c[t]].intercept for c in clusters for t in range(volumes)])
-    low = min(float(planes[i].min()) * s + b for c in clusters for i in c
-              for s, b in [(frames[i].slope, frames[i].intercept)])
-    high = max(float(planes[i].max()) * s + b for c in clusters for i in c
-               for s, b in [(frames[i].slope, frames[i].intercept)])
+    low = min(
+        float(planes[i].min()) * s + b for c in clusters for i in c for s, b in [(frames[i].slope, frames[i].intercept)]
+    )
+    high = max(
+        float(planes[i].max()) * s + b for c in clusters for i in c for s, b in [(frames[i].slope, frames[i].intercept)]
+    )
     low, high = min(low, high), max(low, high)
-    dtype = _output_dtype([planes[i].dtype for c in clusters for i in c], slopes, intercepts,
-                          low, high)
+    dtype = _output_dtype([planes[i].dtype for c in clusters for i in c], slopes, intercepts, low, high)
     rows, cols = frames[0].shape
     array = np.empty((cols, rows, len(clusters), volumes), dtype=dtype)
     for k, cluster in enumerate(clusters):
@@ -243,9 +281,15 @@ def _stack(frames: list[Frame], planes: list[np.ndarray], clusters: list[list[in
     return array
 
 
-def _geometry(array: np.ndarray, frames: list[Frame], clusters: list[list[int]],
-              normal: np.ndarray, first_ds: Any, series_name: str, notes: list[str]
-              ) -> tuple[np.ndarray, np.ndarray, bool]:
+def _geometry(
+    array: np.ndarray,
+    frames: list[Frame],
+    clusters: list[list[int]],
+    normal: np.ndarray,
+    first_ds: Any,
+    series_name: str,
+    notes: list[str],
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """The RAS+ affine on the regular grid through the first and last slice; a sheared (gantry
     tilt) or unevenly spaced series is resampled onto a regular grid. Returns
     ``(array, affine, resampled)``."""
@@ -263,8 +307,7 @@ def _geometry(array: np.ndarray, frames: list[Frame], clusters: list[list[int]],
         if first_ds is not None:
             step = first_ds.get("SpacingBetweenSlices") or first_ds.get("SliceThickness")
         if step in (None, ""):
-            notes.append("single slice without SpacingBetweenSlices/SliceThickness: "
-                         "slice spacing set to 1 mm")
+            notes.append("single slice without SpacingBetweenSlices/SliceThickness: slice spacing set to 1 mm")
             step = 1.0
         affine[:3, 2] = normal * float(step)
     else:
@@ -276,9 +319,9 @@ def _geometry(array: np.ndarray, frames: list[Frame], clusters: list[list[int]],
         sheared = float(np.linalg.norm(in_plane, axis=1).max()) > GRID_TOLERANCE_MM
         uneven = float(np.abs(along - regular).max()) > GRID_TOLERANCE_MM
         if sheared or uneven:
-            array, affine, note = _resample_regular(array, positions, row, col, normal,
-                                                    (row_spacing, col_spacing), series_name,
-                                                    sheared=sheared)
+            array, affine, note = _resample_regular(
+                array, positions, row, col, normal, (row_spacing, col_spacing), series_name, sheared=sheared
+            )
             notes.append(note)
             resampled = True
         else:
@@ -286,9 +329,17 @@ def _geometry(array: np.ndarray, frames: list[Frame], clusters: list[list[int]],
     return array, LPS_TO_RAS @ affine, resampled
 
 
-def _resample_regular(array: np.ndarray, positions: np.ndarray, row: np.ndarray, col: np.ndarray,
-                      normal: np.ndarray, spacing: tuple[float, float], series_name: str, *,
-                      sheared: bool) -> tuple[np.ndarray, np.ndarray, str]:
+def _resample_regular(
+    array: np.ndarray,
+    positions: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    normal: np.ndarray,
+    spacing: tuple[float, float],
+    series_name: str,
+    *,
+    sheared: bool,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Resample a sheared or unevenly spaced stack onto a regular orthogonal grid.
 
     The output grid keeps the in-plane axes and pixel spacing, takes the slice normal as k axis
@@ -314,8 +365,7 @@ def _resample_regular(array: np.ndarray, positions: np.ndarray, row: np.ndarray,
     step = float(np.median(gaps))
     count = int(round(along[-1] / step)) + 1
     ni, nj = array.shape[:2]
-    ii, jj = np.meshgrid(np.arange(ni, dtype=np.float64), np.arange(nj, dtype=np.float64),
-                         indexing="ij")
+    ii, jj = np.meshgrid(np.arange(ni, dtype=np.float64), np.arange(nj, dtype=np.float64), indexing="ij")
     fill = float(array.min())
     out = np.empty((ni, nj, count, array.shape[3]), dtype=np.float32)
     for k in range(count):
@@ -333,9 +383,9 @@ def _resample_regular(array: np.ndarray, positions: np.ndarray, row: np.ndarray,
                 offset = target - positions[index]
                 di = float(offset @ row) / col_spacing
                 dj = float(offset @ col) / row_spacing
-                sampled = map_coordinates(array[:, :, index, t].astype(np.float32),
-                                          [ii + di, jj + dj], order=1, mode="constant",
-                                          cval=fill)
+                sampled = map_coordinates(
+                    array[:, :, index, t].astype(np.float32), [ii + di, jj + dj], order=1, mode="constant", cval=fill
+                )
                 value += w * sampled
             out[:, :, k, t] = value
     if array.dtype.kind in "ui":
@@ -350,6 +400,8 @@ def _resample_regular(array: np.ndarray, positions: np.ndarray, row: np.ndarray,
         reason.append("gantry tilt (slice positions sheared against the slice normal)")
     if float(np.abs(gaps - step).max()) > GRID_TOLERANCE_MM:
         reason.append(f"variable slice gaps {gaps.min():.2f}..{gaps.max():.2f} mm")
-    note = (f"resampled to a regular grid ({count} slices at {step:.3f} mm along the slice "
-            f"normal) because of {' and '.join(reason)}")
+    note = (
+        f"resampled to a regular grid ({count} slices at {step:.3f} mm along the slice "
+        f"normal) because of {' and '.join(reason)}"
+    )
     return out, affine, note

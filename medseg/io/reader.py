@@ -3,16 +3,28 @@
 Supported inputs: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage
 (``.mha``, ``.mhd``) file; one DICOM file; a folder tree holding DICOM files and/or volume files;
 a ``.zip`` archive of any of these (checked by :mod:`medseg.io.archive` before extraction).
+Gzip-compressed DICOM files (``.dcm.gz``, or any non-volume ``.gz`` whose content starts like a
+DICOM file) are decompressed into a temporary folder (never beside the input), with the same
+size and compression-ratio caps as ZIP archives (:func:`decompress_gzip_dicom`).
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
-from medseg.errors import MixedSeriesError, NoImageDataError, UnreadableFileError
-from medseg.formats import has_dicm_marker
+from medseg.errors import (
+    MixedSeriesError,
+    NoImageDataError,
+    UnreadableFileError,
+    UnsafeArchiveError,
+)
+from medseg.formats import has_dicm_marker, is_gzip_candidate
+from medseg.io import archive as _archive
 from medseg.io.archive import extract_zip
 from medseg.io.dicom_scan import scan_dicom_files
 from medseg.io.image import Image
@@ -28,13 +40,20 @@ def _volume_series(path: Path, source: str, policy: ReadPolicy) -> SeriesInfo:
     def reader(info: SeriesInfo) -> Image:
         read = read_nifti if info.format == "nifti" else read_itk
         image = read(info.files[0], info.policy)
-        image.meta.update({"series_uid": info.uid, "series_description": info.description,
-                           "instance_count": 1})
+        image.meta.update({"series_uid": info.uid, "series_description": info.description, "instance_count": 1})
         return image
 
-    return SeriesInfo(uid=str(path), modality=guess_modality(path), description=path.name,
-                      instance_count=1, files=[str(path)], format=fmt or "", source=source,
-                      policy=policy, _reader=reader)
+    return SeriesInfo(
+        uid=str(path),
+        modality=guess_modality(path),
+        description=path.name,
+        instance_count=1,
+        files=[str(path)],
+        format=fmt or "",
+        source=source,
+        policy=policy,
+        _reader=reader,
+    )
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -45,6 +64,83 @@ def _walk(folder: Path) -> list[Path]:
             if not name.startswith("."):
                 files.append(Path(root) / name)
     return files
+
+
+#: Largest total decompressed size of the ``.gz`` files of one input (bytes).
+MAX_GZIP_BYTES = _archive.MAX_UNCOMPRESSED_BYTES
+#: Raw dataset starts (group 0002/0008, either byte order) accepted like in the scan.
+_DATASET_STARTS = {b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"}
+
+
+def _gzip_head_is_dicom(path: Path) -> bool:
+    try:
+        with gzip.open(path, "rb") as handle:
+            head = handle.read(132)
+    except (OSError, EOFError, zlib.error):
+        return False
+    return has_dicm_marker(head) or head[:2] in _DATASET_STARTS
+
+
+def decompress_gzip_dicom(
+    paths: list[Path], root: Path | None, name: str
+) -> tuple[list[Path], tempfile.TemporaryDirectory | None]:
+    """Decompress the gzip-compressed DICOM files among ``paths`` into a new temporary folder.
+
+    Only files named ``*.gz`` (not ``.nii.gz``) whose decompressed content starts with the DICOM
+    Part 10 marker or a raw dataset are taken; the others are left alone. Files keep their path
+    relative to ``root`` (without ``.gz``) inside the folder, so equal names do not collide.
+
+    Returns:
+        ``(decompressed paths, folder)``; ``folder`` is ``None`` when no file was taken. The
+        caller keeps the folder alive as long as the files are needed.
+
+    Raises:
+        UnsafeArchiveError: the total decompressed size exceeds :data:`MAX_GZIP_BYTES`, or a
+            file larger than 1 MiB decompresses more than
+            :data:`medseg.io.archive.MAX_COMPRESSION_RATIO` times (gzip bomb).
+        UnreadableFileError: a file is a corrupt or truncated gzip stream.
+    """
+    chosen = [p for p in paths if is_gzip_candidate(p.name) and _gzip_head_is_dicom(p)]
+    if not chosen:
+        return [], None
+    folder = tempfile.TemporaryDirectory(prefix="medseg-gz-")
+    out: list[Path] = []
+    total = 0
+    try:
+        for index, path in enumerate(chosen):
+            relative = Path(path.name) if root is None else path.relative_to(root)
+            target = Path(folder.name) / relative.parent / relative.name[:-3]
+            if target.exists():  # "a.dcm.gz" beside "a.dcm"
+                target = target.with_name(f"{index}-{target.name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            compressed = max(path.stat().st_size, 1)
+            written = 0
+            with gzip.open(path, "rb") as source, target.open("wb") as sink:
+                while chunk := source.read(1024**2):
+                    written += len(chunk)
+                    total += len(chunk)
+                    if total > MAX_GZIP_BYTES:
+                        raise UnsafeArchiveError(f"{name}: gzip files decompress to more than {MAX_GZIP_BYTES} bytes")
+                    if (
+                        written >= _archive.RATIO_CHECK_MIN_BYTES
+                        and written > _archive.MAX_COMPRESSION_RATIO * compressed
+                    ):
+                        raise UnsafeArchiveError(
+                            f"{name}: {path.name} has compression ratio above "
+                            f"{_archive.MAX_COMPRESSION_RATIO:g} (gzip bomb?)"
+                        )
+                    sink.write(chunk)
+            out.append(target)
+    except UnsafeArchiveError:
+        folder.cleanup()
+        raise
+    except (OSError, EOFError, zlib.error) as error:
+        folder.cleanup()
+        raise UnreadableFileError(f"{name}: corrupt gzip file ({type(error).__name__})") from None
+    except BaseException:
+        folder.cleanup()
+        raise
+    return out, folder
 
 
 def _is_zip(path: Path) -> bool:
@@ -64,7 +160,8 @@ def find_series(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> list[Serie
 
     Raises:
         UnreadableFileError: the path does not exist, or a single file is corrupt / unknown.
-        UnsafeArchiveError: see :func:`medseg.io.archive.check_archive`.
+        UnsafeArchiveError: see :func:`medseg.io.archive.check_archive`; ``.gz`` files that
+            decompress beyond the caps (:func:`decompress_gzip_dicom`).
         NoImageDataError: a folder or archive without any image series.
     """
     path = Path(path)
@@ -79,9 +176,20 @@ def find_series(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> list[Serie
         folder = extract_zip(path)
         series = _find_in_folder(Path(folder.name), source, policy, archive=True)
         for info in series:
-            info._keepalive = folder
+            # keep the zip folder alive, and the .gz folder of files decompressed from it
+            info._keepalive = folder if info._keepalive is None else (folder, info._keepalive)
             if info.format != "dicom":
                 info.uid = str(Path(info.files[0]).relative_to(folder.name))
+        return series
+    if is_gzip_candidate(path.name):
+        files, folder = decompress_gzip_dicom([path], None, path.name)
+        if folder is None:
+            raise UnreadableFileError(f"{path.name}: not a gzip-compressed DICOM file")
+        series = scan_dicom_files(files, source=source, policy=policy)
+        if not series:
+            raise NoImageDataError(f"{path.name}: compressed DICOM file holds no image")
+        for info in series:
+            info._keepalive = folder
         return series
     from medseg.io.dicom_scan import read_header
 
@@ -90,8 +198,7 @@ def find_series(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> list[Serie
         raise UnreadableFileError(f"{path.name}: not a DICOM, NIfTI, NRRD, MetaImage or ZIP file")
     series = scan_dicom_files([path], source=source, policy=policy)
     if not series:
-        raise NoImageDataError(f"{path.name}: DICOM file holds no image "
-                               f"(Modality {ds.get('Modality') or 'unknown'})")
+        raise NoImageDataError(f"{path.name}: DICOM file holds no image (Modality {ds.get('Modality') or 'unknown'})")
     return series
 
 
@@ -104,19 +211,25 @@ def _has_dicm_marker(path: Path) -> bool:
     return has_dicm_marker(head)
 
 
-def _find_in_folder(folder: Path, source: str, policy: ReadPolicy, *,
-                    archive: bool = False) -> list[SeriesInfo]:
+def _find_in_folder(folder: Path, source: str, policy: ReadPolicy, *, archive: bool = False) -> list[SeriesInfo]:
     files = _walk(folder)
     volumes = [p for p in files if volume_format(p)]
     # .raw/.zraw data files of MetaImage headers are not DICOM candidates
     skip = {p.with_suffix(s) for p in volumes if p.suffix.lower() == ".mhd" for s in (".raw", ".zraw")}
     others = [p for p in files if not volume_format(p) and p not in skip]
+    unzipped, gz_folder = decompress_gzip_dicom(
+        [p for p in others if is_gzip_candidate(p.name)], folder, Path(source).name
+    )
+    others = [p for p in others if not is_gzip_candidate(p.name)] + unzipped
     series = scan_dicom_files(others, source=source, policy=policy) if others else []
+    if gz_folder is not None:
+        for info in series:
+            if any(f.startswith(gz_folder.name) for f in info.files):
+                info._keepalive = gz_folder
     series += [_volume_series(p, source, policy) for p in volumes]
     if not series:
         kind = "archive" if archive else "folder"
-        raise NoImageDataError(f"{Path(source).name}: {kind} holds no DICOM image series or "
-                               "image file")
+        raise NoImageDataError(f"{Path(source).name}: {kind} holds no DICOM image series or image file")
     return series
 
 
@@ -131,18 +244,14 @@ def choose_series(series: list[SeriesInfo], series_uid: str | None, name: str) -
         for info in series:
             if info.uid == series_uid:
                 return info
-        raise MixedSeriesError(f"{name}: series {series_uid} not found; available: "
-                               + ", ".join(s.uid for s in series))
+        raise MixedSeriesError(f"{name}: series {series_uid} not found; available: " + ", ".join(s.uid for s in series))
     if len(series) > 1:
-        listing = ", ".join(f"{s.uid} ({s.modality} {s.description})".replace(" )", ")")
-                            for s in series)
-        raise MixedSeriesError(f"{name}: {len(series)} series found, choose one with "
-                               f"series_uid / --series: {listing}")
+        listing = ", ".join(f"{s.uid} ({s.modality} {s.description})".replace(" )", ")") for s in series)
+        raise MixedSeriesError(f"{name}: {len(series)} series found, choose one with series_uid / --series: {listing}")
     return series[0]
 
 
-def read_image(path: str | Path, series_uid: str | None = None,
-               policy: ReadPolicy = CLI_POLICY) -> Image:
+def read_image(path: str | Path, series_uid: str | None = None, policy: ReadPolicy = CLI_POLICY) -> Image:
     """Read one volume from a file, DICOM folder tree or ZIP archive.
 
     Args:
