@@ -11,7 +11,7 @@ RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY medseg ./medseg
 COPY service ./service
-RUN pip install ".[postgres]" \
+RUN pip install ".[postgres,scale]" \
     && useradd --system --uid 10001 --home-dir /data medseg \
     && mkdir -p /data && chown medseg /data
 

@@ -251,6 +251,28 @@ def _stored_instances(folder: Path) -> int:
     return sum(1 for _ in folder.glob("*.dcm")) if folder.is_dir() else 0
 
 
+def _claim_series(store: Store, key: str, cutoff: float) -> bool:
+    """Move one quiet series from ``collecting`` to ``submitting`` with one conditional UPDATE, so
+    that of several API replicas flushing at once exactly one makes its job."""
+    from sqlalchemy import update
+
+    with store.session() as session:
+        statement = (
+            update(StowSeries)
+            .where(StowSeries.key == key, StowSeries.state == "collecting", StowSeries.last_at < cutoff)
+            .values(state="submitting")
+        )
+        return session.execute(statement).rowcount == 1
+
+
+def store_update_series(store: Store, key: str, **values) -> None:
+    with store.session() as session:
+        row = session.get(StowSeries, key)
+        if row is not None:
+            for name, value in values.items():
+                setattr(row, name, value)
+
+
 def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list[str]:
     """Turn every series quiet for ``stow_quiet_s`` into a queued job; returns the job ids."""
     cutoff = time.time() - settings.stow_quiet_s
@@ -262,6 +284,8 @@ def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list
                 session.scalars(select(StowSeries).where(StowSeries.state == "collecting", StowSeries.last_at < cutoff))
             )
         for row in rows:
+            if not _claim_series(store, row.key, cutoff):
+                continue  # another replica is turning it into a job
             series_dir = settings.stow_dir / row.key
             job_id = job_ops.new_job_id()
             instances = _stored_instances(series_dir)  # what is on disk, not a counter
@@ -274,17 +298,21 @@ def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list
                     "modality": row.modality,
                     "instances": instances,
                 }
-                job_ops.create_job(
-                    store,
-                    settings,
-                    job_id=job_id,
-                    owner=row.owner,
-                    source="stow",
-                    model=model,
-                    job_input=job_input,
-                    input_dir=series_dir,
-                    options={"tta": False, "overlap": None, "formats": ["seg", "nifti", "report", "preview"]},
-                )
+                try:
+                    job_ops.create_job(
+                        store,
+                        settings,
+                        job_id=job_id,
+                        owner=row.owner,
+                        source="stow",
+                        model=model,
+                        job_input=job_input,
+                        input_dir=series_dir,
+                        options={"tta": False, "overlap": None, "formats": ["seg", "nifti", "report", "preview"]},
+                    )
+                except BaseException:  # the series stays on disk: collect it again next time
+                    store_update_series(store, row.key, state="collecting")
+                    raise
                 created.append(job_id)
             with store.session() as session:
                 current = session.get(StowSeries, row.key)

@@ -3,8 +3,9 @@
 :class:`JobQueue` is the interface. :class:`StoreQueue`, the default, is the job store itself:
 queued rows are the queue, claimed atomically (``UPDATE ... WHERE state='queued'``, ``SKIP LOCKED``
 on PostgreSQL), so it survives restarts and several processes can share a PostgreSQL store.
-A broker-backed queue (Celery, RQ, ...) can implement the same three methods later: ``submit``
-pushes the id to the broker, ``claim`` pops one and marks the job running in the store.
+:class:`service.broker.BrokerQueue` is the broker-backed one (Celery; ``medseg serve --broker``):
+``submit`` publishes the job id, and ``medseg worker`` processes claim each delivered id in the
+store with one conditional update (:meth:`service.store.Store.claim`).
 """
 
 from __future__ import annotations

@@ -48,8 +48,7 @@ class WorkerPool:
 
     def start(self) -> None:
         for index in range(self.settings.workers):
-            thread = threading.Thread(target=self._loop, args=(index,), name=f"medseg-worker-{index}",
-                                      daemon=True)
+            thread = threading.Thread(target=self._loop, args=(index,), name=f"medseg-worker-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -88,16 +87,34 @@ class WorkerPool:
                 with self._lock:
                     self._running.pop(job.id, None)
 
+    def run_claimed(self, job: Job, predictors: PredictorCache) -> None:
+        """Run one job already claimed (``running`` for this node), outside the pool's threads:
+        what a ``medseg worker`` Celery task does. ``running_ids`` lists it meanwhile, so the
+        heartbeat thread keeps its lease; same outcomes as a pool thread (succeeded, failed with
+        its problem, ``interrupted`` once ``max_attempts`` is exceeded, removed if deleted)."""
+        with self._lock:
+            self._running[job.id] = -1
+        try:
+            self._run(job, predictors)
+        finally:
+            with self._lock:
+                self._running.pop(job.id, None)
+
     def _run(self, job: Job, predictors: PredictorCache) -> None:
         settings, store = self.settings, self.store
         job_dir = settings.jobs_dir / job.id
         queued_s = (job.started_at or time.time()) - job.created_at
         if job.attempts > settings.max_attempts:
-            self._finish(job, FAILED, error=problem_body(
-                500, "interrupted", f"job interrupted {job.attempts - 1} times; not retried"))
+            self._finish(
+                job,
+                FAILED,
+                error=problem_body(500, "interrupted", f"job interrupted {job.attempts - 1} times; not retried"),
+            )
             return
-        log.info("job started", extra={"job_id": job.id, "attempt": job.attempts,
-                                       "model": job.model, "queued_s": round(queued_s, 3)})
+        log.info(
+            "job started",
+            extra={"job_id": job.id, "attempt": job.attempts, "model": job.model, "queued_s": round(queued_s, 3)},
+        )
         last_check = [0.0]
 
         def progress(*args: Any, **kwargs: Any) -> None:
@@ -111,19 +128,28 @@ class WorkerPool:
             values = {"heartbeat_at": time.time()}
             if fraction is not None:
                 values["progress"] = fraction
-            if not store.update_job(job.id, where_state=RUNNING, **values):
+            if not store.update_job(job.id, where_state=RUNNING, where_node=job.node, **values):
                 raise JobCancelled()
 
         try:
-            outcome = run_job(job_dir, job.input, job.model, job.options, predictors, progress,
-                              policy=settings.read_policy)
+            outcome = run_job(
+                job_dir, job.input, job.model, job.options, predictors, progress, policy=settings.read_policy
+            )
         except JobCancelled:
             log.info("job cancelled while running", extra={"job_id": job.id})
-            shutil.rmtree(job_dir, ignore_errors=True)
+            self._discard(job, job_dir)
             return
         except WorkerStopping:
-            store.update_job(job.id, where_state=RUNNING, state=QUEUED, node=None, progress=0.0,
-                             started_at=None, attempts=max(0, job.attempts - 1))
+            store.update_job(
+                job.id,
+                where_state=RUNNING,
+                where_node=job.node,
+                state=QUEUED,
+                node=None,
+                progress=0.0,
+                started_at=None,
+                attempts=max(0, job.attempts - 1),
+            )
             log.info("job re-queued at shut-down", extra={"job_id": job.id})
             return
         except MedsegError as error:
@@ -135,23 +161,38 @@ class WorkerPool:
             return
         timings = {**(job.timings or {}), "queued_s": queued_s, **outcome["timings"]}
         warnings = [*(job.input or {}).get("warnings", []), *outcome.get("warnings", [])]
-        if not self._finish(job, SUCCEEDED, results=outcome["results"], timings=timings,
-                            statistics=outcome["statistics"], progress=1.0,
-                            input={**(job.input or {}), "warnings": warnings[:40]}):
-            shutil.rmtree(job_dir, ignore_errors=True)  # cancelled at the last moment
+        if not self._finish(
+            job,
+            SUCCEEDED,
+            results=outcome["results"],
+            timings=timings,
+            statistics=outcome["statistics"],
+            progress=1.0,
+            input={**(job.input or {}), "warnings": warnings[:40]},
+        ):
+            self._discard(job, job_dir)  # cancelled at the last moment
             return
         if settings.pacs_url and "seg" in outcome["results"]:
             self._push(job, job_dir / outcome["results"]["seg"])
+
+    def _discard(self, job: Job, job_dir) -> None:
+        """Remove a cancelled job's folder - only if its row is gone (``DELETE``). A row still
+        there means another node took the job over (its heartbeat was stale): its folder and
+        results are that node's, and this superseded run just stops."""
+        if self.store.get_job(job.id) is None:
+            shutil.rmtree(job_dir, ignore_errors=True)
+        else:
+            log.warning("job taken over by another node; this run stops", extra={"job_id": job.id})
 
     def _finish(self, job: Job, state: str, queued_s: float | None = None, **values: Any) -> bool:
         now = time.time()
         if "timings" not in values and queued_s is not None:
             values["timings"] = {**(job.timings or {}), "queued_s": queued_s}
-        changed = self.store.update_job(job.id, where_state=RUNNING, state=state, finished_at=now,
-                                        heartbeat_at=now, **values)
+        changed = self.store.update_job(
+            job.id, where_state=RUNNING, where_node=job.node, state=state, finished_at=now, heartbeat_at=now, **values
+        )
         if changed:
-            self.metrics.job_finished(state, now - job.created_at,
-                                      (values.get("timings") or {}).get("total_s"))
+            self.metrics.job_finished(state, now - job.created_at, (values.get("timings") or {}).get("total_s"))
             extra = {"job_id": job.id, "state": state, "latency_s": round(now - job.created_at, 3)}
             if values.get("timings"):
                 extra["timings"] = {k: round(v, 3) for k, v in values["timings"].items()}

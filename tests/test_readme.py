@@ -60,6 +60,10 @@ NOT_RUN = {
         "runs the server in the foreground until Ctrl-C; the Quickstart's serve block runs the "
         "same two commands (server in the background) and is run",
     ),
+    'pip install -e ".[postgres,scale]"      # psycopg, celery[redis]': (
+        "placeholders",
+        "not runnable, placeholders: db-host, redis-host, /shared/medseg",
+    ),
     'KEY=msk_...; H="Authorization: Bearer $KEY"; S=http://127.0.0.1:8000': (
         "placeholders",
         "not runnable, placeholders: msk_..., $ID, t1.nii.gz, study.zip, series/, body.mime",

@@ -1,0 +1,1 @@
+"""Alembic migrations of the job store (``service.store``); run by :class:`service.store.Store`."""
