@@ -9,6 +9,7 @@ Starts the service (a subprocess on a free loopback port, its own temporary data
 Usage::
 
     python benchmarks/service.py [--model hippocampus] [--workers 1] [--jobs 8] [--sequential 3]
+    python benchmarks/service.py --broker redis://127.0.0.1:6379/0 --workers 2   # scale-out mode
 
 Without ``--model`` the bundled ``hippocampus`` model is used if installed, else an untrained
 stand-in with the same architecture and window (``configs/hippocampus/unet.yaml``: network and
@@ -108,6 +109,12 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=8, help="jobs submitted at once (throughput)")
     parser.add_argument("--sequential", type=int, default=3, help="jobs one after another (latency)")
     parser.add_argument("--threads", type=int, help="OMP/torch threads for the service")
+    parser.add_argument(
+        "--broker",
+        help="Celery broker URL (e.g. redis://127.0.0.1:6379/0): the API enqueues only and --workers "
+        "`medseg worker` processes run the jobs (same data dir and job store)",
+    )
+    parser.add_argument("--database-url", help="job store URL (default: SQLite in the data dir)")
     args = parser.parse_args()
     if not SERIES.is_dir():
         print(f"real data not available: {SERIES}")
@@ -144,6 +151,20 @@ def main() -> int:
     store.dispose()
     port = _free_port()
     log = open(root / "server.log", "wb")
+    shared = ["--data-dir", str(data)] + (["--database-url", args.database_url] if args.database_url else [])
+    workers = []
+    if args.broker:
+        env["MEDSEG_SERVICE_BROKER_URL"] = args.broker
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "medseg", "worker", "--broker", args.broker, "--node-id", f"w{i}", *shared],
+                cwd=REPO,
+                env=env,
+                stdout=open(root / f"worker{i}.log", "wb"),
+                stderr=subprocess.STDOUT,
+            )
+            for i in range(args.workers)
+        ]
     server = subprocess.Popen(
         [
             sys.executable,
@@ -152,10 +173,9 @@ def main() -> int:
             "serve",
             "--port",
             str(port),
-            "--data-dir",
-            str(data),
+            *shared,
             "--workers",
-            str(args.workers),
+            "0" if args.broker else str(args.workers),
         ],
         cwd=REPO,
         env=env,
@@ -189,13 +209,16 @@ def main() -> int:
             )
         span = max(r["end"] for r in batch) - start
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
+        for process in [server, *workers]:
+            process.send_signal(signal.SIGTERM)
+        for process in [server, *workers]:
+            process.wait(60)
         shutil.rmtree(root, ignore_errors=True)
 
     cpu = f"{os.cpu_count()} CPU cores (load {os.getloadavg()[0]:.1f})"
     print(f"medseg service benchmark: {SERIES.name} (32 DICOM slices, 35x51x32), model {model}{note}")
-    print(f"{cpu}, {args.workers} worker(s)\n")
+    mode = f"Celery workers (broker {args.broker})" if args.broker else "in-process worker thread(s)"
+    print(f"{cpu}, {args.workers} {mode}\n")
     median = statistics.median
     print("| measure | value |\n|---|---|")
     print(
