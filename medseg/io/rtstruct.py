@@ -27,8 +27,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medseg.errors import InputShapeError, UnreadableFileError, UnsupportedInputError
+from medseg.errors import InputShapeError, UnsupportedInputError
 from medseg.io.atomic import atomic_write
+from medseg.io.derived import source_headers
 from medseg.io.image import Image
 from medseg.labels import Label
 
@@ -58,29 +59,7 @@ _PATIENT_STUDY = (
 
 
 def _source_headers(source: Image) -> list[Dataset]:
-    files = source.dicom_source
-    if not files:
-        raise UnsupportedInputError(
-            "RTSTRUCT needs a DICOM source series; the source image was not read from DICOM (or was resampled)"
-        )
-    if source.meta.get("dicom_layout", "single-frame") != "single-frame":
-        raise UnsupportedInputError(
-            f"series {source.meta.get('series_uid', '')}: RTSTRUCT is "
-            "written for single-frame sources only (one instance per "
-            "slice)"
-        )
-    if source.array.ndim != 3:
-        raise UnsupportedInputError(
-            f"series {source.meta.get('series_uid', '')}: RTSTRUCT on a multi-volume (4D) source is not supported"
-        )
-    headers = []
-    for path in files:
-        try:
-            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except Exception as error:
-            raise UnreadableFileError(
-                f"{Path(path).name}: cannot read RTSTRUCT source instance ({type(error).__name__})"
-            ) from None
+    headers = source_headers(source, "RTSTRUCT", layouts=("single-frame",))
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
         if not str(headers[0].get(keyword) or ""):
             raise UnsupportedInputError(f"RTSTRUCT source has no {keyword}")

@@ -21,6 +21,7 @@ import pydicom
 
 from medseg.errors import InputShapeError, MedsegError, UnreadableFileError, UnsupportedInputError
 from medseg.io.atomic import atomic_write
+from medseg.io.derived import source_headers
 from medseg.io.dicom_volume import LPS_TO_RAS
 from medseg.io.image import Image
 from medseg.labels import Code, Label
@@ -251,30 +252,8 @@ def repair_patient_study(dataset: pydicom.Dataset, keywords: Sequence[str] | Non
 
 
 def _source_datasets(source: Image, warnings: list[str] | None = None) -> list[pydicom.Dataset]:
-    files = source.dicom_source
-    if not files:
-        raise UnsupportedInputError(
-            "DICOM SEG needs a DICOM source series; the source image was not read from DICOM (or was resampled)"
-        )
-    layout = source.meta.get("dicom_layout", "single-frame")
-    if layout == "mosaic":
-        raise UnsupportedInputError(
-            f"series {source.meta.get('series_uid', '')}: DICOM SEG on a Siemens mosaic source is not supported"
-        )
-    if source.array.ndim != 3:
-        raise UnsupportedInputError(
-            f"series {source.meta.get('series_uid', '')}: DICOM SEG on a multi-volume (4D) source is not supported"
-        )
-    unique = list(dict.fromkeys(files))
+    datasets = source_headers(source, "DICOM SEG", layouts=("single-frame", "multi-frame"))
     notes = warnings if warnings is not None else []
-    datasets = []
-    for path in unique:
-        try:
-            datasets.append(pydicom.dcmread(path, stop_before_pixels=True))
-        except Exception as error:
-            raise UnreadableFileError(
-                f"{Path(path).name}: cannot read SEG source instance ({type(error).__name__})"
-            ) from None
     for ds in datasets:
         # Type 2 patient/study attributes that highdicom copies from the source: present but
         # empty when the export dropped them (PS3.3 C.7.1.1, C.7.2.1).
