@@ -265,7 +265,7 @@ def _claim_series(store: Store, key: str, cutoff: float) -> bool:
         return session.execute(statement).rowcount == 1
 
 
-def store_update_series(store: Store, key: str, **values) -> None:
+def _set_series(store: Store, key: str, **values) -> None:
     with store.session() as session:
         row = session.get(StowSeries, key)
         if row is not None:
@@ -311,7 +311,7 @@ def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list
                         options={"tta": False, "overlap": None, "formats": ["seg", "nifti", "report", "preview"]},
                     )
                 except BaseException:  # the series stays on disk: collect it again next time
-                    store_update_series(store, row.key, state="collecting")
+                    _set_series(store, row.key, state="collecting")
                     raise
                 created.append(job_id)
             with store.session() as session:

@@ -37,15 +37,19 @@ def planned_windows(
         folds: models in the ensemble.
     """
     grid = ModelGrid(shape, affine, card.spacing, card.orientation)
+    passes = 2 ** len(card.patch_size) if tta else 1
+    return window_count(grid, card, overlap) * passes * max(1, int(folds))
+
+
+def window_count(grid: ModelGrid, card: ModelCard, overlap: float | None = None) -> int:
+    """Sliding windows of ``card``'s patch on ``grid``'s model grid (2D models: per slice along
+    the last axis), as the engine will place them; no resampling is done to know it."""
     model_shape = grid.planned_model_shape
     patch = tuple(int(p) for p in card.patch_size)
     overlap = card.overlap if overlap is None else float(overlap)
-    if len(patch) == 2:  # 2D models run on the slices along the last axis
-        windows = grid_windows(model_shape[:2], patch, overlap) * model_shape[2]
-    else:
-        windows = grid_windows(model_shape, patch, overlap)
-    passes = 2 ** len(patch) if tta else 1
-    return int(windows) * passes * max(1, int(folds))
+    if len(patch) == 2:
+        return int(grid_windows(model_shape[:2], patch, overlap)) * model_shape[2]
+    return int(grid_windows(model_shape, patch, overlap))
 
 
 def check_work(windows: int, max_windows: int | None, name: str) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from medseg.errors import InputShapeError, ModalityMismatchError
-from medseg.inference.budget import check_work, planned_windows
+from medseg.inference.budget import check_work, window_count
 from medseg.inference.engine import MirrorEnsemble, grid_windows, sliding_window_inference
 from medseg.inference.matching import modality_mismatch
 from medseg.inference.postprocess import clean_label_map
@@ -263,9 +263,8 @@ class Predictor:
             WorkBudgetError: more network evaluations than ``max_windows``.
         """
         self.check_image(image)
-        windows = planned_windows(
-            image.shape, image.affine, self.card, self.overlap, tta=self.network.passes > 1, folds=len(self.runtimes)
-        )
+        grid = ModelGrid(image.shape, image.affine, self.card.spacing, self.card.orientation)
+        windows = window_count(grid, self.card, self.overlap) * self.network.passes
         check_work(windows, self.max_windows, _series_name(image))
         tick = progress or (lambda done, total: None)
         timings: dict[str, float] = {}
@@ -279,7 +278,6 @@ class Predictor:
 
         array = np.asarray(image.array)
         channels = array[None] if array.ndim == 3 else np.moveaxis(array, 3, 0)
-        grid = ModelGrid(image.shape, image.affine, self.card.spacing, self.card.orientation)
         tick(0, windows)
         # a copy: normalisation below works in place and must never reach the caller's array
         model_input = grid.to_model(torch.tensor(channels, dtype=torch.float32))

@@ -26,6 +26,7 @@ from medseg.errors import InputTooLargeError, UnreadableFileError, UnsafeInputEr
 
 HEADER_LIMIT = 64 * 1024  # bytes of text header parsed; real headers are < 2 KiB
 _CHUNK = 1024**2
+SMALL_DECODE_BYTES = 64 * 1024**2  # compressed data declared smaller than this is decoded directly
 
 
 @dataclass(frozen=True)
@@ -53,44 +54,89 @@ def detached_data_files(path: str | Path) -> list[str]:
     Raises:
         UnreadableFileError: the header cannot be read.
     """
+    return text_header(path).data_files
+
+
+@dataclass(frozen=True)
+class TextHeader:
+    """The parts of a MetaImage or NRRD text header that decide where the pixels are.
+
+    Attributes:
+        fields: ``key -> value`` (keys lower case, values stripped), e.g. ``encoding``,
+            ``compresseddata``.
+        data_files: detached data file names (``[]`` when the data is attached; ``LIST`` first
+            when the header lists them).
+        data_offset: byte offset of attached pixel data, or ``None`` (detached, or not found).
+        nrrd: an NRRD header (else MetaImage).
+    """
+
+    nrrd: bool
+    fields: dict[str, str]
+    data_files: list[str]
+    data_offset: int | None
+
+
+def text_header(path: str | Path) -> TextHeader:
+    """Parse the text header of a MetaImage (``Key = Value`` lines up to ``ElementDataFile``) or
+    NRRD file (``key: value`` lines up to the blank line), reading at most :data:`HEADER_LIMIT`.
+
+    Raises:
+        UnreadableFileError: the file cannot be read.
+    """
     path = Path(path)
     try:
         with path.open("rb") as handle:
             head = handle.read(HEADER_LIMIT)
     except OSError:
         raise UnreadableFileError(f"{path.name}: cannot be read") from None
-    if head.startswith(b"NRRD"):
-        return _nrrd_data_files(head)
-    return _metaimage_data_files(head)
-
-
-def _metaimage_data_files(head: bytes) -> list[str]:
-    for raw in head.split(b"\n"):
-        key, sep, value = raw.partition(b"=")
+    nrrd = head.startswith(b"NRRD")
+    fields: dict[str, str] = {}
+    offset = 0
+    lines = head.split(b"\n")
+    for index, raw in enumerate(lines):
+        offset += len(raw) + 1
+        line = raw.rstrip(b"\r")
+        if nrrd:
+            if index == 0 or line.startswith(b"#") or b":=" in line:
+                continue
+            if not line:  # the blank line ends the header; attached data follows
+                return TextHeader(nrrd, fields, [], offset)
+            key, sep, value = line.partition(b":")
+        else:
+            key, sep, value = line.partition(b"=")
         if not sep:
             continue
-        if key.strip().lower() == b"elementdatafile":
-            value = value.strip().decode("latin-1")
-            return [] if value.upper() == "LOCAL" else [value]
-    return []
-
-
-def _nrrd_data_files(head: bytes) -> list[str]:
-    lines = head.split(b"\n")
-    for index, raw in enumerate(lines[1:], start=1):
-        line = raw.rstrip(b"\r")
-        if not line:  # the blank line ends the header; attached data follows
-            return []
-        if line.startswith(b"#") or b":=" in line:
-            continue
-        key, sep, value = line.partition(b":")
-        if sep and key.strip().lower() in (b"data file", b"datafile"):
-            value = value.strip().decode("latin-1")
-            if value.upper().startswith("LIST"):
+        key_text = key.strip().lower().decode("latin-1")
+        value_text = value.strip().decode("latin-1")
+        if nrrd and key_text in ("data file", "datafile"):
+            if value_text.upper().startswith("LIST"):
                 files = [v.rstrip(b"\r").decode("latin-1") for v in lines[index + 1 :] if v.strip()]
-                return ["LIST", *files]
-            return [value]
-    return []
+                return TextHeader(nrrd, fields, ["LIST", *files], None)
+            return TextHeader(nrrd, fields, [value_text], None)
+        if not nrrd and key_text == "elementdatafile":  # the last MetaImage field
+            if value_text.upper() == "LOCAL":
+                return TextHeader(nrrd, fields, [], offset)
+            return TextHeader(nrrd, fields, [value_text], None)
+        fields[key_text] = value_text
+    return TextHeader(nrrd, fields, [], None)
+
+
+def check_attached_length(path: str | Path, nbytes: int, name: str) -> None:
+    """Attached pixel data of a MetaImage (``ElementDataFile = LOCAL``, raw or
+    ``CompressedData = True``) or NRRD (``encoding`` raw or gzip) holds ``nbytes`` once decoded.
+
+    Raises:
+        UnreadableFileError: the data ends early (see :func:`check_stream_length`).
+    """
+    header = text_header(path)
+    if header.data_offset is None:
+        return
+    if header.nrrd:
+        compression = {"raw": "none", "gzip": "zlib", "gz": "zlib"}.get(header.fields.get("encoding", "raw").lower())
+    else:
+        compression = "zlib" if header.fields.get("compresseddata", "").lower() == "true" else "none"
+    if compression is not None:
+        check_stream_length(path, header.data_offset, nbytes, name, compression)
 
 
 def check_self_contained(path: str | Path, policy: ReadPolicy, display: str | None = None) -> None:
@@ -144,13 +190,16 @@ def check_stream_length(
 
     Decompresses in 1 MiB chunks and stops as soon as ``nbytes`` are reached, so memory stays
     at a few MiB whatever the header claims and a decompression bomb costs no more than the
-    declared size in CPU time.
+    declared size in CPU time. A compressed claim of at most :data:`SMALL_DECODE_BYTES` is not
+    pre-checked: decoding it right away costs no more memory than that, and no second pass.
 
     Raises:
         UnreadableFileError: the data ends early (truncated file or lying header).
     """
     path = Path(path)
     need = offset + nbytes
+    if compression != "none" and nbytes <= SMALL_DECODE_BYTES:
+        return
     try:
         if compression == "none":
             have = path.stat().st_size

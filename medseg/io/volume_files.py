@@ -27,8 +27,8 @@ from medseg.io.atomic import atomic_write
 from medseg.io.image import Image
 from medseg.io.safety import (
     CLI_POLICY,
-    HEADER_LIMIT,
     ReadPolicy,
+    check_attached_length,
     check_declared_voxels,
     check_self_contained,
     check_stream_length,
@@ -170,7 +170,7 @@ def read_itk(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     components = reader.GetNumberOfComponents()
     voxels = math.prod(reader.GetSize()) * components
     check_declared_voxels(voxels, policy, path.name)
-    _check_attached_length(path, voxels * _component_bytes(reader), path.name)
+    check_attached_length(path, voxels * _component_bytes(reader), path.name)
     try:
         image = reader.Execute()
     except RuntimeError as error:
@@ -205,35 +205,6 @@ def _component_bytes(reader) -> int:
 
     scalar = sitk.Image([1, 1], reader.GetPixelID(), reader.GetNumberOfComponents())
     return int(scalar.GetSizeOfPixelComponent())
-
-
-def _check_attached_length(path: Path, nbytes: int, name: str) -> None:
-    """Attached (LOCAL / in-file) pixel data of a MetaImage or NRRD holds ``nbytes`` (decoded)."""
-    with path.open("rb") as handle:
-        head = handle.read(HEADER_LIMIT)
-    if head.startswith(b"NRRD"):
-        end = head.find(b"\n\n")
-        end = end + 2 if end >= 0 else head.find(b"\r\n\r\n") + 4
-        fields = {
-            k.strip().lower(): v.strip().lower()
-            for k, _, v in (line.partition(b":") for line in head[:end].split(b"\n")[1:])
-        }
-        if b"data file" in fields or b"datafile" in fields or end < 4:
-            return
-        encoding = fields.get(b"encoding", b"raw")
-        if encoding == b"raw":
-            check_stream_length(path, end, nbytes, name, "none")
-        elif encoding in (b"gzip", b"gz"):
-            check_stream_length(path, end, nbytes, name, "zlib")
-        return
-    marker = head.lower().find(b"elementdatafile")
-    if marker < 0:
-        return
-    line_end = head.find(b"\n", marker)
-    if line_end < 0 or b"local" not in head[marker:line_end].lower():
-        return
-    compressed = re.search(rb"compresseddata\s*=\s*true", head[:marker].lower()) is not None
-    check_stream_length(path, line_end + 1, nbytes, name, "zlib" if compressed else "none")
 
 
 def _first_line(error: Exception) -> str:
