@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -90,7 +91,7 @@ def orthanc_and_service(tmp_path_factory):
             if orthanc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("Orthanc did not start: " + (root / "orthanc.log").read_text()[-3000:])
             time.sleep(0.2)
-        yield pacs, service, admin
+        yield pacs, service, admin, root / "orthanc.log"
     finally:
         service.stop()
         orthanc.terminate()
@@ -98,7 +99,7 @@ def orthanc_and_service(tmp_path_factory):
 
 
 def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc_and_service):
-    pacs, service, admin = orthanc_and_service
+    pacs, service, admin, orthanc_log = orthanc_and_service
     series_dir = shared_path("dicom", "hippocampus_crop_study1")
     sources = {}
     for path in sorted(series_dir.iterdir()):
@@ -111,7 +112,7 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
     # Orthanc -> service over STOW-RS when the series is stable (Lua script, Orthanc's DICOMweb
     # client, with our key); the service makes one job of the series, segments it and pushes the SEG back
     with service.client(admin) as client:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + float(os.environ.get("MEDSEG_TEST_PACS_WAIT_S", "300"))
         while time.monotonic() < deadline:
             jobs = client.get("/v1/jobs").json()["items"]
             if jobs and (
@@ -119,7 +120,10 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
             ):
                 break
             time.sleep(0.3)
-        assert len(jobs) == 1, jobs
+        assert len(jobs) == 1, (
+            f"jobs: {jobs}\n--- service log ---\n{service.log()}\n"
+            f"--- Orthanc log ---\n{orthanc_log.read_text(errors='replace')[-5000:]}"
+        )
         job = jobs[0]
         assert job["source"] == "stow" and job["state"] == "succeeded", job
         assert job["input"]["series_uid"] == series_uid and job["input"]["instances"] == len(sources)
