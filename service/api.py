@@ -97,6 +97,13 @@ def readyz(request: Request) -> dict[str, Any]:
         checks["default_model"] = "ok"
     except MedsegError:
         checks["default_model"] = f"'{state.settings.default_model}' not found"
+    check_broker = getattr(state.queue, "check_reachable", None)  # only an API replica on a broker
+    if check_broker is not None:
+        try:
+            check_broker()
+            checks["broker"] = "ok"
+        except Exception as error:
+            checks["broker"] = f"unreachable ({type(error).__name__})"
     alive, wanted = state.pool.alive, state.settings.workers
     checks["workers"] = "ok" if alive == wanted else f"{alive} of {wanted} running"
     for name in ("incoming_dir", "jobs_dir", "stow_dir"):

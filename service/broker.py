@@ -99,6 +99,12 @@ class BrokerQueue:
                 self._publisher = threading.Thread(target=self._publish_loop, daemon=True, name="medseg-broker-publish")
                 self._publisher.start()
 
+    def check_reachable(self, timeout: float = 2.0) -> None:
+        """Connect to the broker once (for ``/readyz``); raises the transport's error when it is
+        unreachable within ``timeout`` seconds."""
+        with self.app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
+
     def claim(self, node: str, timeout: float) -> Job | None:
         time.sleep(min(timeout, 1.0))
         return None

@@ -391,6 +391,7 @@ def test_submit_never_blocks_and_publishes_once_the_broker_is_back(redis_url, tm
     """The API hands a job id to the broker without waiting for it: with Redis down ``submit``
     returns at once, and the id is published when Redis is reachable again."""
     import redis
+    from kombu.exceptions import OperationalError
 
     from service.broker import BrokerQueue
     from service.config import Settings
@@ -410,6 +411,8 @@ def test_submit_never_blocks_and_publishes_once_the_broker_is_back(redis_url, tm
         assert time.monotonic() - started < 0.5
         time.sleep(1.0)
         assert store.get_job("b" * 32).published_at is None
+        with pytest.raises((OSError, OperationalError)):  # what /readyz reports as "broker unreachable"
+            queue.check_reachable(timeout=1.0)
         server = subprocess.Popen(
             [
                 shutil.which("redis-server") or "/usr/bin/redis-server",
@@ -429,6 +432,7 @@ def test_submit_never_blocks_and_publishes_once_the_broker_is_back(redis_url, tm
         )
         _wait(lambda: store.get_job("b" * 32).published_at is not None, 30, "published")
         assert redis.Redis(host="127.0.0.1", port=port).llen("late") == 1
+        queue.check_reachable(timeout=5.0)
     finally:
         queue.close()
         store.dispose()
