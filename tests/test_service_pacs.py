@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -112,7 +111,7 @@ def test_orthanc_forwards_a_study_and_gets_a_seg_back_on_the_source_grid(orthanc
     # Orthanc -> service over STOW-RS when the series is stable (Lua script, Orthanc's DICOMweb
     # client, with our key); the service makes one job of the series, segments it and pushes the SEG back
     with service.client(admin) as client:
-        deadline = time.monotonic() + float(os.environ.get("MEDSEG_TEST_PACS_WAIT_S", "300"))
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             jobs = client.get("/v1/jobs").json()["items"]
             if jobs and (
