@@ -71,12 +71,15 @@ def run_job(
     predictors: PredictorCache,
     progress: Callable[..., None] | None = None,
     policy=None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Segment one job's input; returns ``{"results", "timings", "statistics"}``.
 
     ``results`` maps result names (seg, nifti, report, preview) to paths relative to ``job_dir``.
     Timings are in seconds. ``policy`` (:class:`medseg.io.safety.ReadPolicy`) is what reading the
-    input may touch, as at upload. Raises any :class:`medseg.errors.MedsegError` of the steps.
+    input may touch, as at upload. ``checkpoint`` is called (unthrottled, unlike ``progress``)
+    between inference and writing, so a job deleted meanwhile writes nothing. Raises any
+    :class:`medseg.errors.MedsegError` of the steps, and whatever ``checkpoint`` raises.
     """
     from medseg.io import read_image
     from medseg.outputs import write_outputs
@@ -103,6 +106,8 @@ def run_job(
         if isinstance(value, (int, float)):
             timings[f"predict.{name}"] = float(value)
 
+    if checkpoint is not None:
+        checkpoint()
     mark = time.perf_counter()
     formats = tuple(RESULT_FORMATS[name] for name in options["formats"])
     partial, final = job_dir / "output.partial", job_dir / "output"

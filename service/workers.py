@@ -117,23 +117,31 @@ class WorkerPool:
         )
         last_check = [0.0]
 
-        def progress(*args: Any, **kwargs: Any) -> None:
-            now = time.monotonic()
-            if now - last_check[0] < CHECK_S:
-                return
-            last_check[0] = now
+        def checkpoint(fraction: float | None = None) -> None:
+            """Heartbeat; raises if the service is stopping or the job's row is gone."""
+            last_check[0] = time.monotonic()
             if self._stop.is_set():
                 raise WorkerStopping()
-            fraction = _fraction(args, kwargs)
             values = {"heartbeat_at": time.time()}
             if fraction is not None:
                 values["progress"] = fraction
             if not store.update_job(job.id, where_state=RUNNING, where_node=job.node, **values):
                 raise JobCancelled()
 
+        def progress(*args: Any, **kwargs: Any) -> None:
+            if time.monotonic() - last_check[0] >= CHECK_S:
+                checkpoint(_fraction(args, kwargs))
+
         try:
             outcome = run_job(
-                job_dir, job.input, job.model, job.options, predictors, progress, policy=settings.read_policy
+                job_dir,
+                job.input,
+                job.model,
+                job.options,
+                predictors,
+                progress,
+                policy=settings.read_policy,
+                checkpoint=checkpoint,
             )
         except JobCancelled:
             log.info("job cancelled while running", extra={"job_id": job.id})
@@ -152,12 +160,11 @@ class WorkerPool:
             )
             log.info("job re-queued at shut-down", extra={"job_id": job.id})
             return
-        except MedsegError as error:
-            self._finish(job, FAILED, error=problem_of(error), queued_s=queued_s)
-            return
-        except Exception as error:  # a fault of ours, not the client's: 500 in the job's error
-            log.exception("job failed", extra={"job_id": job.id, "error_type": type(error).__name__})
-            self._finish(job, FAILED, error=problem_of(error), queued_s=queued_s)
+        except Exception as error:  # MedsegError: the client's; anything else a fault of ours (500)
+            if not isinstance(error, MedsegError):
+                log.exception("job failed", extra={"job_id": job.id, "error_type": type(error).__name__})
+            if not self._finish(job, FAILED, error=problem_of(error), queued_s=queued_s):
+                self._discard(job, job_dir)  # deleted while it ran: its writes may have failed for that
             return
         timings = {**(job.timings or {}), "queued_s": queued_s, **outcome["timings"]}
         warnings = [*(job.input or {}).get("warnings", []), *outcome.get("warnings", [])]
