@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 
 
 def main() -> int:
     from medseg.package import resolve_model
-    from medseg.training.config import load_config
-    from medseg.training.trainer import Trainer
+    from medseg.training.evaluation import validate_package
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
@@ -27,11 +25,7 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="package name or path")
     args = parser.parse_args()
     package = resolve_model(args.model)
-    with tempfile.TemporaryDirectory(prefix="medseg-revalidate-") as tmp:
-        trainer = Trainer(load_config(args.config, ["data.cache_rate=0"]), tmp, fold=args.fold)
-        trainer.network.load_state_dict(package.load_network().state_dict())
-        trainer._validate(epoch=0)
-        now = trainer.best_summary
+    now, _ = validate_package(args.config, package, args.fold)
     stored = package.card.metrics.get("validation", {})
     print(
         f"| label | Dice stored ({stored.get('num_cases')} cases) | Dice via Predictor ({now['num_cases']} cases) "
