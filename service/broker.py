@@ -57,7 +57,14 @@ def celery_app(settings: Settings):
         task_acks_late=True,  # acknowledge after the job ran: a dead worker's job is re-delivered
         task_reject_on_worker_lost=True,  # a killed pool process re-queues its message at once
         worker_prefetch_multiplier=1,  # no job waits in a busy worker's buffer
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_transport_options={
+            # Redis: a delivered, unacknowledged message goes back to the queue after this long
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            # ...found by a scan every broker_restore_interval_s (kombu's default is one scan
+            # per 10 x 10 s); other transports ignore these keys
+            "unacked_restore_interval": settings.broker_restore_interval_s,
+            "unacked_restore_throttle": 1,
+        },
         broker_connection_retry_on_startup=True,
         task_default_queue=settings.broker_queue,
         task_ignore_result=True,
@@ -199,6 +206,157 @@ def install(app, settings: Settings) -> None:
                 queue.close()
 
     app.router.lifespan_context = lifespan
+
+
+# --- batches from the command line (medseg predict --broker) ------------------------------------
+BATCH_OWNER = "cli-batch"  # jobs.owner of batch jobs: an admin key sees them in GET /v1/jobs
+
+
+class BatchClient:
+    """What ``medseg predict --broker`` submits and collects through: the API's own steps.
+
+    Each series is staged in ``<data_dir>/incoming/<id>/`` (hard links where the file system
+    allows, else copies), checked by :func:`service.inputs.prepare_input` (the upload checks),
+    stored by :func:`service.jobs.create_job` (source ``batch``) and published by
+    :class:`BrokerQueue`; ``medseg worker`` processes run it as any other job. ``data_dir`` must
+    be the workers' data dir on a shared file system (inputs are staged into it, results are read
+    back from it), and the store URL theirs.
+    """
+
+    def __init__(self, settings: Settings, owner: str = BATCH_OWNER):
+        """Open the store (migrating it if needed) and the broker connection.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the store cannot be opened.
+            ValueError: ``settings.broker_url`` is not set.
+        """
+        if not settings.broker_url:
+            raise ValueError("no broker_url configured")
+        self.settings, self.owner = settings, owner
+        for folder in (settings.data_dir, settings.jobs_dir, settings.incoming_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.db_url)
+        self.queue = BrokerQueue(settings, self.store)
+
+    def check_reachable(self, timeout: float = 5.0) -> None:
+        """Raise the transport's error (``OSError``, ``kombu.exceptions.OperationalError``) when
+        the broker cannot be reached within ``timeout`` seconds."""
+        self.queue.check_reachable(timeout)
+
+    def submit(self, files, card, model: str, options) -> Job:
+        """Stage ``files`` (the instances of one series, or one volume file or archive), validate
+        them for ``card`` with ``options`` (:class:`service.inputs.JobOptions`), store the job as
+        ``queued`` and hand its id to the broker (asynchronously; see :class:`BrokerQueue`).
+
+        Raises:
+            MedsegError: what the upload checks raise (unreadable, unsafe, too large, modality or
+                field-of-view mismatch, formats that need DICOM input).
+            OSError: the data dir is not writable.
+        """
+        import shutil
+        from pathlib import Path
+
+        from service.inputs import prepare_input
+        from service.jobs import create_job, new_job_id
+        from service.uploads import Received, ReceivedFile
+
+        job_id = new_job_id()
+        upload_dir = self.settings.incoming_dir / job_id
+        upload_dir.mkdir(parents=True)
+        try:
+            received = Received()
+            for index, source in enumerate(map(Path, files)):
+                # several files are DICOM instances: numbered names (folders may repeat names)
+                target = upload_dir / (source.name if len(files) == 1 else f"{index:05d}.dcm")
+                _link_or_copy(source, target)
+                size = target.stat().st_size
+                received.files.append(ReceivedFile(target, source.name, "application/octet-stream", size))
+                received.size += size
+            job_input = prepare_input(received, upload_dir, self.settings, card, options)
+            job = create_job(
+                self.store,
+                self.settings,
+                job_id=job_id,
+                owner=self.owner,
+                source="batch",
+                model=model,
+                options={"tta": options.tta, "overlap": options.overlap, "formats": job_input["formats"]},
+                job_input=job_input,
+                input_dir=upload_dir,
+            )
+        finally:
+            shutil.rmtree(upload_dir, ignore_errors=True)  # moved into the job, or refused
+        self.queue.submit(job.id)
+        return job
+
+    def jobs(self, ids) -> dict[str, Job]:
+        """The current rows of the jobs ``ids`` (a deleted job is absent)."""
+        from sqlalchemy import select
+
+        ids, found = list(ids), {}
+        for start in range(0, len(ids), 500):
+            with self.store.session() as session:
+                rows = session.scalars(select(Job).where(Job.id.in_(ids[start : start + 500])))
+                found.update({row.id: row for row in rows})
+        return found
+
+    def collect(self, job: Job, targets: dict) -> dict:
+        """Copy the results of a succeeded ``job`` to ``targets`` (result name -> destination
+        path; names the job lacks are left out) and return ``{name: destination}``.
+
+        Each file is copied to a hidden ``.<name>.<pid>.partial`` beside its destination and
+        renamed (``os.replace``): a destination is never half-written. The report is renamed
+        last, since ``--skip-existing`` takes its presence as "this series is done".
+
+        Raises:
+            FileNotFoundError: a result file is missing from the job's folder.
+            OSError: a destination cannot be written.
+        """
+        import shutil
+
+        from service.jobs import result_path
+
+        written = {}
+        for name in sorted(targets, key=lambda n: n == "report"):
+            if name not in (job.results or {}):
+                continue
+            source = result_path(self.settings, job, name)
+            if source is None:
+                raise FileNotFoundError(f"job {job.id}: result '{name}' is missing from the shared data dir")
+            destination = targets[name]
+            partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+            try:
+                shutil.copyfile(source, partial)
+                os.replace(partial, destination)
+            finally:
+                partial.unlink(missing_ok=True)
+            written[name] = destination
+        return written
+
+    def delete(self, job_id: str) -> None:
+        """Delete a job, row and files; a worker running it stops at its next progress check, a
+        message still queued for it is dropped at the claim (:func:`service.jobs.cancel_job`)."""
+        from service.jobs import cancel_job
+
+        job = self.store.get_job(job_id)
+        if job is not None:
+            cancel_job(self.store, self.settings, job)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Publish what is still in the outbox (up to ``timeout`` s), then close broker and store."""
+        self.queue.close(timeout)
+        self.store.dispose()
+
+
+def _link_or_copy(source, target) -> None:
+    """Hard-link ``source`` to ``target``; copy it where linking is impossible (another file
+    system, ``fs.protected_hardlinks``)."""
+    import shutil
+
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 # --- the worker process -------------------------------------------------------------------------
@@ -356,4 +514,4 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
     return 0
 
 
-__all__ = ["BrokerQueue", "WorkerRuntime", "celery_app", "install", "run_worker", "TASK"]
+__all__ = ["BatchClient", "BrokerQueue", "WorkerRuntime", "celery_app", "install", "run_worker", "TASK"]

@@ -72,6 +72,13 @@ class Settings(BaseModel):
         description="Redis: an unacknowledged job message is re-delivered "
         "after this long; keep it longer than the longest job",
     )
+    broker_restore_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Redis: seconds between a worker's scans for unacknowledged messages "
+        "older than the visibility timeout (those are put back in the queue); lower it with a "
+        "short visibility timeout",
+    )
     broker_republish_s: float = Field(
         900.0,
         gt=0,

@@ -137,7 +137,7 @@ class JobView(BaseModel):
 
     id: str
     state: Literal[STATES]  # type: ignore[valid-type]
-    source: Literal["upload", "stow"]
+    source: Literal["upload", "stow", "batch"] = Field(description="batch: medseg predict --broker")
     model: str
     created_at: datetime
     started_at: datetime | None = None

@@ -37,7 +37,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     owner: Mapped[str] = mapped_column(String(32), index=True)
-    source: Mapped[str] = mapped_column(String(16))  # upload | stow
+    source: Mapped[str] = mapped_column(String(16))  # upload | stow | batch
     model: Mapped[str] = mapped_column(String(200))
     options: Mapped[dict] = mapped_column(JSON, default=dict)
     input: Mapped[dict] = mapped_column(JSON, default=dict)  # kind, path, series_uid, modality

@@ -617,3 +617,86 @@ def test_two_replicas_two_workers_every_job_succeeds_exactly_once(redis_url, pos
         assert sum(store.get_job(job_id).attempts for job_id in ids) <= JOBS + 2
     finally:
         store.dispose()
+
+
+def test_unacknowledged_job_is_redelivered_by_redis_after_the_visibility_timeout(redis_url, models, tmp_path):
+    """Celery + Redis's own at-least-once delivery: a worker takes a job and is frozen (SIGSTOP),
+    its message stays unacknowledged; after the visibility timeout the other worker's periodic
+    scan puts it back in the queue, that worker claims the job (heartbeat stale) and runs it:
+    it succeeds once, with ``attempts == 2``, and nothing but the broker brought it back (the
+    heartbeat loops that re-queue stale jobs are disabled: maintenance interval 1 h)."""
+    from medseg.package import resolve_model
+    from service.broker import BatchClient
+    from service.config import Settings
+    from service.inputs import JobOptions
+    from service.store import RUNNING, SUCCEEDED
+
+    visibility_s, lease_s = 8.0, 3.0
+    crop = shared_path("dicom", "hippocampus_crop_study1")
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {
+        "MEDSEG_SERVICE_BROKER_URL": redis_url,
+        "MEDSEG_SERVICE_BROKER_QUEUE": "redelivery",
+        "MEDSEG_SERVICE_BROKER_VISIBILITY_TIMEOUT_S": str(visibility_s),
+        "MEDSEG_SERVICE_BROKER_RESTORE_INTERVAL_S": "1",
+        "MEDSEG_SERVICE_LEASE_S": str(lease_s),
+        "MEDSEG_SERVICE_MAINTENANCE_INTERVAL_S": "3600",
+    }
+    workers = [Worker(f"r{i}", data, models, env).start() for i in (1, 2)]
+    settings = Settings.load(
+        {"data_dir": data, "broker_url": redis_url, "broker_queue": "redelivery", "lease_s": lease_s}, environ={}
+    )
+    client = BatchClient(settings)
+    frozen = None
+    try:
+        # both workers past their start-up re-queue of stale jobs before the job exists
+        for worker in workers:
+            _wait(lambda w=worker: any(r.get("msg") == "worker started" for r in w.records()), 120, "worker up")
+        card = resolve_model(models / TINY_MODEL).card
+        options = JobOptions(tta=True, overlap=0.9, formats=["seg", "report"])  # a few seconds of work
+        job = client.submit(sorted(crop.iterdir()), card, TINY_MODEL, options)
+        first = _wait(
+            lambda: (row := client.store.get_job(job.id)).state == RUNNING and row,
+            120,
+            "a worker running the job",
+        )
+        frozen = next(w for w in workers if first.node == f"{w.name}:worker:{w.process.pid}")
+        frozen.process.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert client.store.get_job(job.id).state == RUNNING  # frozen mid-job, message unacked
+        other = next(w for w in workers if w is not frozen)
+
+        done = _wait(
+            lambda: (row := client.store.get_job(job.id)).state in (SUCCEEDED, "failed") and row,
+            visibility_s + 60,
+            "the job re-delivered and finished",
+        )
+        took_s = time.monotonic() - stopped
+        assert done.state == SUCCEEDED and done.error is None, done.error
+        assert done.node.startswith(f"{other.name}:worker:") and done.attempts == 2
+        # taken again only once the visibility timeout had passed since the first delivery
+        assert done.started_at - first.started_at >= visibility_s - 1.0, (first.started_at, done.started_at)
+        assert done.published_at == first.published_at  # published once, by the client
+        folder = data / "jobs" / job.id
+        assert sorted(p.name for p in folder.iterdir()) == ["input", "output"]
+        assert _is_seg(folder / done.results["seg"])
+        records = [r for w in workers for r in w.records()]
+        assert not [r for r in records if r.get("msg", "").startswith("job re-queued")]
+        finished = [r for r in records if r.get("msg") == "job finished" and r.get("job_id") == job.id]
+        assert [r["state"] for r in finished] == [SUCCEEDED]
+        assert [r.get("attempt") for r in other.records() if r.get("msg") == "job started"] == [2]
+    finally:
+        for worker in workers:
+            if worker is frozen:
+                worker.kill()  # SIGKILL ends a stopped process too
+            else:
+                worker.stop()
+        client.close(timeout=1)
+    print(f"\nre-delivered and finished {took_s:.1f} s after the first worker was frozen")
+
+
+def _is_seg(path: Path) -> bool:
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True).Modality == "SEG"

@@ -12,6 +12,13 @@ Outputs never overwrite an input (such a run is refused), files under the output
 never taken as input (so ``--output`` may sit inside an input folder and the run be repeated),
 and a run that writes nothing leaves no empty output folder behind.
 
+With ``--broker URL`` the series are not segmented here: each becomes a job of the service's job
+store (the same upload checks, :class:`service.broker.BatchClient`), published to the Celery queue
+that ``medseg worker`` processes take jobs from; the command waits, showing a progress bar over
+series, and copies each job's results into ``--output`` under the names, and with the exit codes,
+of a local run. ``--data-dir`` must be the workers' data dir on a shared file system: inputs are
+staged into it and results read back from it. Without ``--broker`` nothing of this is used.
+
 Exit code: 0 when every fitting series was segmented (or already was, with ``--skip-existing``);
 1 when any series or input failed, or when no series fitted the model; 2 for bad arguments or an
 unknown model (handled by :mod:`medseg.cli`).
@@ -64,6 +71,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--runtime", default="auto", help="auto, eager, channels_last or compile")
     parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per network call (default: automatic)")
+    scale = parser.add_argument_group(
+        "scale-out (the workers of `medseg worker`)",
+        "With --broker the series are segmented by `medseg worker` processes, not here: each is "
+        "submitted as a job to their queue and job store, and its results are copied into --output "
+        "once done (same file names, --skip-existing and exit codes as a local run). --data-dir must "
+        "be the workers' data dir on a shared file system (inputs are staged into it, results read "
+        "back from it); --device, --runtime and --sw-batch-size are then the workers' own; --model "
+        "is a registered name they know. Only --broker turns this on; the others may also come from "
+        "MEDSEG_SERVICE_DATABASE_URL, MEDSEG_SERVICE_DATA_DIR and MEDSEG_SERVICE_BROKER_QUEUE.",
+    )
+    scale.add_argument(
+        "--broker",
+        metavar="URL",
+        help="Celery broker of the workers, e.g. redis://host:6379/0 or amqp://user:pass@host//",
+    )
+    scale.add_argument("--database-url", metavar="URL", help="SQLAlchemy URL of the workers' job store")
+    scale.add_argument("--data-dir", metavar="DIR", help="the workers' data dir, on a shared file system")
+    scale.add_argument("--queue", metavar="NAME", help="Celery queue name (default medseg)")
     parser.set_defaults(func=run)
 
 
@@ -107,9 +132,6 @@ def _label(info) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.inference.matching import modality_mismatch
-    from medseg.io import find_series
-    from medseg.outputs import output_paths, stem_for
     from medseg.package import resolve_model
 
     formats = _formats(args.formats)
@@ -124,8 +146,21 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output {out_dir.name}: exists and is not a folder")
     package = resolve_model(args.model)
-    card = package.card
     resolved_out = out_dir.resolve()
+    batch = _batch(args) if getattr(args, "broker", None) else None
+    try:
+        return _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch)
+    finally:
+        if batch is not None:
+            batch.client.close()
+
+
+def _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch) -> int:
+    from medseg.inference.matching import modality_mismatch
+    from medseg.io import find_series
+    from medseg.outputs import output_paths, stem_for
+
+    card = package.card
 
     outcomes: list[_Outcome] = []
     candidates = []
@@ -175,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if batch is not None:
+            return _run_broker(batch, todo, outcomes, package, formats, out_dir)
         return _run(args, todo, outcomes, package, device, formats, out_dir)
     finally:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
@@ -234,6 +271,164 @@ def _run(args, todo, outcomes, package, device, formats, out_dir) -> int:
                 if compute:
                     bar.set_postfix_str(f"{voxels / compute / 1e6:.2f} Mvoxel/s")
 
+    return _report(outcomes, out_dir)
+
+
+# --- --broker: the series run as jobs of `medseg worker` processes -------------------------------
+POLL_S = 0.5  # seconds between looks at the job store while waiting
+
+
+@dataclass
+class _Batch:
+    """A :class:`service.broker.BatchClient` with the job options of this run."""
+
+    client: object
+    options: object  # service.inputs.JobOptions (model name, tta, overlap); formats set per series
+    model: str
+    queue: str
+
+
+def _batch(args: argparse.Namespace) -> _Batch:
+    """Check the --broker settings, open the job store and reach the broker, before any series
+    is looked at.
+
+    Raises:
+        ConfigError: no shared data dir given, a model given by path (the workers resolve models
+            by registered name), options the service refuses, or broker / job store unreachable.
+    """
+    import os
+
+    from pydantic import ValidationError
+
+    from medseg.package import resolve_model
+    from service.config import ENV_PREFIX, Settings
+
+    if not (args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR")):
+        raise ConfigError("--broker needs --data-dir DIR: the workers' data dir, on a shared file system")
+    try:
+        resolve_model(args.model, allow_path=False)
+    except MedsegError:
+        raise ConfigError(
+            f"--broker: --model must be a registered model name the workers know too, not a path ({args.model})"
+        ) from None
+    settings = Settings.load(
+        {
+            "broker_url": args.broker,
+            "database_url": args.database_url,
+            "data_dir": args.data_dir,
+            "broker_queue": args.queue,
+        }
+    )
+    from service.inputs import JobOptions
+
+    try:
+        options = JobOptions(model=args.model, tta=args.tta, overlap=args.overlap)
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ConfigError(f"--{first['loc'][0]}: {first['msg']} (with --broker)") from None
+    from service.broker import BatchClient
+
+    try:
+        client = BatchClient(settings)
+    except Exception as error:  # SQLAlchemy / OS errors opening the store
+        raise ConfigError(f"--broker: cannot open the job store: {type(error).__name__}: {error}") from None
+    try:
+        client.check_reachable(timeout=5.0)
+    except Exception as error:  # kombu OperationalError, OSError
+        client.close(timeout=0)
+        raise ConfigError(f"--broker: broker unreachable ({type(error).__name__}: {error})") from None
+    return _Batch(client, options, args.model, settings.broker_queue)
+
+
+def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int:
+    """Submit ``todo`` as jobs, wait for them, gather their results; returns the exit code.
+
+    A series refused by the upload checks is ``skipped`` (it does not fit the model) or
+    ``failed``; a failed job reports its problem detail on stderr and the batch goes on. Jobs are
+    deleted (row and files in the shared data dir) once gathered; on an interruption (Ctrl-C)
+    those not yet gathered are deleted too, so that no worker segments them for nobody.
+    """
+    from tqdm import tqdm
+
+    from medseg.errors import ModalityMismatchError, SeriesMismatchError
+    from medseg.outputs import output_paths
+    from service.inputs import DICOM_ONLY
+    from service.pipeline import RESULT_FORMATS
+    from service.store import EXPIRED, FAILED, SUCCEEDED
+
+    client, card = batch.client, package.card
+    names = [name for name, fmt in RESULT_FORMATS.items() if fmt in formats]
+    pending: dict[str, tuple[str, str]] = {}  # job id -> (series label, stem)
+    last_poll = [0.0]
+    submitted = 0
+
+    def failed(name: str, reason: str) -> None:
+        outcomes.append(_Outcome(name, "failed", reason))
+        tqdm.write(f"failed   {name}: {reason}", file=sys.stderr)
+
+    def poll(bar) -> None:
+        last_poll[0] = time.monotonic()
+        jobs = client.jobs(pending)
+        for job_id, (name, stem) in list(pending.items()):
+            job = jobs.get(job_id)
+            if job is None:
+                failed(name, "the job was deleted before it finished")
+            elif job.state == SUCCEEDED:
+                targets = {n: output_paths(out_dir, stem, [RESULT_FORMATS[n]])[RESULT_FORMATS[n]] for n in names}
+                try:
+                    written = client.collect(job, targets)
+                except OSError as error:
+                    failed(name, f"results not gathered: {error}")
+                else:
+                    outcomes.append(_Outcome(name, "done", outputs={k: str(v) for k, v in written.items()}))
+                    client.delete(job_id)
+            elif job.state in (FAILED, EXPIRED):
+                detail = (job.error or {}).get("detail") or f"job {job.state}"
+                failed(name, f"{detail} (job {job_id})")
+                client.delete(job_id)
+            else:
+                continue
+            del pending[job_id]
+            bar.update(1)
+        waiting = [job.state for job_id, job in jobs.items() if job_id in pending]
+        bar.set_postfix_str(f"{waiting.count('queued')} queued, {waiting.count('running')} running")
+
+    try:
+        with tqdm(total=len(todo), unit="series", file=sys.stderr, disable=None) as bar:
+            for info, stem in todo:
+                name = _label(info)
+                dicom = info.format == "dicom"
+                wanted = [n for n in names if dicom or n not in DICOM_ONLY]
+                try:
+                    job = client.submit(
+                        info.files, card, batch.model, batch.options.model_copy(update={"formats": wanted or None})
+                    )
+                    pending[job.id] = (name, stem)
+                    submitted += 1
+                except (ModalityMismatchError, SeriesMismatchError) as error:  # as a local run: skipped
+                    outcomes.append(_Outcome(name, "skipped", str(error).split(": ", 1)[-1]))
+                    bar.update(1)
+                except MedsegError as error:
+                    failed(name, str(error))
+                    bar.update(1)
+                except OSError as error:
+                    failed(name, f"not submitted: {error}")
+                    bar.update(1)
+                if pending and time.monotonic() - last_poll[0] >= POLL_S:
+                    poll(bar)
+            tqdm.write(
+                f"{submitted} series submitted to queue {batch.queue}; waiting for {len(pending)}",
+                file=sys.stderr,
+            )
+            while pending:
+                time.sleep(POLL_S)
+                poll(bar)
+    finally:
+        for job_id in list(pending):  # interrupted: nobody will gather these
+            try:
+                client.delete(job_id)
+            except Exception:
+                log.debug("could not delete job %s", job_id, exc_info=True)
     return _report(outcomes, out_dir)
 
 
