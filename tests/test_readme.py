@@ -46,6 +46,11 @@ NOT_RUN = {
         "placeholders",
         "not runnable, placeholders: STUDY_EXPORT_DIR, scans.zip, image.nii.gz, DICOM_DIR, UID, PRED_DIR, LABEL_DIR",
     ),
+    "medseg train configs/hippocampus/stunet.yaml --fold 0        # also dformer, transunet3d, swin_unetr": (
+        "reference",
+        "how the leaderboard rows were trained: about 30 minutes each on ../shared/data; the "
+        "network test trains every seed network's tiny config",
+    ),
     "medseg train configs/hippocampus/unet.yaml --fold 0 --output runs/hippocampus_unet": (
         "reference",
         "how the bundled model was trained: 39 minutes on ../shared/data; the toy block of "
