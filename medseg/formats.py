@@ -14,6 +14,8 @@ VOLUME_SUFFIXES: dict[str, str] = {
     ".nhdr": "nrrd",
     ".mha": "metaimage",
     ".mhd": "metaimage",
+    ".tiff": "tiff",
+    ".tif": "tiff",
 }
 NIFTI_SUFFIXES = tuple(s for s, f in VOLUME_SUFFIXES.items() if f == "nifti")
 #: what an upload or an input may be named, besides volume files
@@ -27,7 +29,8 @@ def volume_suffix(name: str) -> str | None:
 
 
 def volume_format(name: str) -> str | None:
-    """``"nifti"``, ``"nrrd"``, ``"metaimage"`` or ``None`` from a file name."""
+    """``"nifti"``, ``"nrrd"``, ``"metaimage"``, ``"tiff"`` (3D stacks, :mod:`medseg.io.tiff`) or
+    ``None`` from a file name."""
     suffix = volume_suffix(name)
     return VOLUME_SUFFIXES[suffix] if suffix else None
 

@@ -45,8 +45,15 @@ from medseg.package import ModelCard
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.inference.predictor import Prediction
 
-FORMATS = ("nifti", "seg", "rtstruct", "json", "png")
-SUFFIXES = {"nifti": ".nii.gz", "seg": ".seg.dcm", "rtstruct": ".rtstruct.dcm", "json": ".json", "png": ".png"}
+FORMATS = ("nifti", "tiff", "seg", "rtstruct", "json", "png")
+SUFFIXES = {
+    "nifti": ".nii.gz",
+    "tiff": ".label.tif",  # (Z, Y, X) label stack, medseg.io.tiff.write_label_tiff
+    "seg": ".seg.dcm",
+    "rtstruct": ".rtstruct.dcm",
+    "json": ".json",
+    "png": ".png",
+}
 #: formats written only for DICOM input (they reference the source instances)
 DICOM_ONLY_FORMATS = ("seg", "rtstruct")
 #: what is written when no formats are given (RTSTRUCT only on request)
@@ -564,7 +571,7 @@ def write_outputs(
         card: the model card (labels, name, version, weights hash, training time, whether
             validated); its identity goes into the report, the SEG and the preview.
         out_dir: folder, created if needed.
-        formats: any of ``nifti``, ``seg``, ``rtstruct``, ``json``, ``png`` (default
+        formats: any of ``nifti``, ``tiff`` (label stack), ``seg``, ``rtstruct``, ``json``, ``png`` (default
             :data:`DEFAULT_FORMATS`, all but ``rtstruct``); ``seg`` and ``rtstruct`` are skipped
             (not an error) when the input was not DICOM.
         stem: file-name stem (default: :func:`series_stem`).
@@ -590,6 +597,10 @@ def write_outputs(
     notes: list[str] = []
     if "nifti" in paths:
         written["nifti"] = write_nifti(prediction.label_map, paths["nifti"], label_map=True)
+    if "tiff" in paths:
+        from medseg.io.tiff import write_label_tiff
+
+        written["tiff"] = write_label_tiff(prediction.label_map, paths["tiff"])
     if "seg" in paths:
         parameters = {
             key: value

@@ -56,10 +56,11 @@ class Normalization(BaseModel):
 
     ``zscore``: per image, ``(x - mean(x)) / std(x)`` (MR). ``ct``: clip to ``clip`` (the 0.5 / 99.5
     foreground percentiles, HU) then ``(x - mean) / std`` with dataset foreground statistics.
+    ``max``: per image, ``x / max(x)`` (SPOCKMIP's max normalisation, for 8-bit microscopy / MRA stacks).
     ``none``: unchanged.
     """
 
-    scheme: Literal["zscore", "ct", "none"] = "zscore"
+    scheme: Literal["zscore", "ct", "max", "none"] = "zscore"
     clip: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None

@@ -21,6 +21,7 @@ def normalize_intensity(x: ArrayLike, normalization: Normalization) -> ArrayLike
     - ``zscore`` (MR): ``(x - mean(x)) / max(std(x), 1e-8)`` over the whole image.
     - ``ct``: clip to ``normalization.clip`` (HU), then ``(x - mean) / std`` with the dataset's
       foreground statistics stored in the model card.
+    - ``max``: ``x / max(max(x), 1e-8)`` over the whole image (SPOCKMIP, Radhakrishna et al. 2024).
     - ``none``: cast only.
 
     Raises:
@@ -35,6 +36,8 @@ def normalize_intensity(x: ArrayLike, normalization: Normalization) -> ArrayLike
         if n.clip is None or n.mean is None or n.std is None:
             raise ValueError("ct normalization needs clip, mean and std")
         t = (t.clamp(n.clip[0], n.clip[1]) - n.mean) / max(n.std, 1e-8)
+    elif normalization.scheme == "max":
+        t = t / t.amax().clamp_min(1e-8)
     return t if is_tensor else t.numpy()
 
 

@@ -57,9 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--formats",
         default="nifti,seg,json,png",
-        help="comma-separated outputs among nifti,seg,rtstruct,json,png "
+        help="comma-separated outputs among nifti,tiff,seg,rtstruct,json,png "
         "(default: nifti,seg,json,png; seg and rtstruct only for DICOM "
         "input)",
+    )
+    parser.add_argument(
+        "--spacing",
+        help="voxel size of TIFF stacks along X,Y,Z in mm (or e.g. 0.99,0.99,5um); overrides the "
+        "file's ImageJ/OME metadata and is required when the file has none",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
@@ -108,6 +113,15 @@ def _formats(text: str) -> tuple[str, ...]:
     if unknown or not formats:
         raise ConfigError(f"--formats: unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(FORMATS)})")
     return formats
+
+
+def _spacing(text: str | None) -> tuple[float, float, float] | None:
+    from medseg.io.tiff import parse_spacing
+
+    try:
+        return parse_spacing(text)
+    except ValueError as error:
+        raise ConfigError(f"--spacing: {error}") from None
 
 
 def _device(text: str) -> str:
@@ -165,9 +179,10 @@ def _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch) 
     outcomes: list[_Outcome] = []
     candidates = []
     input_files: set[Path] = set()
+    spacing = _spacing(getattr(args, "spacing", None))
     for path in args.inputs:
         try:
-            found = find_series(path)
+            found = find_series(path, spacing=spacing)
         except MedsegError as error:
             outcomes.append(_Outcome(Path(path).name, "failed", str(error)))
             continue

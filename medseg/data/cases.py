@@ -3,12 +3,23 @@
 ``DATASET/imagesTr/<case>.nii.gz`` (MSD) or ``<case>_0000.nii.gz`` (nnU-Net v2, one file per
 channel) pairs with ``DATASET/labelsTr/<case>.nii.gz``; a ``"training"`` list in
 ``dataset.json`` (MSD) takes precedence. Any file format nibabel reads is accepted.
+
+A *manifest* (``data.manifest``, :func:`read_case_manifest`) lists the pairs of a dataset in any
+other layout, e.g. the vesselNN two-photon TIFF stacks (``configs/vessels/vesselnn_2photon.json``)::
+
+    {"name": "...", "spacing": [X, Y, Z] (mm, optional default for TIFF stacks),
+     "training": [{"case": "id", "image": "denoised/a.tif", "label": "labels/a.tif",
+                   "spacing": [X, Y, Z] (optional)}, ...],
+     "folds": [{"val": ["id", ...]}, ...]   (optional fixed cross-validation folds)}
+
+Paths are relative to ``data.dataset_dir``.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +31,73 @@ _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 @dataclass(frozen=True)
 class Case:
-    """One training case: its id (file name without suffix) and image/label paths."""
+    """One training case: its id (file name without suffix) and image/label paths; ``spacing`` (mm
+    along X, Y, Z) for files that carry none (TIFF stacks, :mod:`medseg.io.tiff`)."""
 
     case_id: str
     image: Path
     label: Path
+    spacing: tuple[float, float, float] | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        """The MONAI dictionary form: ``{"image", "label", "case"}``."""
-        return {"image": str(self.image), "label": str(self.label), "case": self.case_id}
+    def as_dict(self) -> dict:
+        """The MONAI dictionary form: ``{"image", "label", "case"}`` (+ ``"spacing"`` when set)."""
+        d: dict = {"image": str(self.image), "label": str(self.label), "case": self.case_id}
+        if self.spacing is not None:
+            d["spacing"] = list(self.spacing)
+        return d
+
+
+def read_case_manifest(
+    manifest: str | Path, dataset_dir: str | Path, default_spacing: Sequence[float] | None = None
+) -> tuple[list[Case], list[list[str]] | None]:
+    """The cases and fixed folds of a manifest (module docstring), sorted by case id.
+
+    ``spacing`` precedence per case: the entry's, else ``default_spacing`` (``data.input_spacing``),
+    else the manifest's top-level one, else ``None`` (the file must state it).
+
+    Returns:
+        ``(cases, folds)``; ``folds`` is the list of validation case ids per fold, or ``None``.
+
+    Raises:
+        DatasetError: unreadable manifest, a listed file missing, duplicate case ids, a fold naming
+            an unknown case, or folds that do not cover every case exactly once.
+    """
+    path, root = Path(manifest), Path(dataset_dir)
+    try:
+        raw = json.loads(path.read_text())
+        entries = raw["training"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"{path}: unreadable case manifest ({type(error).__name__}: {error})") from None
+    top = raw.get("spacing")
+    cases: list[Case] = []
+    for entry in entries:
+        image, label = root / entry["image"], root / entry["label"]
+        for file in (image, label):
+            if not file.is_file():
+                raise DatasetError(f"{path}: listed file {file} does not exist (data.dataset_dir {root})")
+        spacing = entry.get("spacing") or default_spacing or top
+        cases.append(
+            Case(
+                str(entry.get("case") or _stem(image) or image.name),
+                image,
+                label,
+                tuple(float(v) for v in spacing) if spacing else None,
+            )
+        )
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"{path}: duplicate case ids")
+    folds = None
+    if raw.get("folds"):
+        folds = [sorted(fold["val"]) for fold in raw["folds"]]
+        listed = [i for fold in folds for i in fold]
+        unknown = sorted(set(listed) - set(ids))
+        if unknown or sorted(listed) != sorted(ids):
+            raise DatasetError(
+                f"{path}: folds must hold every case exactly once"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+    return sorted(cases, key=lambda c: c.case_id), folds
 
 
 def _stem(path: Path) -> str | None:

@@ -120,6 +120,34 @@ def modality_from_manifest(manifest: dict) -> list[str]:
     return codes
 
 
+def _read_pair(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """``(image float32, label, image affine, label affine, spacing mm)`` of a case: nibabel for
+    NIfTI (as before), :mod:`medseg.io` for TIFF stacks (``case.spacing``; 0/255 masks as 0/1).
+
+    Raises:
+        UnreadableFileError: a file cannot be read (or a TIFF has no spacing: the message says so).
+    """
+    from medseg.errors import MedsegError
+    from medseg.io.tiff import is_tiff
+
+    if is_tiff(case.image) or is_tiff(case.label):
+        from medseg.io import read_image
+
+        try:
+            image, label = read_image(case.image, spacing=case.spacing), read_image(case.label, spacing=case.spacing)
+        except MedsegError as error:
+            raise UnreadableFileError(f"case {case.case_id}: {error}") from None
+        return image.array.astype(np.float32), label.array, image.affine, label.affine, image.spacing
+    try:
+        image_nii, label_nii = nib.load(case.image), nib.load(case.label)
+        image = np.asarray(image_nii.dataobj, dtype=np.float32)
+        label = np.asarray(label_nii.dataobj)
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for corrupt files
+        raise UnreadableFileError(f"case {case.case_id}: cannot read image/label ({error})") from None
+    spacing = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
+    return image, label, image_nii.affine, label_nii.affine, spacing
+
+
 def fingerprint_case(case: Case, label_ids: set[int], samples: int, seed: int) -> tuple[CaseFingerprint, np.ndarray]:
     """Check one case and return its fingerprint and up to ``samples`` foreground intensities.
 
@@ -128,17 +156,12 @@ def fingerprint_case(case: Case, label_ids: set[int], samples: int, seed: int) -
             or not in ``label_ids``.
         UnreadableFileError: a file cannot be read.
     """
-    try:
-        image_nii, label_nii = nib.load(case.image), nib.load(case.label)
-        image = np.asarray(image_nii.dataobj, dtype=np.float32)
-        label = np.asarray(label_nii.dataobj)
-    except Exception as error:  # noqa: BLE001 - nibabel raises many types for corrupt files
-        raise UnreadableFileError(f"case {case.case_id}: cannot read image/label ({error})") from None
+    image, label, image_affine, label_affine, spacing = _read_pair(case)
     if image.ndim == 4:
         image = image[..., 0]
     if image.shape[:3] != label.shape[:3] or label.ndim != 3:
         raise DatasetError(f"case {case.case_id}: image grid {image.shape} differs from label grid {label.shape}")
-    if not np.allclose(image_nii.affine, label_nii.affine, atol=GRID_TOLERANCE_MM):
+    if not np.allclose(image_affine, label_affine, atol=GRID_TOLERANCE_MM):
         raise DatasetError(f"case {case.case_id}: image and label affines differ (not on the same grid)")
     values = np.unique(label)
     if not np.all(np.equal(np.mod(values, 1), 0)):
@@ -153,7 +176,6 @@ def fingerprint_case(case: Case, label_ids: set[int], samples: int, seed: int) -
     rng = np.random.default_rng(seed)
     if foreground.size > samples:
         foreground = rng.choice(foreground, samples, replace=False)
-    spacing = tuple(float(z) for z in image_nii.header.get_zooms()[:3])
     return CaseFingerprint(
         case_id=case.case_id, shape=image.shape[:3], spacing=spacing, foreground_voxels=int((label > 0).sum())
     ), foreground
@@ -253,8 +275,20 @@ def plan_normalization(fingerprint: Fingerprint) -> Normalization:
     return Normalization(scheme="zscore")
 
 
-def make_folds(case_ids: Sequence[str], num_folds: int = 5, seed: int = 0) -> list[Fold]:
-    """Seeded k-fold split (MONAI ``partition_dataset``): fold k validates on partition k."""
+def make_folds(
+    case_ids: Sequence[str], num_folds: int = 5, seed: int = 0, fixed: Sequence[Sequence[str]] | None = None
+) -> list[Fold]:
+    """Seeded k-fold split (MONAI ``partition_dataset``): fold k validates on partition k. With
+    ``fixed`` (validation case ids per fold, e.g. a manifest's ``folds``) those folds are used as given.
+
+    Raises:
+        DatasetError: too few cases, or ``fixed`` has not ``num_folds`` folds.
+    """
+    if fixed is not None:
+        if len(fixed) != num_folds:
+            raise DatasetError(f"the manifest fixes {len(fixed)} folds, data.num_folds is {num_folds}")
+        ids = sorted(case_ids)
+        return [Fold(train=[c for c in ids if c not in set(val)], val=sorted(val)) for val in fixed]
     if len(case_ids) < num_folds:
         raise DatasetError(f"{len(case_ids)} cases cannot be split into {num_folds} folds")
     parts = partition_dataset(sorted(case_ids), num_partitions=num_folds, shuffle=True, seed=seed)
@@ -272,8 +306,11 @@ def make_plan(
     num_folds: int = 5,
     seed: int = 0,
     cases: Sequence[Case] | None = None,
+    folds: Sequence[Sequence[str]] | None = None,
 ) -> Plan:
     """Fingerprint ``dataset_dir`` and derive the plan (see the module docstring).
+
+    ``folds``: fixed validation case ids per fold (see :func:`make_folds`).
 
     Raises:
         DatasetError: bad or empty dataset (see :func:`compute_fingerprint`), too few cases for the folds.
@@ -293,7 +330,7 @@ def make_plan(
         divisor=divisor,
         batch_size=plan_batch_size(patch, fingerprint),
         normalization=plan_normalization(fingerprint),
-        folds=make_folds([c.case_id for c in fingerprint.cases], num_folds, seed),
+        folds=make_folds([c.case_id for c in fingerprint.cases], num_folds, seed, fixed=folds),
         seed=seed,
         fingerprint=fingerprint,
     )

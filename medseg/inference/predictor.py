@@ -178,7 +178,8 @@ class Predictor:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
         self.in_channels = int(self.card.network.config.get("in_channels", 1))
         self.labels = sorted(self.card.labels, key=lambda label: label.id)
-        if self.card.num_classes != len(self.labels) + 1:
+        # one output channel: a sigmoid binary model (SPOCKMIP), foreground where p > 0.5
+        if self.card.num_classes != len(self.labels) + 1 and not (self.card.num_classes == 1 and len(self.labels) == 1):
             raise ValueError(
                 f"model {self.card.name}: {self.card.num_classes} output channels but {len(self.labels)} labels"
             )
@@ -290,7 +291,7 @@ class Predictor:
         lap("inference")
         tick(windows, windows)
 
-        _softmax_(logits)
+        logits = _probabilities_(logits)
         labels, probabilities = self._argmax_on_input_grid(
             logits, grid, return_probabilities, lambda: tick(windows, windows)
         )
@@ -399,6 +400,16 @@ class Predictor:
 def _weights_key(package: ModelPackage) -> str:
     """sha256 of the package's weight file (identifies converted models in caches)."""
     return package.weights_sha256
+
+
+def _probabilities_(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``(K, *spatial)`` from logits: softmax in place for ``K > 1``; for one
+    channel (a sigmoid binary model) ``[1 - p, p]`` with ``p = sigmoid(logit)``, so the argmax that
+    follows is the threshold ``p > 0.5`` (ties go to background)."""
+    if logits.shape[0] == 1:
+        p = torch.sigmoid(logits.float())
+        return torch.cat([1.0 - p, p]).to(logits.dtype)
+    return _softmax_(logits)
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

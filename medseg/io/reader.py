@@ -1,7 +1,8 @@
 """Entry points: :func:`find_series` and :func:`read_image` for any supported input path.
 
-Supported inputs: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``) or MetaImage
-(``.mha``, ``.mhd``) file; one DICOM file; a folder tree holding DICOM files and/or volume files;
+Supported inputs: a NIfTI (``.nii``, ``.nii.gz``), NRRD (``.nrrd``, ``.nhdr``), MetaImage
+(``.mha``, ``.mhd``) or 3D TIFF stack (``.tif``, ``.tiff``; :mod:`medseg.io.tiff`, ``spacing`` when
+the file states none) file; one DICOM file; a folder tree holding DICOM files and/or volume files;
 a ``.zip`` archive of any of these (checked by :mod:`medseg.io.archive` before extraction).
 Gzip-compressed DICOM files (``.dcm.gz``, or any non-volume ``.gz`` whose content starts like a
 DICOM file) are decompressed into a temporary folder (never beside the input), with the same
@@ -33,13 +34,18 @@ from medseg.io.series_info import SeriesInfo
 from medseg.io.volume_files import read_itk, read_nifti, volume_format
 
 
-def _volume_series(path: Path, source: str, policy: ReadPolicy) -> SeriesInfo:
+def _volume_series(path: Path, source: str, policy: ReadPolicy, spacing=None) -> SeriesInfo:
     fmt = volume_format(path)
     from medseg.io.volume_files import guess_modality
 
     def reader(info: SeriesInfo) -> Image:
-        read = read_nifti if info.format == "nifti" else read_itk
-        image = read(info.files[0], info.policy)
+        if info.format == "tiff":
+            from medseg.io.tiff import read_tiff
+
+            image = read_tiff(info.files[0], info.policy, spacing=spacing)
+        else:
+            read = read_nifti if info.format == "nifti" else read_itk
+            image = read(info.files[0], info.policy)
         image.meta.update({"series_uid": info.uid, "series_description": info.description, "instance_count": 1})
         return image
 
@@ -147,11 +153,15 @@ def _is_zip(path: Path) -> bool:
     return path.suffix.lower() == ".zip"
 
 
-def find_series(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> list[SeriesInfo]:
+def find_series(
+    path: str | Path, policy: ReadPolicy = CLI_POLICY, spacing: tuple[float, float, float] | None = None
+) -> list[SeriesInfo]:
     """Every image series in a file, folder tree or ZIP archive, without reading pixel data.
 
     ``policy`` (:class:`medseg.io.safety.ReadPolicy`) travels with each series and is enforced
     when it is read: detached MetaImage/NRRD data files, and the declared voxel count.
+    ``spacing`` (mm along the array's X, Y, Z) is used for TIFF stacks (:func:`medseg.io.tiff.read_tiff`:
+    it overrides the file's ImageJ/OME voxel size, and is required when the file states none).
 
     DICOM instances are grouped by SeriesInstanceUID across the whole tree; each volume file
     (NIfTI/NRRD/MetaImage) is one series whose ``uid`` is its path. For an archive, the files
@@ -169,12 +179,12 @@ def find_series(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> list[Serie
     if not path.exists():
         raise UnreadableFileError(f"{path.name}: no such file or folder")
     if path.is_dir():
-        return _find_in_folder(path, source, policy)
+        return _find_in_folder(path, source, policy, spacing=spacing)
     if volume_format(path):
-        return [_volume_series(path, source, policy)]
+        return [_volume_series(path, source, policy, spacing)]
     if _is_zip(path) or (zipfile.is_zipfile(path) and not _has_dicm_marker(path)):
         folder = extract_zip(path)
-        series = _find_in_folder(Path(folder.name), source, policy, archive=True)
+        series = _find_in_folder(Path(folder.name), source, policy, archive=True, spacing=spacing)
         for info in series:
             # keep the zip folder alive, and the .gz folder of files decompressed from it
             info._keepalive = folder if info._keepalive is None else (folder, info._keepalive)
@@ -195,7 +205,7 @@ def find_series(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> list[Serie
 
     ds = read_header(path)  # raises UnreadableFileError for a corrupt DICOM file
     if ds is None:
-        raise UnreadableFileError(f"{path.name}: not a DICOM, NIfTI, NRRD, MetaImage or ZIP file")
+        raise UnreadableFileError(f"{path.name}: not a DICOM, NIfTI, NRRD, MetaImage, TIFF or ZIP file")
     series = scan_dicom_files([path], source=source, policy=policy)
     if not series:
         raise NoImageDataError(f"{path.name}: DICOM file holds no image (Modality {ds.get('Modality') or 'unknown'})")
@@ -211,7 +221,9 @@ def _has_dicm_marker(path: Path) -> bool:
     return has_dicm_marker(head)
 
 
-def _find_in_folder(folder: Path, source: str, policy: ReadPolicy, *, archive: bool = False) -> list[SeriesInfo]:
+def _find_in_folder(
+    folder: Path, source: str, policy: ReadPolicy, *, archive: bool = False, spacing=None
+) -> list[SeriesInfo]:
     files = _walk(folder)
     volumes = [p for p in files if volume_format(p)]
     # .raw/.zraw data files of MetaImage headers are not DICOM candidates
@@ -226,7 +238,7 @@ def _find_in_folder(folder: Path, source: str, policy: ReadPolicy, *, archive: b
         for info in series:
             if any(f.startswith(gz_folder.name) for f in info.files):
                 info._keepalive = gz_folder
-    series += [_volume_series(p, source, policy) for p in volumes]
+    series += [_volume_series(p, source, policy, spacing) for p in volumes]
     if not series:
         kind = "archive" if archive else "folder"
         raise NoImageDataError(f"{Path(source).name}: {kind} holds no DICOM image series or image file")
@@ -251,13 +263,20 @@ def choose_series(series: list[SeriesInfo], series_uid: str | None, name: str) -
     return series[0]
 
 
-def read_image(path: str | Path, series_uid: str | None = None, policy: ReadPolicy = CLI_POLICY) -> Image:
+def read_image(
+    path: str | Path,
+    series_uid: str | None = None,
+    policy: ReadPolicy = CLI_POLICY,
+    spacing: tuple[float, float, float] | None = None,
+) -> Image:
     """Read one volume from a file, DICOM folder tree or ZIP archive.
 
     Args:
         path: NIfTI/NRRD/MetaImage file, DICOM file, folder or ``.zip``.
         series_uid: which series, when the input holds several (see :func:`find_series`).
         policy: what reading may touch (:class:`medseg.io.safety.ReadPolicy`).
+        spacing: voxel size in mm along the array's ``(X, Y, Z)`` for TIFF stacks (see
+            :func:`medseg.io.tiff.read_tiff`); ignored for other formats, which carry their geometry.
 
     Returns:
         :class:`Image` with ``array`` ``(I, J, K)`` or ``(I, J, K, T)`` and a voxel -> RAS+ mm
@@ -272,5 +291,5 @@ def read_image(path: str | Path, series_uid: str | None = None, policy: ReadPoli
         the file or series.
     """
     path = Path(path)
-    series = find_series(path, policy)
+    series = find_series(path, policy, spacing)
     return choose_series(series, series_uid, path.name).read()

@@ -9,9 +9,10 @@ with nearest-neighbour interpolation. The weighting and target resizing are MONA
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DeepSupervisionLoss as MonaiDeepSupervisionLoss
 from torch import nn
 
@@ -42,9 +43,30 @@ class LogitsLoss(nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(self, output: NetworkOutput | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        output: NetworkOutput | torch.Tensor,
+        target: torch.Tensor,
+        target_mip: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         logits = output.logits if isinstance(output, NetworkOutput) else output
-        return self.loss(logits, target)
+        return self.loss(logits, target) if target_mip is None else self.loss(logits, target, target_mip)
+
+
+#: spatial dim (of ``(B, C, H, W, D)``) each MIP axis projects over (as :data:`medseg.losses.mip.AXES`)
+_MIP_DIMS = {"x": 2, "y": 3, "z": 4}
+
+
+def resize_target_mip(target_mip: Mapping[str, torch.Tensor], spatial: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The whole-volume MIP targets ``{axis: (B, C, *plane)}`` resized (nearest-exact, as MONAI
+    resizes the 3D target) to the plane of an output of spatial size ``spatial`` ``(H, W, D)``
+    without the projected axis, e.g. ``"z"`` -> ``(H, W)``."""
+    resized = {}
+    for axis, mip in target_mip.items():
+        plane = tuple(int(s) for i, s in enumerate(spatial) if i != _MIP_DIMS[axis] - 2)
+        mip = mip.float()
+        resized[axis] = mip if tuple(mip.shape[2:]) == plane else F.interpolate(mip, size=plane, mode="nearest-exact")
+    return resized
 
 
 class DeepSupervisionLoss(nn.Module):
@@ -59,7 +81,10 @@ class DeepSupervisionLoss(nn.Module):
             any other number at call time raises ``ValueError``.
 
     ``forward(output, target)``: ``output.logits`` ``(B, K, *spatial)`` and
-    ``output.deep_supervision`` ``[(B, K, *spatial / r_i)]`` finest first; target ``(B, 1, *spatial)``.
+    ``output.deep_supervision`` ``[(B, K, *spatial / r_i)]`` finest first; target ``(B, 1, *spatial)``;
+    optional ``target_mip`` ``{axis: (B, 1, *plane)}`` (SPOCKMIP: the whole label volume's projection
+    cropped to the patch window, :class:`medseg.data.transforms.WholeVolumeMIPd`), resized for each
+    coarser head by :func:`resize_target_mip` and passed as ``loss(logits_i, target_i, target_mip_i)``.
     A network without native deep-supervision heads gets the plain loss on its logits.
     """
 
@@ -69,7 +94,9 @@ class DeepSupervisionLoss(nn.Module):
         self.weights = list(weights) if weights is not None else None
         self.num_outputs = num_outputs
 
-    def forward(self, output: NetworkOutput, target: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, output: NetworkOutput, target: torch.Tensor, target_mip: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         outputs = [output.logits, *output.deep_supervision]
         if self.num_outputs is not None and len(outputs) != self.num_outputs:
             raise ValueError(
@@ -80,4 +107,14 @@ class DeepSupervisionLoss(nn.Module):
         if len(weights) < len(outputs):
             raise ValueError(f"{len(outputs)} deep-supervision outputs but only {len(weights)} weights")
         wrapped = MonaiDeepSupervisionLoss(self.loss, weights=weights[: len(outputs)])
-        return wrapped(outputs, target.float())
+        if target_mip is None:
+            return wrapped(outputs, target.float())
+        # MONAI's loop (same weights, same nearest-exact target resizing), with the MIP targets
+        total = torch.zeros((), dtype=torch.float32, device=target.device)
+        for weight, logits in zip(weights, outputs):
+            level_target = target.float()
+            if logits.shape[2:] != level_target.shape[2:]:
+                level_target = F.interpolate(level_target, size=logits.shape[2:], mode=wrapped.interp_mode)
+            level_mip = resize_target_mip(target_mip, logits.shape[2:])
+            total = total + weight * self.loss(logits.float(), level_target, level_mip)
+        return total

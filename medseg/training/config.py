@@ -26,6 +26,14 @@ class DataConfig(_Section):
     """Where the cases are and how they are prepared (anything unset comes from the plan)."""
 
     dataset_dir: str = Field(description="MSD / nnU-Net layout: imagesTr/, labelsTr/, dataset.json")
+    manifest: str | None = Field(
+        None,
+        description="case manifest (JSON: training pairs relative to dataset_dir, optional spacing and fixed "
+        "folds; medseg.data.cases.read_case_manifest) instead of the MSD layout",
+    )
+    input_spacing: tuple[float, float, float] | None = Field(
+        None, description="voxel size (mm, X Y Z) of TIFF stacks that state none; not a resampling target"
+    )
     data_card: str | None = Field(None, description="data card name or path (labels, modality, licence)")
     plan: str | None = Field(None, description="plan.json from `medseg plan`; computed at start when absent")
     fold: int = 0
@@ -36,6 +44,12 @@ class DataConfig(_Section):
     normalization: Normalization | None = None
     modality: list[str] | None = None
     foreground_oversample: float = Field(0.33, ge=0, le=1, description="nnU-Net: 1/3 of patches centred on foreground")
+    patch_max_normalization: bool = Field(False, description="divide each image patch by its max (SPOCKMIP)")
+    mip_target: Literal["whole_volume", "patch"] = Field(
+        "whole_volume",
+        description="mip/ftl_mip losses: project the whole label volume cropped to the patch window "
+        "(SPOCKMIP) or only the patch's label",
+    )
     cache_rate: float = Field(1.0, ge=0, le=1)
     num_workers: int = Field(0, ge=0, description="DataLoader workers (0: augment in the training process)")
 
@@ -200,6 +214,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     data.dataset_dir = resolve_path(data.dataset_dir, base)
     if data.plan:
         data.plan = resolve_path(data.plan, base)
+    if data.manifest:
+        data.manifest = resolve_path(data.manifest, base)
     if data.data_card and any(s in data.data_card for s in ("/", ".yaml", ".yml", ".json")):
         data.data_card = resolve_path(data.data_card, base)
     return config

@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from medseg.data.cases import find_cases
+from medseg.data.cases import find_cases, read_case_manifest
 from medseg.data.plan import Plan, make_plan, write_json_atomic
 from medseg.data.transforms import training_transforms
 from medseg.errors import ConfigError, DatasetError
@@ -70,8 +70,9 @@ class TrainStep(nn.Module):
         self.network, self.loss = network, loss
         self.memory_format = _memory_format(channels_last)
 
-    def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.network(image.contiguous(memory_format=self.memory_format), features=True), label)
+    def forward(self, image: torch.Tensor, label: torch.Tensor, target_mip: dict | None = None) -> torch.Tensor:
+        output = self.network(image.contiguous(memory_format=self.memory_format), features=True)
+        return self.loss(output, label) if target_mip is None else self.loss(output, label, target_mip)
 
 
 def _memory_format(channels_last: bool, ndim: int = 5) -> torch.memory_format:
@@ -264,7 +265,13 @@ class Trainer:
         self.train_ds = CacheDataset(
             self.train_cases,
             training_transforms(
-                self.spacing, self.normalization, self.patch_size, c.data.foreground_oversample, c.augmentation
+                self.spacing,
+                self.normalization,
+                self.patch_size,
+                c.data.foreground_oversample,
+                c.augmentation,
+                mip_axis=self._mip_axis(),
+                patch_max_normalization=c.data.patch_max_normalization,
             ),
             cache_rate=c.data.cache_rate,
             num_workers=max(1, c.data.num_workers) if c.data.num_workers else None,
@@ -272,7 +279,13 @@ class Trainer:
         )
         # validation reads the cases as `medseg predict` does (medseg.io, on their own grid)
         self.val_images = (
-            [(read_image(case["image"]), read_image(case["label"]).array) for case in self.val_cases]
+            [
+                (
+                    read_image(case["image"], spacing=case.get("spacing")),
+                    read_image(case["label"], spacing=case.get("spacing")).array,
+                )
+                for case in self.val_cases
+            ]
             if self.is_main
             else []
         )
@@ -315,8 +328,20 @@ class Trainer:
             self.plan.save(self.output_dir / "plan.json")
 
     def _cases(self):
-        cases = find_cases(self.config.data.dataset_dir)
-        return cases[: self.config.data.max_cases] if self.config.data.max_cases else cases
+        d = self.config.data
+        if d.manifest:
+            cases = read_case_manifest(d.manifest, d.dataset_dir, d.input_spacing)[0]
+        else:
+            cases = find_cases(d.dataset_dir)
+        return cases[: d.max_cases] if d.max_cases else cases
+
+    def _mip_axis(self) -> str | None:
+        """The axis (``x``/``y``/``z``/``multi``) of the whole-volume MIP targets the transforms add,
+        for the ``mip``/``ftl_mip`` losses with ``data.mip_target: whole_volume``; else ``None``."""
+        loss = self.config.loss
+        if loss.name not in ("mip", "ftl_mip") or self.config.data.mip_target != "whole_volume" or loss.dsd:
+            return None
+        return str(loss.kwargs.get("axis", "z"))
 
     def _plan(self) -> Plan:
         c = self.config.data
@@ -337,6 +362,7 @@ class Trainer:
             num_folds=c.num_folds,
             seed=self.config.training.seed,
             cases=self._cases(),
+            folds=read_case_manifest(c.manifest, c.dataset_dir)[1] if c.manifest else None,
         )
 
     def close(self) -> None:
@@ -465,8 +491,13 @@ class Trainer:
             batch = next(batches)
             image = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
             label = torch.as_tensor(batch["label"]).to(self.device, non_blocking=True).float()
+            target_mip = {
+                key.rsplit("_", 1)[1]: torch.as_tensor(value).to(self.device, non_blocking=True)
+                for key, value in batch.items()
+                if key.startswith("label_mip_")
+            } or None  # the whole-volume MIP targets (SPOCKMIP), when the transforms add them
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = self.step_module(image, label)
+                loss = self.step_module(image, label, target_mip)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, step {self.global_step}")
             self.optimizer.zero_grad(set_to_none=True)
