@@ -275,8 +275,8 @@ def preview_slices(label_map: np.ndarray, affine: np.ndarray) -> dict[str, int]:
 
 
 def _plane(volume: np.ndarray, view: dict[str, Any], index: int) -> np.ndarray:
-    """The 2D slice ``index`` of ``volume`` for ``view``: rows go up, columns go right (for
-    ``imshow(origin="lower")``)."""
+    """The 2D slice ``index`` of ``volume`` for ``view``: rows go up (row 0 at the bottom),
+    columns go right."""
     through, (right, right_sign), (up, up_sign) = view["through"], view["right"], view["up"]
     plane = np.take(volume, index, axis=through)
     remaining = [a for a in range(3) if a != through]
@@ -332,6 +332,48 @@ def preview_annotations(
     }
 
 
+def _font(points: float, dpi: int):
+    """Pillow's bundled FreeType font at ``points`` (1/72 in) for ``dpi`` pixels per inch."""
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=max(8, round(points * dpi / 72)))
+
+
+def render_view(
+    data: np.ndarray,
+    seg: np.ndarray,
+    view: dict[str, Any],
+    index: int,
+    window: tuple[float, float],
+    colours: np.ndarray,
+) -> np.ndarray:
+    """One preview panel as pixels: slice ``index`` of ``data`` for ``view`` (:func:`view_geometry`)
+    in grey, the label overlay blended in.
+
+    Args:
+        data: intensities ``(I, J, K)``.
+        seg: integer label map ``(I, J, K)``.
+        view: one entry of :func:`view_geometry`.
+        index: the slice along ``view["through"]``.
+        window: ``(lo, hi)`` intensities mapped to black and white.
+        colours: ``(L, 4)`` float RGBA (0..255 colour, 0..1 opacity) per label id; ids beyond
+            ``L`` are not drawn.
+
+    Returns:
+        ``(rows, cols, 3)`` uint8, top row first (screen up = the view's ``up`` direction), one
+        pixel per voxel.
+    """
+    lo, hi = window
+    plane = _plane(data, view, index)[::-1].astype(np.float32)
+    grey = np.clip((np.nan_to_num(plane, nan=lo) - lo) * (255.0 / (hi - lo)), 0, 255)
+    labels = _plane(seg, view, index)[::-1].astype(np.int64)
+    labels = np.where((labels >= 0) & (labels < len(colours)), labels, 0)
+    rgba = colours[labels]
+    alpha = rgba[..., 3:]
+    rgb = grey[..., None] * (1 - alpha) + rgba[..., :3] * alpha
+    return np.rint(rgb).astype(np.uint8)
+
+
 def write_preview(
     label_map: np.ndarray,
     image: Image,
@@ -353,7 +395,8 @@ def write_preview(
     weights hash, training date) and, unless the card is ``clinically_validated``, a red
     "NOT FOR DIAGNOSTIC USE" banner. Below: a legend with each label's colour, name and volume
     (ml). The same text is stored in the PNG's ``Title``, ``Description`` and ``Disclaimer``
-    chunks. About 1200 pixels wide at the default ``dpi``. matplotlib (Agg, no pyplot).
+    chunks. ``12 * dpi`` pixels wide (1200 at the default). Panels are numpy arrays
+    (:func:`render_view`) scaled with nearest-neighbour sampling and composed with Pillow.
 
     Args:
         label_map: integer ``(I, J, K)`` on ``image``'s grid.
@@ -365,18 +408,15 @@ def write_preview(
             ``label_map`` when ``None``.
         card: the model card (identity, ``clinically_validated``); without it no model line is
             drawn and the notice is shown.
-        dpi: pixels per inch of the PNG.
+        dpi: pixels per inch of the layout (text sizes are in points).
 
     Raises:
         InputShapeError: ``label_map`` is not ``image``'s 3D grid.
         ValueError: a singular affine.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+    from PIL.PngImagePlugin import PngInfo
 
     import medseg
     from medseg.errors import InputShapeError
@@ -398,13 +438,11 @@ def write_preview(
     finite = sample[np.isfinite(sample)]
     lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1.0
-    size = max([label.id for label in labels] + [int(seg.max(initial=0))]) + 1
-    colours = np.zeros((size, 4))
+    colours = np.zeros((max([label.id for label in labels], default=0) + 1, 4))
     for label in labels:
-        colours[label.id] = [*(c / 255 for c in label.color), alpha]
-    cmap = ListedColormap(colours)
+        colours[label.id] = [*label.color, alpha]
 
-    # layout in inches: banner, header, panel titles, panels, legend
+    # layout in inches (as before), drawn at dpi pixels per inch
     width, margin, gap = 12.0, 0.45, 0.75
     mm = [
         (data.shape[v["right"][0]] * spacing[v["right"][0]], data.shape[v["up"][0]] * spacing[v["up"][0]])
@@ -416,126 +454,122 @@ def write_preview(
         if sum(boxes) <= width - 2 * margin - 2 * gap + 1e-6:
             break
         scale *= 0.95
-    heights = [max(h * scale, 0.6) for _, h in mm]
-    panel_h = max(heights)
+    panel_h = max(max(h * scale, 0.6) for _, h in mm)
     legend_cols = 3 if all(len(entry) <= 34 for _, entry in text["legend"]) else 2
-    legend_rows = max(1, -(-(len(text["legend"]) + (1 if text["more"] else 0)) // legend_cols))
+    entries = len(text["legend"]) + (1 if text["more"] else 0)
+    legend_rows = max(1, -(-entries // legend_cols))
     banner_h = 0.42 if text["notice"] else 0.0
     header_h = 0.95 if text["model"] else 0.65
     title_h, letter_h = 0.62, 0.34
     legend_h = 0.45 + 0.3 * legend_rows
     height = banner_h + header_h + title_h + panel_h + letter_h + legend_h + 0.15
-    figure = Figure(figsize=(width, height), dpi=dpi, facecolor="white")
 
-    def y(inches_from_top: float) -> float:
-        return 1.0 - inches_from_top / height
+    def px(inches: float) -> int:
+        return int(round(inches * dpi))
 
+    canvas = PILImage.new("RGB", (px(width), px(height)), "white")
+    draw = ImageDraw.Draw(canvas)
     top = 0.0
     if text["notice"]:
-        figure.patches.append(
-            Rectangle(
-                (0, y(banner_h)),
-                1,
-                banner_h / height,
-                transform=figure.transFigure,
-                facecolor="#b00020",
-                edgecolor="none",
-            )
-        )
-        figure.text(
-            0.5,
-            y(banner_h / 2),
+        draw.rectangle((0, 0, canvas.width, px(banner_h)), fill=(176, 0, 32))
+        draw.text(
+            (canvas.width / 2, px(banner_h / 2)),
             f"{text['notice']}  ·  research output, verify against the source images",
-            ha="center",
-            va="center",
-            color="white",
-            fontsize=13,
-            fontweight="bold",
+            fill="white",
+            font=_font(13, dpi),
+            anchor="mm",
+            stroke_width=1,
+            stroke_fill="white",
         )
         top = banner_h
-    figure.text(
-        margin / width,
-        y(top + 0.32),
+    draw.text(
+        (px(margin), px(top + 0.32)),
         f"Series: {text['series']}",
-        ha="left",
-        va="center",
-        fontsize=14,
-        fontweight="bold",
+        fill="black",
+        font=_font(14, dpi),
+        anchor="lm",
+        stroke_width=1,
+        stroke_fill="black",
     )
     if text["model"]:
-        figure.text(margin / width, y(top + 0.62), f"Model: {text['model']}", ha="left", va="center", fontsize=11.5)
-    figure.text(
-        1 - margin / width,
-        y(top + 0.32),
+        draw.text(
+            (px(margin), px(top + 0.62)), f"Model: {text['model']}", fill="black", font=_font(11.5, dpi), anchor="lm"
+        )
+    draw.text(
+        (px(width - margin), px(top + 0.32)),
         f"medseg {medseg.__version__}",
-        ha="right",
-        va="center",
-        fontsize=10,
-        color="#555555",
+        fill=(85, 85, 85),
+        font=_font(10, dpi),
+        anchor="rm",
     )
-    top += header_h
-    band_top = top + title_h
+    band_top = top + header_h + title_h
+    title_font, letter_font = _font(12, dpi), _font(13, dpi)
+    blue = (26, 79, 138)
     x = margin + (width - 2 * margin - 2 * gap - sum(boxes)) / 2
-    for view, box_w, box_h in zip(views, boxes, heights):
+    for view, box_w, (w_mm, h_mm) in zip(views, boxes, mm):
         index = slices[view["name"]]
-        plane = _plane(data, view, index).astype(np.float32)
-        overlay = _plane(seg, view, index)
-        aspect = spacing[view["up"][0]] / spacing[view["right"][0]]
-        bottom = band_top + (panel_h + box_h) / 2  # vertically centred in the band
-        axis = figure.add_axes((x / width, y(bottom), box_w / width, box_h / height))
-        axis.imshow(plane, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect, interpolation="nearest")
-        axis.imshow(overlay, cmap=cmap, vmin=0, vmax=size - 1, origin="lower", aspect=aspect, interpolation="nearest")
-        axis.set_xticks([])
-        axis.set_yticks([])
+        pixels = render_view(data, seg, view, index, (float(lo), float(hi)), colours)
+        size = (max(1, px(w_mm * scale)), max(1, px(h_mm * scale)))
+        panel = PILImage.fromarray(pixels).resize(size, PILImage.Resampling.NEAREST)
+        left = px(x + box_w / 2) - size[0] // 2
+        upper = px(band_top + panel_h / 2) - size[1] // 2
+        canvas.paste(panel, (left, upper))
+        right, lower = left + size[0], upper + size[1]
         centre = np.asarray(data.shape, dtype=np.float64) / 2 - 0.5
         centre[view["through"]] = index
         world = image.affine[:3, :3] @ centre + image.affine[:3, 3]
-        normal = image.affine[:3, view["through"]]
-        axis_world = int(np.argmax(np.abs(normal)))
+        axis_world = int(np.argmax(np.abs(image.affine[:3, view["through"]])))
         position = world[axis_world]
         where = f"{_LETTERS[axis_world][int(position >= 0)]} {abs(position):.1f} mm"
-        axis.set_title(f"{view['name'].capitalize()}  ({where})", fontsize=12, pad=22)
+        middle = (left + right) / 2
+        draw.text(
+            (middle, upper - px(0.3)),
+            f"{view['name'].capitalize()}  ({where})",
+            fill="black",
+            font=title_font,
+            anchor="md",
+        )
         letters = view["letters"]
-        style = dict(fontsize=13, fontweight="bold", color="#1a4f8a", transform=axis.transAxes)
-        axis.text(-0.03, 0.5, letters["left"], ha="right", va="center", **style)
-        axis.text(1.03, 0.5, letters["right"], ha="left", va="center", **style)
-        axis.text(0.5, 1.02, letters["top"], ha="center", va="bottom", **style)
-        axis.text(0.5, -0.02, letters["bottom"], ha="center", va="top", **style)
+        style = dict(fill=blue, font=letter_font, stroke_width=1, stroke_fill=blue)
+        draw.text((left - px(0.05), (upper + lower) / 2), letters["left"], anchor="rm", **style)
+        draw.text((right + px(0.05), (upper + lower) / 2), letters["right"], anchor="lm", **style)
+        draw.text((middle, upper - px(0.03)), letters["top"], anchor="md", **style)
+        draw.text((middle, lower + px(0.03)), letters["bottom"], anchor="ma", **style)
         x += box_w + gap
-    handles = [
-        Patch(facecolor=[c / 255 for c in label.color], edgecolor="black", linewidth=0.6, label=entry)
-        for label, entry in text["legend"]
-    ]
-    if text["more"]:
-        handles.append(
-            Patch(facecolor="none", edgecolor="none", label=f"+ {text['more']} more label(s), see the report")
-        )
     legend_top = band_top + panel_h + letter_h
-    if handles:
-        figure.legend(
-            handles=handles,
-            loc="upper center",
-            ncol=legend_cols,
-            frameon=False,
-            bbox_to_anchor=(0.5, y(legend_top)),
-            fontsize=11.5,
-            handlelength=1.6,
-            handleheight=1.1,
-            columnspacing=2.5,
-            title="Segmented volume (whole series)",
-            title_fontsize=11,
+    items = [(label.color, entry) for label, entry in text["legend"]]
+    if text["more"]:
+        items.append((None, f"+ {text['more']} more label(s), see the report"))
+    if items:
+        legend_font = _font(11.5, dpi)
+        draw.text(
+            (canvas.width / 2, px(legend_top)),
+            "Segmented volume (whole series)",
+            fill="black",
+            font=_font(11, dpi),
+            anchor="ma",
         )
+        column_w = (width - 2 * margin) / legend_cols
+        swatch = px(0.16)
+        for n, (colour, entry) in enumerate(items):
+            row, col = divmod(n, legend_cols)
+            cx = px(margin + col * column_w + 0.2)
+            cy = px(legend_top + 0.45 + 0.3 * row)
+            if colour is not None:
+                draw.rectangle(
+                    (cx, cy - swatch // 2, cx + swatch, cy + swatch // 2), fill=tuple(colour), outline="black"
+                )
+            draw.text((cx + swatch + px(0.1), cy), entry, fill="black", font=legend_font, anchor="lm")
     description = "; ".join(
         [f"Series: {text['series']}", f"Model: {text['model'] or 'unknown'}", *(entry for _, entry in text["legend"])]
     )
-    metadata = {
-        "Title": f"medseg preview: {text['series']}",
-        "Description": description,
-        "Software": f"medseg {medseg.__version__}",
-    }
+    info = PngInfo()
+    info.add_text("Title", f"medseg preview: {text['series']}")
+    info.add_text("Description", description)
+    info.add_text("Software", f"medseg {medseg.__version__}")
     if text["notice"]:
-        metadata["Disclaimer"] = text["notice"].capitalize()
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", metadata=metadata))
+        info.add_text("Disclaimer", text["notice"].capitalize())
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info, compress_level=1))
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:

@@ -18,6 +18,7 @@ from medseg.outputs import (
     orientation_letters,
     preview_annotations,
     preview_slices,
+    render_view,
     view_geometry,
     write_preview,
 )
@@ -140,3 +141,22 @@ def test_preview_of_a_real_lps_dicom_series_and_a_validated_card(tmp_path):
     assert "anterior hippocampus: 1.00 ml" in PILImage.open(path).text["Description"]
     with pytest.raises(Exception, match="grid"):
         write_preview(labels[:-1], image, card.labels, tmp_path / "bad.png")
+
+
+def test_overlay_colours_are_exactly_where_the_label_map_has_labels():
+    data = np.linspace(0, 100, 6 * 8 * 10).reshape(6, 8, 10)
+    seg = np.zeros(data.shape, np.uint8)
+    seg[1:3, 2:5, 4:7] = 1
+    seg[4, 6, 4:7] = 2
+    colours = np.zeros((3, 4))
+    colours[1] = [255, 0, 0, 0.45]
+    colours[2] = [0, 0, 255, 0.45]
+    for view in view_geometry(LPS):
+        index = 5 if view["name"] == "axial" else 1 if view["name"] == "sagittal" else 2
+        pixels = render_view(data, seg, view, index, (0.0, 100.0), colours).astype(int)
+        labelled = _plane(seg, view, index)[::-1] > 0
+        assert pixels.shape == (*labelled.shape, 3) and labelled.any()
+        grey = (pixels[..., 0] == pixels[..., 1]) & (pixels[..., 1] == pixels[..., 2])
+        assert grey[~labelled].all() and not grey[labelled].any()
+        red = pixels[..., 0] - pixels[..., 2] > 60
+        assert (red == (_plane(seg, view, index)[::-1] == 1)).all()
