@@ -304,8 +304,8 @@ class BatchClient:
         """Copy the results of a succeeded ``job`` to ``targets`` (result name -> destination
         path; names the job lacks are left out) and return ``{name: destination}``.
 
-        Each file is copied to a hidden ``.<name>.<pid>.partial`` beside its destination and
-        renamed (``os.replace``): a destination is never half-written. The report is renamed
+        Each file is copied with :func:`medseg.io.atomic.atomic_write` (a hidden temporary beside
+        its destination, then renamed): a destination is never half-written. The report is renamed
         last, since ``--skip-existing`` takes its presence as "this series is done".
 
         Raises:
@@ -314,6 +314,7 @@ class BatchClient:
         """
         import shutil
 
+        from medseg.io.atomic import atomic_write
         from service.jobs import result_path
 
         written = {}
@@ -323,14 +324,7 @@ class BatchClient:
             source = result_path(self.settings, job, name)
             if source is None:
                 raise FileNotFoundError(f"job {job.id}: result '{name}' is missing from the shared data dir")
-            destination = targets[name]
-            partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
-            try:
-                shutil.copyfile(source, partial)
-                os.replace(partial, destination)
-            finally:
-                partial.unlink(missing_ok=True)
-            written[name] = destination
+            written[name] = atomic_write(targets[name], lambda tmp, source=source: shutil.copyfile(source, tmp))
         return written
 
     def delete(self, job_id: str) -> None:
