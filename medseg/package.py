@@ -57,10 +57,11 @@ class Normalization(BaseModel):
     ``zscore``: per image, ``(x - mean(x)) / std(x)`` (MR). ``ct``: clip to ``clip`` (the 0.5 / 99.5
     foreground percentiles, HU) then ``(x - mean) / std`` with dataset foreground statistics.
     ``max``: per image, ``x / max(x)`` (SPOCKMIP's max normalisation, for 8-bit microscopy / MRA stacks).
+    ``rgb``: 8-bit RGB tiles, ``(x / 255 - 0.5) / 0.5`` per channel (CellViT / CellVTA, nuclei).
     ``none``: unchanged.
     """
 
-    scheme: Literal["zscore", "ct", "max", "none"] = "zscore"
+    scheme: Literal["zscore", "ct", "max", "rgb", "none"] = "zscore"
     clip: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None
@@ -79,10 +80,17 @@ class ModelCard(BaseModel):
     name: str
     version: str = "0.1.0"
     description: str = ""
+    task: Literal["segmentation", "nuclei"] = Field(
+        "segmentation",
+        description="segmentation: a label map per series (3D volumes); nuclei: an instance map per 2D "
+        "RGB tile from NP/HV outputs (medseg.nuclei)",
+    )
     network: NetworkSpec
-    modality: list[str] = Field(description="one DICOM modality per input channel, e.g. ['MR']")
+    modality: list[str] = Field(description="one DICOM modality per input channel, e.g. ['MR']; ['SM'] for tiles")
     labels: list[Label]
-    spacing: tuple[float, float, float] = Field(description="target voxel spacing in mm")
+    spacing: tuple[float, float, float] | tuple[float, float] = Field(
+        description="target voxel spacing in mm (X, Y, Z); nuclei: the pixel size (x, y) in mm (0.00025 = 0.25 um/px)"
+    )
     orientation: str = "RAS"
     normalization: Normalization = Normalization()
     patch_size: tuple[int, ...]
@@ -119,6 +127,11 @@ class ModelCard(BaseModel):
     def _utc_timestamp(cls, value: Any) -> str | None:
         """Accept a time-zone-aware ``datetime`` or ISO 8601 text; store UTC ``...Z`` text."""
         return None if value is None else utc_timestamp(value)
+
+    @property
+    def mpp(self) -> float:
+        """Pixel size of the model grid in microns (nuclei models: ``spacing[0] * 1000``)."""
+        return float(self.spacing[0]) * 1000.0
 
     @property
     def num_classes(self) -> int:
@@ -353,7 +366,7 @@ def dynunet_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def monai_inference_config(card: ModelCard) -> dict[str, Any] | None:
-    """The MONAI Bundle ``configs/inference.json`` of a ``unet`` package, ``None`` otherwise.
+    """The MONAI Bundle ``configs/inference.json`` of a ``unet`` segmentation package, ``None`` otherwise.
 
     ``python -m monai.bundle run --config_file configs/inference.json --meta_file
     configs/metadata.json --bundle_root <package> --dataset_dir <folder of .nii/.nii.gz>
@@ -367,7 +380,7 @@ def monai_inference_config(card: ModelCard) -> dict[str, Any] | None:
     uint8 labels). Post-processing of the card (largest component, blob removal) is not
     applied; ``medseg predict`` remains the reference runtime.
     """
-    if card.network.name != "unet":
+    if card.network.name != "unet" or card.task != "segmentation":
         return None
     norm = card.normalization
     if norm.scheme == "zscore":

@@ -5,6 +5,13 @@ Predictions and labels pair by file name (``case.nii.gz`` in both folders; a pre
 be named ``case_seg.nii.gz`` / ``case.label.nii.gz`` / ``case.label.tif``). Both must be on the same
 grid. TIFF stacks without ImageJ/OME voxel size need ``--spacing`` (X,Y,Z mm; HD95 is in its unit);
 0/255 or 0/254 label stacks are read as 0/1 (:mod:`medseg.io.tiff`).
+
+Instance maps (nuclei): with ``--instances``, or automatically when PRED_DIR holds
+``*.instances.tif`` files, each prediction ``<stem>.instances.tif`` (2D uint16/uint32 TIFF, 0
+background, one id per nucleus) pairs with the 2D instance label ``<stem>.png`` (read with Pillow),
+else ``<stem>.tif`` / ``<stem>.tiff`` (tifffile), in LABEL_DIR; the table gives PQ, DQ, SQ, AJI,
+foreground Dice and the instance counts per image and their mean over images
+(:func:`medseg.metrics.instance_metrics`, :func:`medseg.metrics.summarize_instances`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ from medseg.errors import DatasetError
 from medseg.formats import strip_suffix, volume_suffix
 
 # numpy and medseg.metrics (torch, MONAI) are imported in evaluate(), so that `medseg --help` stays fast
+
+#: suffixes of predicted instance maps, and of instance labels in the order they are looked for
+INSTANCE_SUFFIXES = (".instances.tif", ".instances.tiff")
+INSTANCE_LABEL_SUFFIXES = (".png", ".tif", ".tiff")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="clDice and Betti-0 error: auto = for binary tasks (one foreground label)",
+    )
+    parser.add_argument(
+        "--instances",
+        action="store_true",
+        help="2D instance maps: PQ, DQ, SQ, AJI of <stem>.instances.tif against <stem>.png/.tif "
+        "(automatic when PRED_DIR holds *.instances.tif)",
     )
     parser.set_defaults(func=run)
 
@@ -105,7 +122,109 @@ def evaluate(
     return per_case, summarize(list(per_case.values()))
 
 
+def _instance_stem(path: Path) -> str | None:
+    lower = path.name.lower()
+    suffix = next((s for s in INSTANCE_SUFFIXES if lower.endswith(s)), None)
+    return path.name[: len(path.name) - len(suffix)] if suffix else None
+
+
+def has_instance_maps(folder: Path) -> bool:
+    """Whether ``folder`` holds predicted instance maps (``*.instances.tif``)."""
+    return folder.is_dir() and any(_instance_stem(p) for p in folder.iterdir() if p.is_file())
+
+
+def _read_instance_map(path: Path):
+    """A 2D integer instance map from a PNG (Pillow) or TIFF (tifffile); singleton axes dropped."""
+    import numpy as np
+
+    from medseg.errors import UnreadableFileError
+
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                array = np.array(image)
+        else:
+            import tifffile
+
+            array = tifffile.imread(path)
+    except Exception as error:  # any reader failure (truncated, unknown format) is an unreadable file
+        raise UnreadableFileError(f"{path}: cannot be read as an instance map ({error})") from None
+    array = np.squeeze(array)
+    if array.ndim != 2:
+        raise DatasetError(f"{path}: not a 2D instance map (shape {array.shape})")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.integer):
+        if not np.array_equal(array, np.rint(array)):
+            raise DatasetError(f"{path}: instance ids must be integers, got dtype {array.dtype}")
+        array = np.rint(array)
+    if array.size and array.min() < 0:
+        raise DatasetError(f"{path}: negative instance ids")
+    return array.astype(np.int64)
+
+
+def evaluate_instances(pred_dir: Path, label_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-image :func:`~medseg.metrics.instance_metrics` and their mean over images for every
+    ``<stem>.instances.tif`` in ``pred_dir`` with a label ``<stem>.png`` / ``.tif`` / ``.tiff`` in
+    ``label_dir`` (first found in that order).
+
+    Raises:
+        DatasetError: a folder is missing, no pairs, an image is not 2D, or a pair differs in size.
+        UnreadableFileError: a file cannot be read.
+    """
+    from medseg.metrics import instance_metrics, summarize_instances
+
+    for folder in (pred_dir, label_dir):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: not a folder")
+    pairs = {}
+    for path in sorted(pred_dir.iterdir()):
+        stem = _instance_stem(path)
+        if stem is None or stem in pairs:
+            continue
+        labels = [label_dir / (stem + suffix) for suffix in INSTANCE_LABEL_SUFFIXES]
+        label = next((candidate for candidate in labels if candidate.is_file()), None)
+        if label is not None:
+            pairs[stem] = (path, label)
+    if not pairs:
+        raise DatasetError(
+            f"no instance map <stem>.instances.tif in {pred_dir} has a label <stem>.png/.tif/.tiff in {label_dir}"
+        )
+    per_image = {}
+    for stem, (pred_path, label_path) in pairs.items():
+        prediction, label = _read_instance_map(pred_path), _read_instance_map(label_path)
+        if prediction.shape != label.shape:
+            raise DatasetError(
+                f"{stem}: prediction is {prediction.shape[0]}x{prediction.shape[1]} pixels "
+                f"but label is {label.shape[0]}x{label.shape[1]}"
+            )
+        per_image[stem] = instance_metrics(prediction, label)
+    return per_image, summarize_instances(list(per_image.values()))
+
+
+def _print_instances(per_image: dict[str, dict[str, float]], summary: dict[str, float]) -> None:
+    width = max(len("mean"), *(len(stem) for stem in per_image)) + 2
+    print(f"{len(per_image)} images")
+    print(f"{'image':<{width}}" + "".join(f"{h:>8}" for h in ("PQ", "DQ", "SQ", "AJI", "Dice", "#pred", "#ref")))
+    for stem, m in [*per_image.items(), ("mean", summary)]:
+        counts = (
+            f"{m['num_predicted']:>8.1f}{m['num_reference']:>8.1f}"
+            if stem == "mean"
+            else f"{m['num_predicted']:>8d}{m['num_reference']:>8d}"
+        )
+        print(f"{stem:<{width}}" + "".join(f"{m[k]:>8.4f}" for k in ("pq", "dq", "sq", "aji", "dice")) + counts)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.instances or has_instance_maps(args.pred_dir):
+        per_image, instance_summary = evaluate_instances(args.pred_dir, args.label_dir)
+        if args.json:
+            print(json.dumps({"cases": per_image, "summary": instance_summary}, indent=2))
+        else:
+            _print_instances(per_image, instance_summary)
+        return 0
     from medseg.errors import ConfigError
     from medseg.io.tiff import parse_spacing
 

@@ -51,11 +51,11 @@ def _merge_trailing(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.training import Trainer, load_config
+    from medseg.training import load_config, trainer_for
 
     args = _merge_trailing(args)
     config = load_config(args.config, args.overrides)
-    trainer = Trainer(
+    trainer = trainer_for(config)(
         config, output_dir=args.output, fold=args.fold, resume=args.resume, show_progress=not args.no_progress
     )
     try:

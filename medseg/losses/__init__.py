@@ -1,4 +1,4 @@
-"""Segmentation losses: MONAI's Dice family, focal Tversky, SPOCKMIP's MIP loss, nnU-Net deep
+"""Segmentation losses: MONAI's Dice family, focal Tversky, SPOCKMIP's MIP loss, the CellViT HoVer loss, nnU-Net deep
 supervision and dual self-distillation, all applied to a network's
 :class:`~medseg.networks.base.NetworkOutput` through :func:`build_loss`."""
 
@@ -9,6 +9,7 @@ from medseg.losses.deep_supervision import (
 )
 from medseg.losses.dsd import DualSelfDistillationLoss, SideHead, kl_distillation
 from medseg.losses.factory import FocalTverskyMIPLoss, build_loss, segmentation_loss
+from medseg.losses.hover import HoVerLoss
 from medseg.losses.mip import MIPLoss
 from medseg.losses.tversky import FocalTverskyLoss
 
@@ -17,6 +18,7 @@ __all__ = [
     "DualSelfDistillationLoss",
     "FocalTverskyLoss",
     "FocalTverskyMIPLoss",
+    "HoVerLoss",
     "LogitsLoss",
     "MIPLoss",
     "SideHead",

@@ -17,6 +17,7 @@ from torch import nn
 from medseg.errors import ConfigError
 from medseg.losses.deep_supervision import DeepSupervisionLoss, LogitsLoss, nnunet_deep_supervision_weights
 from medseg.losses.dsd import DualSelfDistillationLoss
+from medseg.losses.hover import HoVerLoss
 from medseg.losses.mip import MIPLoss
 from medseg.losses.tversky import FocalTverskyLoss
 
@@ -111,12 +112,19 @@ def build_loss(
     - else, when the network declares ``N > 0`` native heads (``deep_supervision_scales``) and
       ``deep_supervision`` is on: :class:`DeepSupervisionLoss` over the ``N + 1`` outputs with
       nnU-Net's weights (:func:`nnunet_deep_supervision_weights`) or ``deep_supervision_weights``;
-    - else the loss on the final logits (:class:`LogitsLoss`), e.g. for every network with 0 heads.
+    - else the loss on the final logits (:class:`LogitsLoss`), e.g. for every network with 0 heads;
+    - ``name == "hover"``: :class:`~medseg.losses.hover.HoVerLoss` on the NP/HV outputs of a nuclei
+      network (target ``(B, 3, H, W)``: nuclear mask, H and V maps).
 
     Raises:
         ConfigError: unknown loss/keyword, or ``deep_supervision_weights`` whose length is not
             ``N + 1``.
     """
+    if name == "hover":  # NP/HV maps of a nuclei network (their own terms, no deep supervision)
+        try:
+            return HoVerLoss(**(kwargs or {}))
+        except TypeError as error:
+            raise ConfigError(f"loss.kwargs: {error}") from None
     seg = segmentation_loss(name, int(network.out_channels), **(kwargs or {}))
     heads = deep_supervision_heads(network)
     if dsd is not None:

@@ -84,6 +84,8 @@ class SegmentationNetwork(nn.Module):
     input_divisor: tuple[int, ...]
     deep_supervision_scales: tuple[tuple[float, ...], ...]
     pretrained_target: str = ""
+    #: the network has its own NP/HV branches (:mod:`medseg.networks.hover`)
+    hover_branches: bool = False
 
     @property
     def num_deep_supervision_heads(self) -> int:

@@ -330,6 +330,7 @@ class CellVTA(SegmentationNetwork):
             tissue_logits=tissue,
         )
 
+    hover_branches = True
     #: :meth:`load_pretrained` fills the ViT encoder only (keys and report relative to it)
     pretrained_target = "backbone.vit"
 

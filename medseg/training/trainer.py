@@ -65,10 +65,10 @@ class TrainStep(nn.Module):
     """Network plus loss in one module, so DDP synchronises the loss's own parameters (DSD side heads)
     too. ``forward(image (B, C, *patch), label (B, 1, *patch)) -> scalar loss``."""
 
-    def __init__(self, network: nn.Module, loss: nn.Module, channels_last: bool = False):
+    def __init__(self, network: nn.Module, loss: nn.Module, channels_last: bool = False, ndim: int = 5):
         super().__init__()
         self.network, self.loss = network, loss
-        self.memory_format = _memory_format(channels_last)
+        self.memory_format = _memory_format(channels_last, ndim)
 
     def forward(self, image: torch.Tensor, label: torch.Tensor, target_mip: dict | None = None) -> torch.Tensor:
         output = self.network(image.contiguous(memory_format=self.memory_format), features=True)
@@ -141,6 +141,10 @@ class TrainResult:
 class Trainer:
     """Train ``config`` on fold ``fold`` into ``output_dir``; :meth:`fit` runs it.
 
+    ``task: nuclei`` configs train through the subclass :class:`medseg.training.nuclei.NucleiTrainer`
+    (:func:`trainer_for` picks it), which replaces the data, the validation and the card, and keeps
+    this loop, the checkpoints, resume and export.
+
     Raises (before training starts): :class:`ConfigError` for bad configs (unknown network, loss,
     keys), :class:`DatasetError` for bad data (unpaired files, label values outside the data card,
     image/label grid mismatch, empty dataset).
@@ -207,16 +211,12 @@ class Trainer:
         self.inference_patch_size = tuple(c.validation.patch_size or self.patch_size)
         self.batch_size = c.training.batch_size or self.plan.batch_size
         self.num_classes = max(label.id for label in self.card.labels) + 1
+        self.network_defaults = {"spatial_dims": 3, "in_channels": len(self.modality), "out_channels": self.num_classes}
 
     def _setup_network(self) -> None:
         c = self.config
         torch.manual_seed(c.training.seed)
-        net_config = {
-            "spatial_dims": 3,
-            "in_channels": len(self.modality),
-            "out_channels": self.num_classes,
-            **c.network.config,
-        }
+        net_config = {**self.network_defaults, **c.network.config}
         self.network_spec = NetworkSpec(name=c.network.name, config=net_config)
         self.network = create_network(c.network.name, pretrained=c.network.pretrained, **net_config).to(self.device)
         divisor = getattr(self.network, "input_divisor", (1, 1, 1))
@@ -235,7 +235,9 @@ class Trainer:
         if c.training.channels_last:
             self.network.to(memory_format=_memory_format(True, len(self.patch_size) + 2))
             self.loss.to(memory_format=_memory_format(True, len(self.patch_size) + 2))
-        self.step_module: nn.Module = TrainStep(self.network, self.loss, c.training.channels_last)
+        self.step_module: nn.Module = TrainStep(
+            self.network, self.loss, c.training.channels_last, len(self.patch_size) + 2
+        )
         if self.world_size > 1:
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module,
@@ -325,7 +327,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(c.model_dump(mode="json"), sort_keys=False)
             atomic_write(self.output_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-            self.plan.save(self.output_dir / "plan.json")
+            if self.plan is not None:
+                self.plan.save(self.output_dir / "plan.json")
 
     def _cases(self):
         d = self.config.data
@@ -432,6 +435,16 @@ class Trainer:
             dist.barrier()
         return result
 
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's name, for the model card."""
+        return self.plan.dataset
+
+    @property
+    def validation_protocol(self) -> str:
+        """How the card's validation metrics were measured."""
+        return VALIDATION_PROTOCOL
+
     def _finished(self) -> bool:
         """All epochs done, or (``scheduler.time_based``) the time budget spent."""
         t = self.config.training
@@ -470,7 +483,7 @@ class Trainer:
             persistent_workers=False,
         )
         self.step_module.train()
-        amp = c.training.amp and self.device.type == "cuda"
+        amp = (c.training.amp and self.device.type == "cuda") or (c.training.amp_cpu and self.device.type == "cpu")
         losses, samples, t0 = [], 0, time.perf_counter()
         bar = tqdm(
             total=self.iterations,
@@ -595,9 +608,10 @@ class Trainer:
 
         return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=self.global_step or None)
 
-    def _log_row(self, row: dict[str, Any], writer) -> None:
+    def log_columns(self) -> list[str]:
+        """The columns of ``log.csv``."""
         names = [_column(label.name) for label in self.card.labels] + ["mean"]
-        columns = [
+        return [
             "epoch",
             "step",
             "lr",
@@ -610,6 +624,9 @@ class Trainer:
             *[f"val_hd95_{n}" for n in names],
             "elapsed_s",
         ]
+
+    def _log_row(self, row: dict[str, Any], writer) -> None:
+        columns = self.log_columns()
         path = self.output_dir / "log.csv"
         new = not path.exists()
         with path.open("a", newline="") as handle:
@@ -621,7 +638,7 @@ class Trainer:
             if key not in ("epoch", "step") and isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(key.replace("val_", "val/").replace("train_", "train/"), value, row["step"])
         writer.flush()
-        val = {k: v for k, v in row.items() if k.startswith("val_dice")}
+        val = {k: v for k, v in row.items() if k.startswith("val_") and k != "val_s"}
         log.info("epoch %d loss %s %s", row["epoch"], row.get("train_loss"), val)
         if self.show_progress:
             text = " ".join(f"{k}={v}" for k, v in row.items())
@@ -691,7 +708,7 @@ class Trainer:
         card = self.inference_card().model_copy(
             update=dict(
                 description=c.export.description
-                or f"{c.network.name} trained on {self.plan.dataset} (fold {self.fold})",
+                or f"{c.network.name} trained on {self.dataset_name} (fold {self.fold})",
                 training={
                     "config": c.model_dump(mode="json"),
                     "fold": self.fold,
@@ -708,7 +725,7 @@ class Trainer:
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__},
                 },
-                metrics={"validation": {**self.best_summary, "protocol": VALIDATION_PROTOCOL}},
+                metrics={"validation": {**self.best_summary, "protocol": self.validation_protocol}},
                 data_card=self.card.as_dict(),
                 trained_at=utc_timestamp(),
             )
@@ -720,6 +737,16 @@ VALIDATION_PROTOCOL = (
     "medseg Predictor (model grid, sliding window, inverse to the input grid, "
     "post-processing); Dice and HD95 (mm) on the input grid, MONAI metrics"
 )
+
+
+def trainer_for(config: TrainConfig) -> type[Trainer]:
+    """The trainer class of ``config.task``: :class:`Trainer`, or
+    :class:`~medseg.training.nuclei.NucleiTrainer` for ``nuclei``."""
+    if config.task == "nuclei":
+        from medseg.training.nuclei import NucleiTrainer
+
+        return NucleiTrainer
+    return Trainer
 
 
 def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,128 @@
+"""Nuclei in a tile of any size: the one inference path of ``medseg predict --model nuclei``, the
+trainer's validation and the benchmarks.
+
+Steps, for a :class:`~medseg.io.tile.Tile` ``(H, W, 3)``:
+
+1. resample to the model's pixel size (``card.mpp``; the tile's own ``mpp``, or the model's when
+   the tile states none), bilinear and antialiased;
+2. normalise (``card.normalization``, CellViT's ``rgb``);
+3. sliding window (:func:`medseg.inference.engine.sliding_window_inference`, the engine the
+   volumes use) over the whole tile with the card's window and overlap and Gaussian blending of
+   the NP logits and HV maps (:class:`~medseg.networks.hover.HoVerHead`);
+4. one watershed over the whole stitched map (:func:`~medseg.nuclei.postprocess.instances_from_hover`),
+   so nuclei on window borders are whole and counted once;
+5. the instance map back on the tile's pixel grid (nearest neighbour) when step 1 resampled.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg.errors import InputShapeError
+from medseg.inference.engine import sliding_window_inference
+from medseg.io.tile import Tile
+from medseg.networks.hover import HoVerHead
+from medseg.nuclei.postprocess import instances_from_hover
+from medseg.nuclei.transforms import resample_tile, rgb_normalize
+from medseg.package import ModelCard, ModelPackage, resolve_model
+
+
+@dataclass
+class NucleiPrediction:
+    """What :meth:`NucleiPredictor.predict` found in one tile.
+
+    Attributes:
+        instances: ``(H, W)`` int32 instance map on the tile's pixel grid (0 background, 1..N).
+        mpp: the tile's pixel size used (um/px): its own, or the model's when it stated none.
+        mpp_source: ``"file"``, ``"given"`` or ``"assumed"`` (the model's, the tile stated none).
+        seconds: time per step (``resample``, ``network``, ``watershed``, ``total``).
+    """
+
+    instances: np.ndarray
+    mpp: float
+    mpp_source: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Number of nuclei."""
+        return int(self.instances.max()) if self.instances.size else 0
+
+
+class NucleiPredictor:
+    """A nuclei model ready to segment tiles (module docstring for the steps).
+
+    Args:
+        package: a nuclei model package, its name (``"nuclei"``) or path.
+        device: torch device of the network.
+        sw_batch_size: windows per network call.
+        overlap: window overlap (default: the card's).
+
+    Raises:
+        ModelNotFoundError, UnreadableFileError: the package cannot be resolved or read.
+        ValueError: the package is not a nuclei model.
+    """
+
+    def __init__(
+        self,
+        package: ModelPackage | str | os.PathLike,
+        device: str | torch.device = "cpu",
+        sw_batch_size: int = 4,
+        overlap: float | None = None,
+    ):
+        self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
+        if self.package.card.task != "nuclei":
+            raise ValueError(f"model {self.package.card.name} is a {self.package.card.task} model, not a nuclei model")
+        self._configure(self.package.card, self.package.load_network(device), device, sw_batch_size, overlap)
+
+    @classmethod
+    def from_network(
+        cls, network: torch.nn.Module, card: ModelCard, device: str | torch.device = "cpu", sw_batch_size: int = 4
+    ) -> NucleiPredictor:
+        """A predictor for a network in memory (training validation): the same steps as a package."""
+        self = cls.__new__(cls)
+        self.package = None
+        self._configure(card, network, device, sw_batch_size, None)
+        return self
+
+    def _configure(self, card, network, device, sw_batch_size, overlap) -> None:
+        self.card = card
+        self.device = torch.device(device)
+        self.head = HoVerHead(network).eval()
+        self.sw_batch_size = int(sw_batch_size)
+        self.overlap = card.overlap if overlap is None else float(overlap)
+        self.patch_size = tuple(int(p) for p in card.patch_size)
+
+    @torch.inference_mode()
+    def predict(self, tile: Tile, mpp: float | None = None) -> NucleiPrediction:
+        """Segment the nuclei of ``tile``; ``mpp`` (um/px) overrides the tile's.
+
+        Raises:
+            InputShapeError: a tile smaller than 16 x 16 pixels.
+        """
+        t0 = time.perf_counter()
+        if min(tile.shape[:2]) < 16:
+            raise InputShapeError(f"{tile.name}: {tile.shape[1]}x{tile.shape[0]} pixels is too small for nuclei")
+        source = "given" if mpp else "file" if tile.mpp else "assumed"
+        used_mpp = float(mpp or tile.mpp or self.card.mpp)
+        image = torch.from_numpy(np.ascontiguousarray(tile.array.transpose(2, 0, 1)))
+        image, _ = resample_tile(image, None, used_mpp, self.card.mpp)
+        x = rgb_normalize(image)[None].to(self.device)
+        t1 = time.perf_counter()
+        out = sliding_window_inference(
+            x, self.patch_size, self.sw_batch_size, self.head, overlap=self.overlap, mode="gaussian"
+        )[0].float()
+        t2 = time.perf_counter()
+        instances = instances_from_hover(out[:2].cpu(), out[2:].cpu(), self.card.mpp)
+        if instances.shape != tile.shape[:2]:
+            grid = torch.from_numpy(instances)[None, None].float()
+            instances = F.interpolate(grid, size=tile.shape[:2], mode="nearest-exact")[0, 0].numpy().astype(np.int32)
+        t3 = time.perf_counter()
+        seconds = {"resample": t1 - t0, "network": t2 - t1, "watershed": t3 - t2, "total": t3 - t0}
+        return NucleiPrediction(instances, used_mpp, source, {k: round(v, 3) for k, v in seconds.items()})
