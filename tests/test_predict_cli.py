@@ -129,7 +129,7 @@ def test_only_requested_formats_and_nifti_input(package, tmp_path, capsys):
 def test_nothing_fits_and_bad_arguments(package, tmp_path, capsys):
     ct = shared_path("dicom", "ct_jpeg2000_series")
     assert main(["predict", str(ct), "--model", str(package.path), "--output", str(tmp_path)]) == 1
-    assert "no series fits the model" in capsys.readouterr().err
+    assert "no input fits the model" in capsys.readouterr().err
     assert (
         main(["predict", str(ct), "--model", str(package.path), "--output", str(tmp_path), "--formats", "nifti,stl"])
         == 2

@@ -19,6 +19,8 @@ series, and copies each job's results into ``--output`` under the names, and wit
 of a local run. ``--data-dir`` must be the workers' data dir on a shared file system: inputs are
 staged into it and results read back from it. Without ``--broker`` nothing of this is used.
 
+A nuclei model (card ``task: nuclei``) segments 2D tiles instead: :mod:`medseg.nuclei.batch`.
+
 Exit code: 0 when every fitting series was segmented (or already was, with ``--skip-existing``);
 1 when any series or input failed, or when no series fitted the model; 2 for bad arguments or an
 unknown model (handled by :mod:`medseg.cli`).
@@ -38,6 +40,8 @@ from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_FORMATS = "nifti,seg,json,png"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -56,10 +60,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", required=True, help="output folder")
     parser.add_argument(
         "--formats",
-        default="nifti,seg,json,png",
+        default=None,
         help="comma-separated outputs among nifti,tiff,seg,rtstruct,json,png "
         "(default: nifti,seg,json,png; seg and rtstruct only for DICOM "
-        "input)",
+        "input); nuclei models: among instances,geojson,overlay,report (default: all)",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="nuclei models: microns per pixel of the tiles (default: the TIFF/PNG resolution, else the model's)",
     )
     parser.add_argument(
         "--spacing",
@@ -148,7 +158,6 @@ def _label(info) -> str:
 def run(args: argparse.Namespace) -> int:
     from medseg.package import resolve_model
 
-    formats = _formats(args.formats)
     device = _device(args.device)
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError(f"--overlap {args.overlap}: must be in [0, 1)")
@@ -160,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output {out_dir.name}: exists and is not a folder")
     package = resolve_model(args.model)
+    if package.card.task == "nuclei":
+        from medseg.nuclei.batch import run_nuclei
+
+        return run_nuclei(args, package, device, out_dir)
+    formats = _formats(args.formats or DEFAULT_FORMATS)
     resolved_out = out_dir.resolve()
     batch = _batch(args) if getattr(args, "broker", None) else None
     try:
@@ -464,6 +478,6 @@ def _report(outcomes: list[_Outcome], out_dir: Path) -> int:
     if counts["failed"]:
         return 1
     if counts["done"] + counts["exists"] == 0:
-        print("no series fits the model", file=sys.stderr)
+        print("no input fits the model", file=sys.stderr)
         return 1
     return 0
