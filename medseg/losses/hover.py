@@ -24,8 +24,7 @@ from monai.transforms import SobelGradients
 from torch import nn
 
 from medseg.losses.tversky import FocalTverskyLoss
-from medseg.networks.base import NetworkOutput
-from medseg.networks.hover import hover_outputs
+from medseg.networks.base import NetworkOutput, hover_outputs
 
 
 class HoVerLoss(nn.Module):

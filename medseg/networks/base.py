@@ -206,3 +206,26 @@ def check_network_contract(network: nn.Module) -> None:
     volumes = [math.prod(s) for s in scales]
     if volumes != sorted(volumes, reverse=True):
         raise TypeError(f"{name}.deep_supervision_scales must be finest first, got {scales!r}")
+
+
+#: channels of the stacked HoVer output: NP logits (background, nucleus), then HV (x, y)
+HOVER_CHANNELS = 4
+
+
+def hover_outputs(output: NetworkOutput | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(np_logits (B, 2, H, W), hv (B, 2, H, W))`` from a network's output.
+
+    Raises:
+        ValueError: the output has neither NP/HV branches nor 4 channels.
+    """
+    np_logits = getattr(output, "nuclei_probability_logits", None)
+    hv = getattr(output, "horizontal_vertical", None)
+    if np_logits is not None and hv is not None:
+        return np_logits, hv
+    logits = output.logits if isinstance(output, NetworkOutput) else output
+    if logits.shape[1] != HOVER_CHANNELS:
+        raise ValueError(
+            f"a HoVer network needs NP/HV branches or {HOVER_CHANNELS} output channels "
+            f"(2 NP logits + 2 HV maps), got {logits.shape[1]}"
+        )
+    return logits[:, :2], logits[:, 2:]

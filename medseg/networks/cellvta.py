@@ -148,13 +148,16 @@ class CellViTDecoder(nn.Module):
         )
         self.nuclei_branch = HoVerBranch(embed_dim, channels, 2, dropout)
         self.hv_branch = HoVerBranch(embed_dim, channels, 2, dropout)
-        self.type_branch = HoVerBranch(embed_dim, channels, n_types, dropout)
+        self.type_branch = HoVerBranch(embed_dim, channels, n_types, dropout) if n_types else None
 
     def forward(self, image: torch.Tensor, features: Sequence[torch.Tensor]):
-        """``image (B, C, H, W)``, ``features = [f1..f4]`` -> (NP, HV, NT logits, NT stage features)."""
+        """``image (B, C, H, W)``, ``features = [f1..f4]`` -> (NP, HV, NT logits, NT stage features);
+        without an NT branch (``n_types = 0``) the NP logits and stage features stand in for NT's."""
         skips = [processor(level) for processor, level in zip(self.skips, [image, *features[:3]])]
-        nuclei, _ = self.nuclei_branch(skips, features[3])
+        nuclei, nuclei_features = self.nuclei_branch(skips, features[3])
         hv, _ = self.hv_branch(skips, features[3])
+        if self.type_branch is None:
+            return nuclei, hv, nuclei, nuclei_features
         types, stage_features = self.type_branch(skips, features[3])
         return nuclei, hv, types, stage_features
 
@@ -219,7 +222,9 @@ class CellVTA(SegmentationNetwork):
     Args:
         spatial_dims: must be 2.
         in_channels: image channels (3; images normalised with mean = std = 0.5 per channel).
-        out_channels: nucleus types including background (PanNuke 6, CoNIC 7) -> NT branch.
+        out_channels: nucleus types including background (PanNuke 6, CoNIC 7) -> NT branch; 0 builds
+            no NT branch (nuclei without types, e.g. MoNuSeg): the logits are then the NP logits
+            (``out_channels`` reads 2).
         num_tissue_classes: tissue-type head on the class token (PanNuke 19); 0 disables it.
         embed_dim, depth, num_heads, mlp_ratio, layer_scale, patch_size, pretrain_img_size: the
             ViT (ViT-L/16 UNI: 1024, 24, 16, 4, 1e-5, 16, 224).
@@ -272,7 +277,7 @@ class CellVTA(SegmentationNetwork):
             raise ConfigError(f"cellvta is a 2D network, got spatial_dims={spatial_dims}")
         if len(decoder_channels) != 4:
             raise ConfigError(f"cellvta decoder_channels needs 4 widths (1/1..1/8), got {tuple(decoder_channels)}")
-        self.spatial_dims, self.in_channels, self.out_channels = 2, in_channels, out_channels
+        self.spatial_dims, self.in_channels, self.out_channels = 2, in_channels, out_channels or 2
         self.input_divisor = (patch_size, patch_size)
         self.deep_supervision_scales = ()  # NP/HV/tissue heads are extra outputs, not deep supervision
         try:

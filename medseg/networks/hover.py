@@ -11,7 +11,8 @@ Two kinds of network carry it:
 - plain U-shaped networks built with ``out_channels = 4``: channels 0-1 are the NP logits
   (background, nucleus), channels 2-3 the HV maps (horizontal, vertical; in [-1, 1] after training).
 
-:func:`hover_outputs` reads either; :class:`HoVerHead` turns either into one ``(B, 4, H, W)`` tensor
+:func:`~medseg.networks.base.hover_outputs` (part of the base contract, so losses can use it)
+reads either; :class:`HoVerHead` turns either into one ``(B, 4, H, W)`` tensor
 for the sliding-window engine, so the stitched NP logits and HV maps are blended window by window
 like any segmentation logits.
 """
@@ -21,29 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.networks.base import NetworkOutput
+from medseg.networks.base import HOVER_CHANNELS, hover_outputs
 
-#: channels of the stacked HoVer output: NP logits (background, nucleus), then HV (x, y)
-HOVER_CHANNELS = 4
-
-
-def hover_outputs(output: NetworkOutput | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(np_logits (B, 2, H, W), hv (B, 2, H, W))`` from a network's output.
-
-    Raises:
-        ValueError: the output has neither NP/HV branches nor 4 channels.
-    """
-    np_logits = getattr(output, "nuclei_probability_logits", None)
-    hv = getattr(output, "horizontal_vertical", None)
-    if np_logits is not None and hv is not None:
-        return np_logits, hv
-    logits = output.logits if isinstance(output, NetworkOutput) else output
-    if logits.shape[1] != HOVER_CHANNELS:
-        raise ValueError(
-            f"a HoVer network needs NP/HV branches or {HOVER_CHANNELS} output channels "
-            f"(2 NP logits + 2 HV maps), got {logits.shape[1]}"
-        )
-    return logits[:, :2], logits[:, 2:]
+__all__ = ["HOVER_CHANNELS", "HoVerHead", "hover_outputs"]
 
 
 class HoVerHead(nn.Module):
