@@ -189,3 +189,23 @@ def test_nuclei_configs_validate():
         config = load_config(path)
         assert config.task == "nuclei" and config.loss.name == "hover", path.name
         assert yaml.safe_load(path.read_text())["training"]["max_minutes"] <= 60
+
+
+def test_mirroring_tta_makes_the_prediction_mirror_equivariant(tiny_nuclei_run):
+    from medseg.io.tile import Tile
+    from medseg.nuclei.predictor import NucleiPredictor
+
+    array = np.asarray(Image.open(shared_path("nuclei", "monuseg_test", "images", f"{TEST_TILE}.png")).convert("RGB"))
+    tile = Tile(np.ascontiguousarray(array[300:556, 300:556]), 0.25, "crop.png")
+    mirrored = Tile(np.ascontiguousarray(tile.array[:, ::-1]), 0.25, "mirrored.png")
+    predictor = NucleiPredictor(tiny_nuclei_run.package, tta=True)
+    assert predictor.tta
+    from medseg.nuclei.transforms import rgb_normalize
+
+    x = rgb_normalize(torch.from_numpy(tile.array.transpose(2, 0, 1).copy()))[None]
+    maps, maps_of_mirrored = predictor.hover_maps(x), predictor.hover_maps(x.flip(3)).flip(3)
+    maps_of_mirrored[:, 2] = -maps_of_mirrored[:, 2]  # the horizontal map changes sign
+    assert torch.allclose(maps, maps_of_mirrored, atol=1e-4)
+    instances = predictor.predict(tile).instances
+    again = predictor.predict(mirrored).instances[:, ::-1]
+    assert instance_metrics(again, instances)["pq"] >= 0.98

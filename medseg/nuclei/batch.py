@@ -101,7 +101,9 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
         todo.append((path, stem))
     if not todo:
         return _report(outcomes, out_dir)
-    predictor = NucleiPredictor(package, device=device, sw_batch_size=args.sw_batch_size or 4, overlap=args.overlap)
+    predictor = NucleiPredictor(
+        package, device=device, sw_batch_size=args.sw_batch_size or 4, overlap=args.overlap, tta=args.tta
+    )
     card = package.card
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,7 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
                     "weights_sha256": card.weights_sha256,
                     "mpp": card.mpp,
                     "mpp_source": prediction.mpp_source,
+                    "tta": predictor.tta,
                     "seconds": prediction.seconds,
                 }
                 written = write_nuclei_outputs(tile, prediction.instances, out_dir, stem, model=model, formats=formats)

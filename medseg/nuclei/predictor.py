@@ -63,6 +63,7 @@ class NucleiPredictor:
         device: torch device of the network.
         sw_batch_size: windows per network call.
         overlap: window overlap (default: the card's).
+        tta: mirroring test-time augmentation (4 passes).
 
     Raises:
         ModelNotFoundError, UnreadableFileError: the package cannot be resolved or read.
@@ -75,11 +76,12 @@ class NucleiPredictor:
         device: str | torch.device = "cpu",
         sw_batch_size: int = 4,
         overlap: float | None = None,
+        tta: bool = False,
     ):
         self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
         if self.package.card.task != "nuclei":
             raise ValueError(f"model {self.package.card.name} is a {self.package.card.task} model, not a nuclei model")
-        self._configure(self.package.card, self.package.load_network(device), device, sw_batch_size, overlap)
+        self._configure(self.package.card, self.package.load_network(device), device, sw_batch_size, overlap, tta)
 
     @classmethod
     def from_network(
@@ -88,16 +90,38 @@ class NucleiPredictor:
         """A predictor for a network in memory (training validation): the same steps as a package."""
         self = cls.__new__(cls)
         self.package = None
-        self._configure(card, network, device, sw_batch_size, None)
+        self._configure(card, network, device, sw_batch_size, None, False)
         return self
 
-    def _configure(self, card, network, device, sw_batch_size, overlap) -> None:
+    def _configure(self, card, network, device, sw_batch_size, overlap, tta) -> None:
+        self.tta = bool(tta)
         self.card = card
         self.device = torch.device(device)
         self.head = HoVerHead(network).eval()
         self.sw_batch_size = int(sw_batch_size)
         self.overlap = card.overlap if overlap is None else float(overlap)
         self.patch_size = tuple(int(p) for p in card.patch_size)
+
+    def hover_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Stitched NP logits and HV maps ``(1, 4, H, W)`` of a normalised image ``(1, 3, H, W)``
+        on the model grid (mirroring TTA when on)."""
+
+        def window_pass(image: torch.Tensor) -> torch.Tensor:
+            return sliding_window_inference(
+                image, self.patch_size, self.sw_batch_size, self.head, overlap=self.overlap, mode="gaussian"
+            ).float()
+
+        if not self.tta:
+            return window_pass(x)
+        total = torch.zeros(0)
+        for dims in ((), (3,), (2,), (2, 3)):
+            out = window_pass(x.flip(dims)).flip(dims) if dims else window_pass(x)
+            if 3 in dims:  # mirrored left-right: the horizontal map changes sign
+                out[:, 2] = -out[:, 2]
+            if 2 in dims:  # mirrored top-bottom: the vertical map changes sign
+                out[:, 3] = -out[:, 3]
+            total = out if total.numel() == 0 else total + out
+        return total / 4
 
     @torch.inference_mode()
     def predict(self, tile: Tile, mpp: float | None = None) -> NucleiPrediction:
@@ -115,9 +139,7 @@ class NucleiPredictor:
         image, _ = resample_tile(image, None, used_mpp, self.card.mpp)
         x = rgb_normalize(image)[None].to(self.device)
         t1 = time.perf_counter()
-        out = sliding_window_inference(
-            x, self.patch_size, self.sw_batch_size, self.head, overlap=self.overlap, mode="gaussian"
-        )[0].float()
+        out = self.hover_maps(x)[0]
         t2 = time.perf_counter()
         instances = instances_from_hover(out[:2].cpu(), out[2:].cpu(), self.card.mpp)
         if instances.shape != tile.shape[:2]:
