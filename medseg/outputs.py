@@ -86,7 +86,8 @@ def stem_for(meta: dict[str, Any], dicom: bool) -> str:
 
     DICOM: ``<series number>_<series description>_<8 hex of sha1(series UID)>`` (sanitised to
     ``[A-Za-z0-9._-]``; number or description omitted when absent), unique per series.
-    Volume files: the file name without its extension (sanitised) — the name the user gave.
+    Volume files: the file name without its extension (sanitised, at most 200 characters, so that
+    ``medseg evaluate`` pairs it with a label of the same name) — the name the user gave.
     """
     if dicom:
         uid = str(meta.get("series_uid") or "")
@@ -98,7 +99,7 @@ def stem_for(meta: dict[str, Any], dicom: bool) -> str:
         stem = "_".join(p for p in parts if p)
         return stem or "series"
     name = strip_suffix(Path(str(meta.get("series_uid") or meta.get("source") or "image")).name)
-    return _sanitize(name) or "image"
+    return _sanitize(name, limit=200) or "image"
 
 
 def output_paths(out_dir: str | Path, stem: str, formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Path]:

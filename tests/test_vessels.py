@@ -209,3 +209,11 @@ def test_cldice_of_a_real_label_is_one_and_drops_when_a_vessel_is_cut():
     metrics = label_map_metrics(cut, label, 2, (1, 1, 1), topology=True)[1]
     assert metrics["cldice"] == pytest.approx(broken["cldice"]) and metrics["dice"] < 1.0
     assert "cldice" in summarize([{1: metrics}])["mean"]
+
+
+def test_output_stem_keeps_a_long_stack_name_whole():
+    """`medseg evaluate` pairs predictions and labels by name: the stem must not be cut short."""
+    from medseg.outputs import stem_for
+
+    name = "santos2015_mixedSizelowContrastVessels_BM4D_denoised"
+    assert stem_for({"source": f"/data/denoised/{name}.tif"}, dicom=False) == name
