@@ -44,16 +44,16 @@ def test_all_four_outputs(case, tmp_path):
     elapsed = time.perf_counter() - start
     assert elapsed < 5  # ~0.5 s on an idle core; generous for a loaded CI machine
     assert {k: p.name for k, p in paths.items()} == {
-        "instances": "tile.instances.tif",
+        "tiff": "tile.instances.tif",
         "geojson": "tile.geojson",
-        "overlay": "tile.overlay.png",
-        "report": "tile.json",
+        "png": "tile.overlay.png",
+        "json": "tile.json",
     }
     assert not [p for p in (tmp_path / "out").iterdir() if "partial" in p.name]
     assert _sha(image) == before
 
     # instance TIFF: identical ids, uint16, 0.25 um/px in centimetre resolution tags
-    with tifffile.TiffFile(paths["instances"]) as tif:
+    with tifffile.TiffFile(paths["tiff"]) as tif:
         page = tif.pages[0]
         stored = page.asarray()
         assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
@@ -64,7 +64,7 @@ def test_all_four_outputs(case, tmp_path):
     np.testing.assert_array_equal(stored, instances)
 
     # overlay: the tile's size; green exactly on the inner boundaries, the tile elsewhere
-    overlay = np.array(PILImage.open(paths["overlay"]))
+    overlay = np.array(PILImage.open(paths["png"]))
     assert overlay.shape == tile.shape and overlay.dtype == np.uint8
     boundary = find_boundaries(instances, mode="inner")
     assert boundary.any()
@@ -72,7 +72,7 @@ def test_all_four_outputs(case, tmp_path):
     np.testing.assert_array_equal(overlay[~boundary], tile.array[~boundary])
 
     # report
-    report = json.loads(paths["report"].read_text())
+    report = json.loads(paths["json"].read_text())
     ids, counts = np.unique(instances[instances > 0], return_counts=True)
     nuclei = report["nuclei"]
     assert nuclei["count"] == len(ids) > 100
@@ -136,7 +136,7 @@ def test_unknown_mpp_gives_null_physical_fields(case, tmp_path):
     tile = read_tile(image)  # MoNuSeg PNGs state no pixel size
     assert tile.mpp is None
     paths = write_nuclei_outputs(tile, instances, tmp_path, "tile")
-    report = json.loads(paths["report"].read_text())
+    report = json.loads(paths["json"].read_text())
     assert report["image"]["mpp"] is None and report["image"]["area_mm2"] is None
     nuclei = report["nuclei"]
     assert nuclei["count"] == len(np.unique(instances[instances > 0]))
@@ -145,7 +145,7 @@ def test_unknown_mpp_gives_null_physical_fields(case, tmp_path):
     assert any("pixel size unknown" in w for w in report["warnings"])
     feature = json.loads(paths["geojson"].read_text())["features"][0]
     assert set(feature["properties"]["measurements"]) == {"area_px"}
-    with tifffile.TiffFile(paths["instances"]) as tif:
+    with tifffile.TiffFile(paths["tiff"]) as tif:
         unit = tif.pages[0].tags.get("ResolutionUnit")
         assert unit is None or unit.value != tifffile.RESUNIT.CENTIMETER
 
@@ -153,26 +153,26 @@ def test_unknown_mpp_gives_null_physical_fields(case, tmp_path):
 def test_empty_map_says_count_zero(case, tmp_path):
     _, tile, instances = case
     paths = write_nuclei_outputs(tile, np.zeros_like(instances), tmp_path, "empty")
-    report = json.loads(paths["report"].read_text())
+    report = json.loads(paths["json"].read_text())
     assert report["nuclei"]["count"] == 0
     assert report["nuclei"]["area_px"] == {"mean": None, "median": None, "total": 0}
     assert report["nuclei"]["density_per_mm2"] == 0
     assert any("count 0" in w for w in report["warnings"])
     assert json.loads(paths["geojson"].read_text()) == {"type": "FeatureCollection", "features": []}
-    np.testing.assert_array_equal(np.array(PILImage.open(paths["overlay"])), tile.array)
-    assert not tifffile.imread(paths["instances"]).any()
+    np.testing.assert_array_equal(np.array(PILImage.open(paths["png"])), tile.array)
+    assert not tifffile.imread(paths["tiff"]).any()
 
 
 def test_large_ids_are_written_as_uint32(case, tmp_path):
     _, tile, instances = case
     shifted = np.where(instances > 0, instances.astype(np.int64) + 70000, 0)
-    paths = write_nuclei_outputs(tile, shifted, tmp_path, "big", formats=("instances", "geojson", "report"))
-    stored = tifffile.imread(paths["instances"])
+    paths = write_nuclei_outputs(tile, shifted, tmp_path, "big", formats=("tiff", "geojson", "json"))
+    stored = tifffile.imread(paths["tiff"])
     assert stored.dtype == np.uint32
     np.testing.assert_array_equal(stored, shifted)
     features = json.loads(paths["geojson"].read_text())["features"]
     assert min(f["properties"]["instance_id"] for f in features) > 70000
-    assert json.loads(paths["report"].read_text())["nuclei"]["count"] == len(np.unique(instances)) - 1
+    assert json.loads(paths["json"].read_text())["nuclei"]["count"] == len(np.unique(instances)) - 1
 
 
 def test_shape_mismatch_and_bad_formats_raise(case, tmp_path):

@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="comma-separated outputs among nifti,tiff,seg,rtstruct,json,png "
         "(default: nifti,seg,json,png; seg and rtstruct only for DICOM "
-        "input); nuclei models: among instances,geojson,overlay,report (default: all)",
+        "input); nuclei models: among tiff,geojson,png,json (default: all four)",
     )
     parser.add_argument(
         "--mpp",

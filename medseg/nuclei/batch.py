@@ -19,7 +19,7 @@ from pathlib import Path
 from medseg.errors import ConfigError, MedsegError
 
 #: ``--formats`` of nuclei models (all by default)
-NUCLEI_FORMATS = ("instances", "geojson", "overlay", "report")
+NUCLEI_FORMATS = ("tiff", "geojson", "png", "json")
 
 
 def nuclei_formats(text: str | None) -> tuple[str, ...]:
@@ -95,7 +95,7 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
             raise ConfigError(
                 f"--output {out_dir}: {clash[0].name} would overwrite an input; choose another output folder"
             )
-        if args.skip_existing and output_paths(out_dir, stem, ["report"])["report"].is_file():
+        if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
             outcomes.append(_Outcome(path.name, "exists", stem))
             continue
         todo.append((path, stem))

@@ -33,10 +33,10 @@ from medseg.io.atomic import atomic_write
 from medseg.io.tile import Tile
 
 SUFFIXES = {
-    "instances": ".instances.tif",
+    "tiff": ".instances.tif",
     "geojson": ".geojson",
-    "overlay": ".overlay.png",
-    "report": ".json",
+    "png": ".overlay.png",
+    "json": ".json",
 }
 FORMATS = tuple(SUFFIXES)
 #: colour of the boundary pixels in the overlay, and of the QuPath "Nucleus" class
@@ -302,7 +302,7 @@ def write_nuclei_outputs(
     _, areas_px, _ = _instance_table(instances)
     written: dict[str, Path] = {}
 
-    if "instances" in paths:
+    if "tiff" in paths:
         import tifffile
 
         dtype = np.uint16 if not instances.size or int(instances.max()) <= 65535 else np.uint32
@@ -314,14 +314,14 @@ def write_nuclei_outputs(
         def write_tiff(tmp: Path) -> None:
             tifffile.imwrite(str(tmp), data, photometric="minisblack", compression="zlib", **extra)
 
-        written["instances"] = atomic_write(paths["instances"], write_tiff)
+        written["tiff"] = atomic_write(paths["tiff"], write_tiff)
 
     if "geojson" in paths:
         collection = {"type": "FeatureCollection", "features": nucleus_features(instances, mpp)}
         text = json.dumps(collection, separators=(",", ":"))
         written["geojson"] = atomic_write(paths["geojson"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
-    if "overlay" in paths:
+    if "png" in paths:
         from PIL import Image as PILImage
         from skimage.segmentation import find_boundaries
 
@@ -331,10 +331,10 @@ def write_nuclei_outputs(
         def write_png(tmp: Path) -> None:
             PILImage.fromarray(overlay).save(tmp, format="PNG", compress_level=1)
 
-        written["overlay"] = atomic_write(paths["overlay"], write_png)
+        written["png"] = atomic_write(paths["png"], write_png)
 
-    if "report" in paths:
-        report = build_nuclei_report(tile, areas_px, model, {**written, "report": paths["report"]})
+    if "json" in paths:
+        report = build_nuclei_report(tile, areas_px, model, {**written, "json": paths["json"]})
         text = json.dumps(report, indent=2, default=str)
-        written["report"] = atomic_write(paths["report"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        written["json"] = atomic_write(paths["json"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return written
