@@ -166,4 +166,8 @@ def test_predict_broker_refuses_bad_settings_before_any_work(redis_url, tmp_path
         str(tmp_path / "d"),
     )
     assert unreachable.returncode == 2 and "broker unreachable" in unreachable.stderr, unreachable.stderr
+    with_spacing = _predict(
+        models, image, "--model", TINY_MODEL, "--output", str(out), "--broker", redis_url, "--spacing", "1,1,1"
+    )
+    assert with_spacing.returncode == 2 and "--spacing is not supported with --broker" in with_spacing.stderr
     assert not out.exists()

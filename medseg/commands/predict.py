@@ -322,8 +322,9 @@ def _batch(args: argparse.Namespace) -> _Batch:
     is looked at.
 
     Raises:
-        ConfigError: no shared data dir given, a model given by path (the workers resolve models
-            by registered name), options the service refuses, or broker / job store unreachable.
+        ConfigError: ``--spacing`` (not sent to workers), no shared data dir given, a model given by
+            path (the workers resolve models by registered name), options the service refuses, or
+            broker / job store unreachable.
     """
     import os
 
@@ -332,6 +333,11 @@ def _batch(args: argparse.Namespace) -> _Batch:
     from medseg.package import resolve_model
     from service.config import ENV_PREFIX, Settings
 
+    if getattr(args, "spacing", None):
+        raise ConfigError(
+            "--spacing is not supported with --broker (the workers read the voxel size from each file); "
+            "run TIFF stacks without one locally"
+        )
     if not (args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR")):
         raise ConfigError("--broker needs --data-dir DIR: the workers' data dir, on a shared file system")
     try:
