@@ -97,10 +97,9 @@ def readyz(request: Request) -> dict[str, Any]:
         checks["default_model"] = "ok"
     except MedsegError:
         checks["default_model"] = f"'{state.settings.default_model}' not found"
-    check_broker = getattr(state.queue, "check_reachable", None)  # only an API replica on a broker
-    if check_broker is not None:
+    if state.settings.broker_url:  # an API replica that enqueues on a Celery broker
         try:
-            check_broker()
+            state.queue.check_reachable()
             checks["broker"] = "ok"
         except Exception as error:
             checks["broker"] = f"unreachable ({type(error).__name__})"

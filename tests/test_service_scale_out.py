@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import shared_path
@@ -43,26 +44,47 @@ def _wait(check, timeout: float, what: str):
 
 
 # --- Redis and PostgreSQL, started by the tests -------------------------------------------------
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
+def _redis_binary() -> str:
     binary = shutil.which("redis-server") or (
         "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
     )
     if binary is None:
         pytest.skip("redis-server not installed (Debian package redis-server)")
     pytest.importorskip("celery", reason="celery[redis] not installed (pip install -e '.[scale]')")
-    redis = pytest.importorskip("redis", reason="redis client not installed (celery[redis])")
+    pytest.importorskip("redis", reason="redis client not installed (celery[redis])")
+    return binary
 
-    folder = tmp_path_factory.mktemp("redis")
-    port = free_port()
+
+def _start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A real redis-server on loopback ``port`` (no persistence), answering PING."""
+    import redis
+
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--save", "", "--appendonly", "no"],
-        stdout=open(folder / "redis.log", "wb"),
+        [
+            _redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=open(folder / f"redis-{port}.log", "ab"),
         stderr=subprocess.STDOUT,
     )
-    client = redis.Redis(host="127.0.0.1", port=port)
+    _wait(redis.Redis(host="127.0.0.1", port=port).ping, 30, "redis-server ready")
+    return process
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    process = _start_redis(port, tmp_path_factory.mktemp("redis"))
     try:
-        _wait(client.ping, 30, "redis-server ready")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
@@ -439,6 +461,31 @@ def test_submit_never_blocks_and_publishes_once_the_broker_is_back(redis_url, tm
         if server is not None:
             server.terminate()
             server.wait(30)
+
+
+def test_readyz_answers_503_over_http_while_the_broker_is_down(models, tmp_path):
+    """An API replica on a real Redis: /readyz 200, then 503 problem+json naming the broker once
+    redis-server is killed, and 200 again when it is back (a load balancer's view)."""
+    port = free_port()
+    redis = _start_redis(port, tmp_path)
+    replica = Server(
+        tmp_path / "data", models, workers=0, env={"MEDSEG_SERVICE_BROKER_URL": f"redis://127.0.0.1:{port}/0"}
+    )
+    try:
+        replica.start()
+        redis.kill()
+        redis.wait(30)
+        down = _wait(lambda: (r := httpx.get(replica.url + "/readyz", timeout=30)).status_code == 503 and r, 60, "503")
+        assert down.headers["content-type"].startswith("application/problem+json")
+        assert down.json()["checks"]["broker"].startswith("unreachable"), down.json()
+        assert "broker unreachable" in down.json()["detail"]
+        redis = _start_redis(port, tmp_path)
+        _wait(lambda: httpx.get(replica.url + "/readyz", timeout=30).status_code == 200, 60, "ready again")
+    finally:
+        replica.stop()
+        if redis.poll() is None:
+            redis.terminate()
+            redis.wait(30)
 
 
 # --- the whole set-up, with failures ------------------------------------------------------------
