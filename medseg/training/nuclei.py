@@ -52,18 +52,10 @@ class NucleiTrainer(Trainer):
 
     def _setup_plan(self) -> None:
         c = self.config
-        if c.training.num_threads:
-            torch.set_num_threads(c.training.num_threads)
-        from monai.utils import set_determinism
-
-        set_determinism(seed=c.training.seed) if c.training.deterministic else set_determinism(None)
-        torch.manual_seed(c.training.seed)
         if not c.data.manifest:
             raise ConfigError("data.manifest: nuclei training needs a case manifest of tiles (with fixed folds)")
         if c.loss.name != "hover":
             raise ConfigError(f"loss.name: nuclei training uses the hover loss, not {c.loss.name}")
-        if self.fold < 0 or self.fold >= c.data.num_folds:
-            raise ConfigError(f"data.fold: {self.fold} is outside 0..{c.data.num_folds - 1}")
         self.card = load_training_data_card(c.data.data_card, c.data.dataset_dir)
         self.plan = None
         self.mpp = float(c.data.mpp)

@@ -185,15 +185,17 @@ class Trainer:
         self.is_main = self.rank == 0
 
     def _setup(self) -> None:
-        """Set-up in its stages: plan and data card, network and loss, data, optimiser and LR
-        schedule, then the run's state (resumed or fresh) and its output folder."""
+        """Set-up in its stages: threads and seeds, plan and data card, network and loss, data,
+        optimiser and LR schedule, then the run's state (resumed or fresh) and its output folder."""
+        self._setup_runtime()
         self._setup_plan()
         self._setup_network()
         self._setup_data()
         self._setup_optimizer()
         self._setup_state()
 
-    def _setup_plan(self) -> None:
+    def _setup_runtime(self) -> None:
+        """Threads, seeds and the fold's range (before anything else is built)."""
         c = self.config
         if c.training.num_threads:
             torch.set_num_threads(c.training.num_threads)
@@ -201,6 +203,9 @@ class Trainer:
         torch.manual_seed(c.training.seed)
         if self.fold < 0 or self.fold >= c.data.num_folds:
             raise ConfigError(f"data.fold: {self.fold} is outside 0..{c.data.num_folds - 1}")
+
+    def _setup_plan(self) -> None:
+        c = self.config
 
         self.card = load_training_data_card(c.data.data_card, c.data.dataset_dir)
         self.plan = self._plan()
