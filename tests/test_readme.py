@@ -69,6 +69,17 @@ NOT_RUN = {
         "placeholders",
         "not runnable, placeholders: db-host, redis-host, /shared/medseg",
     ),
+    "medseg predict ../shared/data/nuclei/monuseg_test/images/TCGA-2Z-A9J9-01A-01-TS1.png --model nuclei "
+    "--output out-nuclei/": (
+        "real data",
+        "needs ../shared/data (MoNuSeg is CC BY-NC-SA and not shipped); tests/test_nuclei.py runs the "
+        "bundled model through medseg predict on a crop of this tile and scores it",
+    ),
+    "medseg train configs/nuclei/unet_hover.yaml --fold 0     # the bundled model; also configs/nuclei/cellvta.yaml": (
+        "reference",
+        "how the nuclei rows were trained: 55 and 35 minutes on ../shared/data; tests/test_nuclei.py "
+        "trains a tiny config of the same path",
+    ),
     'KEY=msk_...; H="Authorization: Bearer $KEY"; S=http://127.0.0.1:8000': (
         "placeholders",
         "not runnable, placeholders: msk_..., $ID, t1.nii.gz, study.zip, series/, body.mime",
