@@ -91,13 +91,14 @@ def test_hover_loss_is_zero_for_the_targets_and_matches_monai_msge():
 @pytest.fixture(scope="module")
 def tiny_nuclei_run(tmp_path_factory):
     """`medseg train` of a tiny U-Net on 5 real training tiles (4 train, 1 validation tile)."""
-    shared_path("nuclei", "monuseg_train")
+    dataset = shared_path("nuclei", "monuseg_train")
     from medseg.training import load_config, trainer_for
 
     out = tmp_path_factory.mktemp("nuclei-run")
     config = load_config(
         CONFIGS / "unet_hover.yaml",
         [
+            f"data.dataset_dir={dataset}",  # $MEDSEG_SHARED_DATA, wherever the checkout is
             "data.max_cases=5",
             "data.patch_size=[128,128]",
             "network.config.filters=[8,16,32]",
