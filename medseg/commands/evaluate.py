@@ -133,38 +133,6 @@ def has_instance_maps(folder: Path) -> bool:
     return folder.is_dir() and any(_instance_stem(p) for p in folder.iterdir() if p.is_file())
 
 
-def _read_instance_map(path: Path):
-    """A 2D integer instance map from a PNG (Pillow) or TIFF (tifffile); singleton axes dropped."""
-    import numpy as np
-
-    from medseg.errors import UnreadableFileError
-
-    try:
-        if path.suffix.lower() == ".png":
-            from PIL import Image
-
-            with Image.open(path) as image:
-                array = np.array(image)
-        else:
-            import tifffile
-
-            array = tifffile.imread(path)
-    except Exception as error:  # any reader failure (truncated, unknown format) is an unreadable file
-        raise UnreadableFileError(f"{path}: cannot be read as an instance map ({error})") from None
-    array = np.squeeze(array)
-    if array.ndim != 2:
-        raise DatasetError(f"{path}: not a 2D instance map (shape {array.shape})")
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    if not np.issubdtype(array.dtype, np.integer):
-        if not np.array_equal(array, np.rint(array)):
-            raise DatasetError(f"{path}: instance ids must be integers, got dtype {array.dtype}")
-        array = np.rint(array)
-    if array.size and array.min() < 0:
-        raise DatasetError(f"{path}: negative instance ids")
-    return array.astype(np.int64)
-
-
 def evaluate_instances(pred_dir: Path, label_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-image :func:`~medseg.metrics.instance_metrics` and their mean over images for every
     ``<stem>.instances.tif`` in ``pred_dir`` with a label ``<stem>.png`` / ``.tif`` / ``.tiff`` in
@@ -174,6 +142,7 @@ def evaluate_instances(pred_dir: Path, label_dir: Path) -> tuple[dict[str, dict[
         DatasetError: a folder is missing, no pairs, an image is not 2D, or a pair differs in size.
         UnreadableFileError: a file cannot be read.
     """
+    from medseg.io.tile import read_instance_map
     from medseg.metrics import instance_metrics, summarize_instances
 
     for folder in (pred_dir, label_dir):
@@ -194,7 +163,7 @@ def evaluate_instances(pred_dir: Path, label_dir: Path) -> tuple[dict[str, dict[
         )
     per_image = {}
     for stem, (pred_path, label_path) in pairs.items():
-        prediction, label = _read_instance_map(pred_path), _read_instance_map(label_path)
+        prediction, label = read_instance_map(pred_path), read_instance_map(label_path)
         if prediction.shape != label.shape:
             raise DatasetError(
                 f"{stem}: prediction is {prediction.shape[0]}x{prediction.shape[1]} pixels "

@@ -149,6 +149,22 @@ def _device(text: str) -> str:
     raise ConfigError(f"--device {text}: use cpu, cuda or cuda:N")
 
 
+def unique_stem(stem: str, used: set[str]) -> str:
+    """``stem``, with ``_`` appended until it is not in ``used`` (two inputs of the same name in
+    different folders); the result is added to ``used``."""
+    while stem in used:
+        stem += "_"
+    used.add(stem)
+    return stem
+
+
+def refuse_overwrite(outputs, input_files: set[Path], out_dir: Path) -> None:
+    """Raise :class:`ConfigError` if one of the ``outputs`` paths is an input file (resolved)."""
+    clash = [p for p in outputs if p.resolve() in input_files]
+    if clash:
+        raise ConfigError(f"--output {out_dir}: {clash[0].name} would overwrite an input; choose another output folder")
+
+
 def _label(info) -> str:
     """How a series is named on the console: description and UID (no patient data)."""
     description = info.description or "series"
@@ -222,15 +238,8 @@ def _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch) 
             "series_description": info.description,
             "source": info.source,
         }
-        stem = stem_for(meta, dicom=info.format == "dicom")
-        while stem in used:  # two volume files of the same name in different folders
-            stem += "_"
-        used.add(stem)
-        clash = [p for p in output_paths(out_dir, stem, formats).values() if p.resolve() in input_files]
-        if clash:
-            raise ConfigError(
-                f"--output {out_dir}: {clash[0].name} would overwrite an input; choose another output folder"
-            )
+        stem = unique_stem(stem_for(meta, dicom=info.format == "dicom"), used)
+        refuse_overwrite(output_paths(out_dir, stem, formats).values(), input_files, out_dir)
         if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
             outcomes.append(_Outcome(_label(info), "exists", stem))
             continue

@@ -71,7 +71,7 @@ def find_tiles(inputs: list[str], out_dir: Path) -> tuple[list[Path], list[tuple
 
 def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) -> int:
     """Segment the nuclei of every tile of ``args.inputs`` into ``out_dir`` (module docstring)."""
-    from medseg.commands.predict import _Outcome, _report
+    from medseg.commands.predict import _Outcome, _report, refuse_overwrite, unique_stem
     from medseg.io.tile import read_tile
     from medseg.nuclei.outputs import output_paths, write_nuclei_outputs
     from medseg.nuclei.predictor import NucleiPredictor
@@ -86,15 +86,8 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
     inputs = {p.resolve() for p in tiles}
     todo, used = [], set()
     for path in tiles:
-        stem = path.name[: -len(path.suffix)] if path.suffix else path.name
-        while stem in used:
-            stem += "_"
-        used.add(stem)
-        clash = [p for p in output_paths(out_dir, stem, formats).values() if p.resolve() in inputs]
-        if clash:
-            raise ConfigError(
-                f"--output {out_dir}: {clash[0].name} would overwrite an input; choose another output folder"
-            )
+        stem = unique_stem(path.stem, used)
+        refuse_overwrite(output_paths(out_dir, stem, formats).values(), inputs, out_dir)
         if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
             outcomes.append(_Outcome(path.name, "exists", stem))
             continue

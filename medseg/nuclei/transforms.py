@@ -57,6 +57,13 @@ def resample_tile(
     return image, label
 
 
+def case_mpp(case: dict) -> float | None:
+    """A case's pixel size in um/px from its manifest ``spacing`` (mm along x, y), or ``None``
+    (then the tile file's own applies)."""
+    spacing = case.get("spacing")
+    return 1000.0 * float(spacing[0]) if spacing else None
+
+
 class LoadTiled(MapTransform):
     """Read ``image`` (tile -> ``(3, H, W)`` float32 0..255) and ``label`` (instance map ->
     ``(1, H, W)`` int32) and resample both to ``target_mpp``. The pixel size is the case's
@@ -68,8 +75,7 @@ class LoadTiled(MapTransform):
 
     def __call__(self, data):
         d = dict(data)
-        spacing = d.get("spacing")
-        tile = read_tile(d["image"], mpp=1000.0 * float(spacing[0]) if spacing else None)
+        tile = read_tile(d["image"], mpp=case_mpp(d))
         image = torch.from_numpy(np.ascontiguousarray(tile.array.transpose(2, 0, 1))).float()
         label = torch.from_numpy(read_instance_map(d["label"]))[None]
         if label.shape[-2:] != image.shape[-2:]:

@@ -31,7 +31,7 @@ from medseg.errors import ConfigError, DatasetError
 from medseg.io.tile import read_instance_map, read_tile
 from medseg.metrics import INSTANCE_METRICS, instance_metrics, summarize_instances
 from medseg.networks.hover import HOVER_CHANNELS
-from medseg.nuclei.transforms import nuclei_training_transforms
+from medseg.nuclei.transforms import case_mpp, nuclei_training_transforms
 from medseg.package import ModelCard, Normalization
 from medseg.training.cards import load_training_data_card
 from medseg.training.trainer import Trainer
@@ -100,8 +100,7 @@ class NucleiTrainer(Trainer):
         self.val_images = []
         if self.is_main:
             for case in self.val_cases:
-                spacing = case.get("spacing")
-                tile = read_tile(case["image"], mpp=1000.0 * spacing[0] if spacing else None)
+                tile = read_tile(case["image"], mpp=case_mpp(case))
                 self.val_images.append((tile, read_instance_map(case["label"])))
         self.iterations = c.training.iterations_per_epoch or max(1, len(self.train_cases) // self.batch_size)
         self.total_iterations = self.iterations * c.training.epochs
@@ -161,19 +160,8 @@ class NucleiTrainer(Trainer):
             self._save_checkpoint(epoch, "best.pt")
         return row
 
-    def log_columns(self) -> list[str]:
-        return [
-            "epoch",
-            "step",
-            "lr",
-            "train_loss",
-            "epoch_s",
-            "samples_per_s",
-            "peak_memory_mb",
-            "val_s",
-            *[f"val_{key}" for key in INSTANCE_METRICS],
-            "elapsed_s",
-        ]
+    def validation_columns(self) -> list[str]:
+        return [f"val_{key}" for key in INSTANCE_METRICS]
 
 
 def _round(value: Any) -> Any:

@@ -613,9 +613,13 @@ class Trainer:
 
         return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=self.global_step or None)
 
+    def validation_columns(self) -> list[str]:
+        """The validation metrics' columns of ``log.csv`` (Dice and HD95 per label and mean)."""
+        names = [_column(label.name) for label in self.card.labels] + ["mean"]
+        return [*[f"val_dice_{n}" for n in names], *[f"val_hd95_{n}" for n in names]]
+
     def log_columns(self) -> list[str]:
         """The columns of ``log.csv``."""
-        names = [_column(label.name) for label in self.card.labels] + ["mean"]
         return [
             "epoch",
             "step",
@@ -625,8 +629,7 @@ class Trainer:
             "samples_per_s",
             "peak_memory_mb",
             "val_s",
-            *[f"val_dice_{n}" for n in names],
-            *[f"val_hd95_{n}" for n in names],
+            *self.validation_columns(),
             "elapsed_s",
         ]
 
