@@ -59,12 +59,17 @@ class Normalization(BaseModel):
     ``max``: per image, ``x / max(x)`` (SPOCKMIP's max normalisation, for 8-bit microscopy / MRA stacks).
     ``rgb``: 8-bit RGB tiles, ``(x / 255 - 0.5) / 0.5`` per channel (CellViT / CellVTA, nuclei).
     ``none``: unchanged.
+
+    ``window_max``: after the scheme, each network input window is divided by its own maximum
+    (SPOCKMIP's per-patch max normalisation): each training patch, and each sliding window at
+    inference (:func:`medseg.preprocess.window_max_normalize`).
     """
 
     scheme: Literal["zscore", "ct", "max", "rgb", "none"] = "zscore"
     clip: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None
+    window_max: bool = False
 
 
 class PostProcessing(BaseModel):

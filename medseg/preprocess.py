@@ -41,6 +41,14 @@ def normalize_intensity(x: ArrayLike, normalization: Normalization) -> ArrayLike
     return t if is_tensor else t.numpy()
 
 
+def window_max_normalize(windows: torch.Tensor) -> torch.Tensor:
+    """Each window and channel of ``windows`` ``(N, C, *spatial)`` divided by its own maximum
+    (``x / max(max(x), 1e-8)``; SPOCKMIP's per-patch max normalisation, Radhakrishna et al. 2024).
+    Returns a new tensor (windows are often views of the whole image)."""
+    peak = windows.flatten(2).amax(2).clamp_min(1e-8)
+    return windows / peak.reshape(*peak.shape, *([1] * (windows.ndim - 2))).to(windows.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Orientation and resampling between an input grid and a model grid
 # --------------------------------------------------------------------------------------------

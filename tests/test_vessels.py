@@ -217,3 +217,49 @@ def test_output_stem_keeps_a_long_stack_name_whole():
 
     name = "santos2015_mixedSizelowContrastVessels_BM4D_denoised"
     assert stem_for({"source": f"/data/denoised/{name}.tif"}, dicom=False) == name
+
+
+# ------------------------------------------------------------------------ per-window max normalisation
+class _RecordingNetwork(torch.nn.Module):
+    """One-channel 'network' that records each input window's maximum and predicts background."""
+
+    def __init__(self):
+        super().__init__()
+        self.peaks: list[float] = []
+
+    def forward(self, x):
+        self.peaks += x.flatten(1).amax(1).tolist()
+        return torch.full((x.shape[0], 1, *x.shape[2:]), -5.0)
+
+
+def test_each_inference_window_is_divided_by_its_max_as_training_patches_are():
+    """SPOCKMIP normalises each training patch by its own max (``data.patch_max_normalization``,
+    which the trainer writes into the card as ``normalization.window_max``); inference must do
+    the same per sliding window."""
+    from medseg.inference.predictor import Predictor
+    from medseg.labels import Code, Label
+    from medseg.package import ModelCard, NetworkSpec, Normalization
+    from medseg.training.config import load_config
+
+    config = load_config(CONFIGS / "unet_ftl_mip.yaml")
+    assert config.data.patch_max_normalization
+    image = read_tiff(_stack("denoised"), spacing=(1, 1, 1))
+    image.array = np.ascontiguousarray(image.array[:128, :128])  # (128, 128, 10)
+    peaks = {}
+    for window_max in (False, True):
+        card = ModelCard(
+            name="vessels-test",
+            network=NetworkSpec(name="unet", config={"out_channels": 1}),
+            modality=["OT"],
+            labels=[Label(id=1, name="vessel", type=Code(value="59820001", meaning="Blood vessel"))],
+            spacing=(1.0, 1.0, 1.0),
+            patch_size=(64, 64, 8),
+            overlap=0.25,
+            normalization=Normalization(scheme="max", window_max=window_max),
+        )
+        network = _RecordingNetwork()
+        Predictor.from_network(network, card, sw_batch_size=1).predict(image)
+        peaks[window_max] = np.array(network.peaks)
+    assert len(peaks[True]) == len(peaks[False]) > 4
+    np.testing.assert_allclose(peaks[True], 1.0, rtol=1e-6)  # every window has signal
+    assert peaks[False].min() < 0.9  # the whole-stack max normalisation alone leaves dim windows dim

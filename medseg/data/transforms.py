@@ -51,7 +51,7 @@ from monai.transforms import (
 )
 
 from medseg.package import Normalization
-from medseg.preprocess import normalize_intensity
+from medseg.preprocess import normalize_intensity, window_max_normalize
 
 IMAGE, LABEL = "image", "label"
 _INDICES = ("label_fg_indices", "label_bg_indices")
@@ -184,9 +184,7 @@ class PatchMaxNormalized(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            x = d[key]
-            peak = torch.as_tensor(x).flatten(1).amax(1).clamp_min(1e-8)
-            d[key] = x / peak.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+            d[key] = window_max_normalize(torch.as_tensor(d[key])[None])[0]
         return d
 
 

@@ -5,7 +5,8 @@ Steps (one implementation each, shared with training where training has them):
 1. the image ``(I, J, K[, C])`` to the model grid: :class:`medseg.preprocess.ModelGrid` (MONAI
    ``Orientation`` to the card's orientation, MONAI ``Spacing`` to the card's spacing, bilinear);
 2. intensity normalisation: :func:`medseg.preprocess.normalize_intensity` per channel with the
-   card's scheme;
+   card's scheme (and, where the card says ``window_max``, each window divided by its maximum as
+   it enters the network, as training did per patch);
 3. logits by :func:`medseg.inference.engine.sliding_window_inference` (Gaussian blending, the
    card's patch size and overlap), with mirroring test-time augmentation and several folds
    averaged per window (:class:`~medseg.inference.engine.MirrorEnsemble`), the network run by a
@@ -50,7 +51,7 @@ from medseg.inference.runtime import NetworkRuntime, auto_sw_batch_size
 from medseg.inference.statistics import label_statistics
 from medseg.io.image import Image
 from medseg.package import ModelCard, ModelPackage, resolve_model
-from medseg.preprocess import ModelGrid, normalize_intensity
+from medseg.preprocess import ModelGrid, normalize_intensity, window_max_normalize
 
 log = logging.getLogger(__name__)
 
@@ -342,11 +343,14 @@ class Predictor:
         )
         if self.device.type == "cuda":
             batch = batch.pin_memory()
+        network = self.network
+        if self.card.normalization.window_max:
+            network = lambda windows: self.network(window_max_normalize(windows))  # noqa: E731
         logits = sliding_window_inference(
             batch,
             roi,
             sw_batch_size,
-            self.network,
+            network,
             overlap=self.overlap,
             mode="gaussian",
             sw_device=self.device,

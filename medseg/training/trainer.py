@@ -212,6 +212,8 @@ class Trainer:
         self.spacing = tuple(c.data.spacing or self.plan.spacing)
         self.patch_size = tuple(c.data.patch_size or self.plan.patch_size)
         self.normalization = c.data.normalization or self.plan.normalization
+        if c.data.patch_max_normalization:  # the card tells inference to do it per window
+            self.normalization = self.normalization.model_copy(update={"window_max": True})
         self.modality = c.data.modality or self.card.modality or self.plan.modality
         self.inference_patch_size = tuple(c.validation.patch_size or self.patch_size)
         self.batch_size = c.training.batch_size or self.plan.batch_size
