@@ -12,7 +12,9 @@ Per series, in ``out_dir``, named ``<stem>`` + suffix (see :func:`series_stem`):
 - ``<stem>.png`` — a preview (:func:`write_preview`): sagittal, coronal and axial slices through the
   segmentation with the label overlay, orientation letters, a legend with volumes (ml), the
   series description, the model identity and, unless the model is validated, "not for diagnostic
-  use".
+  use";
+- ``<stem>.mip.png`` — maximum intensity projections of the image and the label map side by side
+  (:func:`medseg.mip_preview.write_mip_preview`; vessel models).
 
 The DICOM SEG's algorithm identification carries the model name and version, and its
 AlgorithmParameters the weights' sha256 and training time; its ContentDescription is
@@ -45,7 +47,7 @@ from medseg.package import ModelCard
 if TYPE_CHECKING:  # pragma: no cover
     from medseg.inference.predictor import Prediction
 
-FORMATS = ("nifti", "tiff", "seg", "rtstruct", "json", "png")
+FORMATS = ("nifti", "tiff", "seg", "rtstruct", "json", "png", "mip")
 SUFFIXES = {
     "nifti": ".nii.gz",
     "tiff": ".label.tif",  # (Z, Y, X) label stack, medseg.io.tiff.write_label_tiff
@@ -53,6 +55,7 @@ SUFFIXES = {
     "rtstruct": ".rtstruct.dcm",
     "json": ".json",
     "png": ".png",
+    "mip": ".mip.png",  # image and label-map maximum intensity projections, medseg.mip_preview
 }
 #: formats written only for DICOM input (they reference the source instances)
 DICOM_ONLY_FORMATS = ("seg", "rtstruct")
@@ -333,11 +336,158 @@ def preview_annotations(
     }
 
 
-def _font(points: float, dpi: int):
+def preview_font(points: float, dpi: int):
     """Pillow's bundled FreeType font at ``points`` (1/72 in) for ``dpi`` pixels per inch."""
     from PIL import ImageFont
 
     return ImageFont.load_default(size=max(8, round(points * dpi / 72)))
+
+
+def display_window(data: np.ndarray) -> tuple[float, float]:
+    """Grey-level window ``(lo, hi)`` of a preview: the 0.5 and 99.5 percentiles of the finite
+    intensities (from at most ~2 M voxels of a regular subsample); ``(0, 1)`` when none."""
+    data = np.asarray(data)
+    step = max(1, int(np.ceil((data.size / 2e6) ** (1 / data.ndim))))
+    sample = np.asarray(data[(slice(None, None, step),) * data.ndim], dtype=np.float32)
+    finite = sample[np.isfinite(sample)]
+    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def label_colours(labels: Sequence[Label], alpha: float) -> np.ndarray:
+    """``(max id + 1, 4)`` float RGBA per label id (0..255 colour, ``alpha`` opacity; 0 elsewhere)."""
+    colours = np.zeros((max([label.id for label in labels], default=0) + 1, 4))
+    for label in labels:
+        colours[label.id] = [*label.color, alpha]
+    return colours
+
+
+def legend_height(text: dict[str, Any]) -> float:
+    """Height (inches) of :func:`draw_legend` for ``text``."""
+    entries = len(text["legend"]) + (1 if text["more"] else 0)
+    return 0.45 + 0.3 * max(1, -(-entries // _legend_columns(text)))
+
+
+def _legend_columns(text: dict[str, Any]) -> int:
+    return 3 if all(len(entry) <= 34 for _, entry in text["legend"]) else 2
+
+
+def draw_legend(draw, text: dict[str, Any], top: float, width: float, margin: float, dpi: int) -> None:
+    """Draw the legend (label colour, name and volume per entry of ``text["legend"]``) from
+    ``top`` inches down on a canvas ``width`` inches wide."""
+
+    def px(inches: float) -> int:
+        return int(round(inches * dpi))
+
+    items = [(label.color, entry) for label, entry in text["legend"]]
+    if text["more"]:
+        items.append((None, f"+ {text['more']} more label(s), see the report"))
+    if not items:
+        return
+    columns = _legend_columns(text)
+    legend_font = preview_font(11.5, dpi)
+    draw.text(
+        (px(width) / 2, px(top)),
+        "Segmented volume (whole series)",
+        fill="black",
+        font=preview_font(11, dpi),
+        anchor="ma",
+    )
+    column_w = (width - 2 * margin) / columns
+    swatch = px(0.16)
+    for n, (colour, entry) in enumerate(items):
+        row, col = divmod(n, columns)
+        cx = px(margin + col * column_w + 0.2)
+        cy = px(top + 0.45 + 0.3 * row)
+        if colour is not None:
+            draw.rectangle((cx, cy - swatch // 2, cx + swatch, cy + swatch // 2), fill=tuple(colour), outline="black")
+        draw.text((cx + swatch + px(0.1), cy), entry, fill="black", font=legend_font, anchor="lm")
+
+
+def save_preview_png(canvas, text: dict[str, Any], path: str | Path, title: str) -> Path:
+    """Save a Pillow ``canvas`` as PNG atomically, with ``text``'s series, model, legend and notice
+    in the ``Title``, ``Description``, ``Software`` and ``Disclaimer`` chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    import medseg
+
+    description = "; ".join(
+        [f"Series: {text['series']}", f"Model: {text['model'] or 'unknown'}", *(entry for _, entry in text["legend"])]
+    )
+    info = PngInfo()
+    info.add_text("Title", f"{title}: {text['series']}")
+    info.add_text("Description", description)
+    info.add_text("Software", f"medseg {medseg.__version__}")
+    if text["notice"]:
+        info.add_text("Disclaimer", text["notice"].capitalize())
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info, compress_level=1))
+
+
+def draw_letters(draw, letters: dict[str, str], box: tuple[int, int, int, int], font, dpi: int) -> None:
+    """Orientation letters (:func:`orientation_letters`) at the edges of a panel ``box``
+    ``(left, upper, right, lower)`` pixels."""
+    left, upper, right, lower = box
+    middle, gap = (left + right) / 2, round(0.05 * dpi)
+    style = dict(fill=(26, 79, 138), font=font, stroke_width=1, stroke_fill=(26, 79, 138))
+    draw.text((left - gap, (upper + lower) / 2), letters["left"], anchor="rm", **style)
+    draw.text((right + gap, (upper + lower) / 2), letters["right"], anchor="lm", **style)
+    draw.text((middle, upper - round(0.03 * dpi)), letters["top"], anchor="md", **style)
+    draw.text((middle, lower + round(0.03 * dpi)), letters["bottom"], anchor="ma", **style)
+
+
+def header_height(text: dict[str, Any]) -> float:
+    """Height (inches) of :func:`draw_header` for ``text`` (:func:`preview_annotations`)."""
+    return (0.42 if text["notice"] else 0.0) + (0.95 if text["model"] else 0.65)
+
+
+def draw_header(draw, text: dict[str, Any], width: float, margin: float, dpi: int) -> float:
+    """Draw a preview's header at the top of a canvas ``width`` inches wide: the red "not for
+    diagnostic use" banner (when ``text["notice"]``), the series and the model line, the medseg
+    version. Returns its height in inches (:func:`header_height`)."""
+    import medseg
+
+    def px(inches: float) -> int:
+        return int(round(inches * dpi))
+
+    top = 0.0
+    if text["notice"]:
+        canvas_width = px(width)
+        draw.rectangle((0, 0, canvas_width, px(0.42)), fill=(176, 0, 32))
+        draw.text(
+            (canvas_width / 2, px(0.21)),
+            f"{text['notice']}  ·  research output, verify against the source images",
+            fill="white",
+            font=preview_font(13, dpi),
+            anchor="mm",
+            stroke_width=1,
+            stroke_fill="white",
+        )
+        top = 0.42
+    draw.text(
+        (px(margin), px(top + 0.32)),
+        f"Series: {text['series']}",
+        fill="black",
+        font=preview_font(14, dpi),
+        anchor="lm",
+        stroke_width=1,
+        stroke_fill="black",
+    )
+    if text["model"]:
+        draw.text(
+            (px(margin), px(top + 0.62)),
+            f"Model: {text['model']}",
+            fill="black",
+            font=preview_font(11.5, dpi),
+            anchor="lm",
+        )
+    draw.text(
+        (px(width - margin), px(top + 0.32)),
+        f"medseg {medseg.__version__}",
+        fill=(85, 85, 85),
+        font=preview_font(10, dpi),
+        anchor="rm",
+    )
+    return header_height(text)
 
 
 def render_view(
@@ -417,9 +567,7 @@ def write_preview(
     """
     from PIL import Image as PILImage
     from PIL import ImageDraw
-    from PIL.PngImagePlugin import PngInfo
 
-    import medseg
     from medseg.errors import InputShapeError
     from medseg.inference.statistics import label_statistics
 
@@ -434,14 +582,8 @@ def write_preview(
     views = view_geometry(image.affine)
     slices = preview_slices(seg, image.affine)
     spacing = np.asarray(image.spacing)
-    step = max(1, int(np.ceil((data.size / 2e6) ** (1 / 3))))  # window from <= ~2M voxels
-    sample = np.asarray(data[::step, ::step, ::step], dtype=np.float32)
-    finite = sample[np.isfinite(sample)]
-    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
-    colours = np.zeros((max([label.id for label in labels], default=0) + 1, 4))
-    for label in labels:
-        colours[label.id] = [*label.color, alpha]
+    lo, hi = display_window(data)
+    colours = label_colours(labels, alpha)
 
     # layout in inches (as before), drawn at dpi pixels per inch
     width, margin, gap = 12.0, 0.45, 0.75
@@ -456,56 +598,17 @@ def write_preview(
             break
         scale *= 0.95
     panel_h = max(max(h * scale, 0.6) for _, h in mm)
-    legend_cols = 3 if all(len(entry) <= 34 for _, entry in text["legend"]) else 2
-    entries = len(text["legend"]) + (1 if text["more"] else 0)
-    legend_rows = max(1, -(-entries // legend_cols))
-    banner_h = 0.42 if text["notice"] else 0.0
-    header_h = 0.95 if text["model"] else 0.65
     title_h, letter_h = 0.62, 0.34
-    legend_h = 0.45 + 0.3 * legend_rows
-    height = banner_h + header_h + title_h + panel_h + letter_h + legend_h + 0.15
+    height = header_height(text) + title_h + panel_h + letter_h + legend_height(text) + 0.15
 
     def px(inches: float) -> int:
         return int(round(inches * dpi))
 
     canvas = PILImage.new("RGB", (px(width), px(height)), "white")
     draw = ImageDraw.Draw(canvas)
-    top = 0.0
-    if text["notice"]:
-        draw.rectangle((0, 0, canvas.width, px(banner_h)), fill=(176, 0, 32))
-        draw.text(
-            (canvas.width / 2, px(banner_h / 2)),
-            f"{text['notice']}  ·  research output, verify against the source images",
-            fill="white",
-            font=_font(13, dpi),
-            anchor="mm",
-            stroke_width=1,
-            stroke_fill="white",
-        )
-        top = banner_h
-    draw.text(
-        (px(margin), px(top + 0.32)),
-        f"Series: {text['series']}",
-        fill="black",
-        font=_font(14, dpi),
-        anchor="lm",
-        stroke_width=1,
-        stroke_fill="black",
-    )
-    if text["model"]:
-        draw.text(
-            (px(margin), px(top + 0.62)), f"Model: {text['model']}", fill="black", font=_font(11.5, dpi), anchor="lm"
-        )
-    draw.text(
-        (px(width - margin), px(top + 0.32)),
-        f"medseg {medseg.__version__}",
-        fill=(85, 85, 85),
-        font=_font(10, dpi),
-        anchor="rm",
-    )
-    band_top = top + header_h + title_h
-    title_font, letter_font = _font(12, dpi), _font(13, dpi)
-    blue = (26, 79, 138)
+    top = draw_header(draw, text, width, margin, dpi)
+    band_top = top + title_h
+    title_font, letter_font = preview_font(12, dpi), preview_font(13, dpi)
     x = margin + (width - 2 * margin - 2 * gap - sum(boxes)) / 2
     for view, box_w, (w_mm, h_mm) in zip(views, boxes, mm):
         index = slices[view["name"]]
@@ -530,47 +633,10 @@ def write_preview(
             font=title_font,
             anchor="md",
         )
-        letters = view["letters"]
-        style = dict(fill=blue, font=letter_font, stroke_width=1, stroke_fill=blue)
-        draw.text((left - px(0.05), (upper + lower) / 2), letters["left"], anchor="rm", **style)
-        draw.text((right + px(0.05), (upper + lower) / 2), letters["right"], anchor="lm", **style)
-        draw.text((middle, upper - px(0.03)), letters["top"], anchor="md", **style)
-        draw.text((middle, lower + px(0.03)), letters["bottom"], anchor="ma", **style)
+        draw_letters(draw, view["letters"], (left, upper, right, lower), letter_font, dpi)
         x += box_w + gap
-    legend_top = band_top + panel_h + letter_h
-    items = [(label.color, entry) for label, entry in text["legend"]]
-    if text["more"]:
-        items.append((None, f"+ {text['more']} more label(s), see the report"))
-    if items:
-        legend_font = _font(11.5, dpi)
-        draw.text(
-            (canvas.width / 2, px(legend_top)),
-            "Segmented volume (whole series)",
-            fill="black",
-            font=_font(11, dpi),
-            anchor="ma",
-        )
-        column_w = (width - 2 * margin) / legend_cols
-        swatch = px(0.16)
-        for n, (colour, entry) in enumerate(items):
-            row, col = divmod(n, legend_cols)
-            cx = px(margin + col * column_w + 0.2)
-            cy = px(legend_top + 0.45 + 0.3 * row)
-            if colour is not None:
-                draw.rectangle(
-                    (cx, cy - swatch // 2, cx + swatch, cy + swatch // 2), fill=tuple(colour), outline="black"
-                )
-            draw.text((cx + swatch + px(0.1), cy), entry, fill="black", font=legend_font, anchor="lm")
-    description = "; ".join(
-        [f"Series: {text['series']}", f"Model: {text['model'] or 'unknown'}", *(entry for _, entry in text["legend"])]
-    )
-    info = PngInfo()
-    info.add_text("Title", f"medseg preview: {text['series']}")
-    info.add_text("Description", description)
-    info.add_text("Software", f"medseg {medseg.__version__}")
-    if text["notice"]:
-        info.add_text("Disclaimer", text["notice"].capitalize())
-    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info, compress_level=1))
+    draw_legend(draw, text, band_top + panel_h + letter_h, width, margin, dpi)
+    return save_preview_png(canvas, text, path, title="medseg preview")
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
@@ -606,8 +672,8 @@ def write_outputs(
         card: the model card (labels, name, version, weights hash, training time, whether
             validated); its identity goes into the report, the SEG and the preview.
         out_dir: folder, created if needed.
-        formats: any of ``nifti``, ``tiff`` (label stack), ``seg``, ``rtstruct``, ``json``, ``png`` (default
-            :data:`DEFAULT_FORMATS`, all but ``rtstruct``); ``seg`` and ``rtstruct`` are skipped
+        formats: any of ``nifti``, ``tiff`` (label stack), ``seg``, ``rtstruct``, ``json``, ``png``,
+            ``mip`` (default :data:`DEFAULT_FORMATS`); ``seg`` and ``rtstruct`` are skipped
             (not an error) when the input was not DICOM.
         stem: file-name stem (default: :func:`series_stem`).
         warnings: if given, receives the writers' warnings (e.g. the SEG's repaired or emptied
@@ -671,6 +737,12 @@ def write_outputs(
     if "png" in paths:
         written["png"] = write_preview(
             prediction.label_map.array, image, labels, paths["png"], statistics=prediction.statistics, card=card
+        )
+    if "mip" in paths:
+        from medseg.mip_preview import write_mip_preview
+
+        written["mip"] = write_mip_preview(
+            prediction.label_map.array, image, labels, paths["mip"], statistics=prediction.statistics, card=card
         )
     if "json" in paths:
         report = build_report(prediction, image, card, {**written, "json": paths["json"]})

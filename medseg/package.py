@@ -101,6 +101,12 @@ class ModelCard(BaseModel):
     patch_size: tuple[int, ...]
     overlap: float = 0.5
     postprocessing: PostProcessing = PostProcessing()
+    formats: list[str] | None = Field(
+        None,
+        description="what `medseg predict` writes when --formats is not given (names of "
+        "medseg.outputs.FORMATS, e.g. ['tiff', 'nifti', 'json', 'mip'] for vessel stacks); None: "
+        "medseg.outputs.DEFAULT_FORMATS",
+    )
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     data_card: dict[str, Any] = Field(default_factory=dict)

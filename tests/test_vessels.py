@@ -263,3 +263,34 @@ def test_each_inference_window_is_divided_by_its_max_as_training_patches_are():
     assert len(peaks[True]) == len(peaks[False]) > 4
     np.testing.assert_allclose(peaks[True], 1.0, rtol=1e-6)  # every window has signal
     assert peaks[False].min() < 0.9  # the whole-stack max normalisation alone leaves dim windows dim
+
+
+# ---------------------------------------------------------------------------------------- MIP preview
+def test_mip_preview_shows_the_projections_of_a_real_stack_and_its_label(tmp_path):
+    from PIL import Image as PILImage
+
+    from medseg.labels import Code, Label
+    from medseg.mip_preview import projections, write_mip_preview
+    from medseg.outputs import view_geometry
+
+    image = read_tiff(_stack("denoised"), spacing=(1, 1, 1))
+    label = read_tiff(_stack("labels"), spacing=(1, 1, 1)).array.astype(np.uint8)
+    axis = next(v for v in view_geometry(image.affine) if v["name"] == "axial")["through"]
+    assert axis == 2  # a TIFF stack's z (the stack axis) is the axial view's through-plane axis
+    image_mip, label_mip = projections(image.array, label, axis)
+    np.testing.assert_array_equal(image_mip[..., 0], image.array.max(axis=2))
+    np.testing.assert_array_equal(label_mip[..., 0], label.max(axis=2))
+
+    vessel = Label(id=1, name="vessel", color=(255, 0, 0), type=Code(value="59820001", meaning="Blood vessel"))
+    path = write_mip_preview(label, image, [vessel], tmp_path / "stack.mip.png")
+    png = PILImage.open(path)
+    assert png.width == 1200 and png.text["Title"].startswith("medseg MIP preview")
+    pixels = np.asarray(png.convert("RGB"))
+    red = (pixels[..., 0] == 255) & (pixels[..., 1] == 0) & (pixels[..., 2] == 0)
+    right_half = red[:, pixels.shape[1] // 2 :]
+    # a 512 x 512 stack is drawn in 5 x 5 in panels (500 px at 100 dpi): the red area of the label
+    # panel is the projected label's share of it (the legend swatch adds a few pixels)
+    panel = 500
+    share = right_half.sum() / panel**2
+    assert share == pytest.approx(label_mip.mean(), abs=0.02)
+    assert not red[:-100, : pixels.shape[1] // 2].any()  # the image panel is grey only (legend below)

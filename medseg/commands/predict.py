@@ -40,8 +40,6 @@ from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FORMATS = "nifti,seg,json,png"
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -61,9 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--formats",
         default=None,
-        help="comma-separated outputs among nifti,tiff,seg,rtstruct,json,png "
-        "(default: nifti,seg,json,png; seg and rtstruct only for DICOM "
-        "input); nuclei models: among tiff,geojson,png,json (default: all four)",
+        help="comma-separated outputs among nifti,tiff,seg,rtstruct,json,png,mip "
+        "(default: the model card's formats, else nifti,seg,json,png; seg and rtstruct only for DICOM "
+        "input; mip: image and label-map maximum intensity projections); nuclei models: among "
+        "tiff,geojson,png,json (default: all four)",
     )
     parser.add_argument(
         "--mpp",
@@ -189,7 +188,9 @@ def run(args: argparse.Namespace) -> int:
         from medseg.nuclei.batch import run_nuclei
 
         return run_nuclei(args, package, device, out_dir)
-    formats = _formats(args.formats or DEFAULT_FORMATS)
+    from medseg.outputs import DEFAULT_FORMATS
+
+    formats = _formats(args.formats) if args.formats else tuple(package.card.formats or DEFAULT_FORMATS)
     resolved_out = out_dir.resolve()
     batch = _batch(args) if getattr(args, "broker", None) else None
     try:

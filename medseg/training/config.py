@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medseg.errors import ConfigError, config_error
 from medseg.package import Normalization, PostProcessing
@@ -165,6 +165,19 @@ class ExportConfig(_Section):
     version: str = "0.1.0"
     description: str = ""
     postprocessing: PostProcessing = PostProcessing()
+    formats: list[str] | None = Field(
+        None, description="the card's default outputs for `medseg predict` (medseg.outputs.FORMATS names)"
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str] | None) -> list[str] | None:
+        from medseg.outputs import FORMATS
+
+        unknown = [f for f in value or [] if f not in FORMATS]
+        if unknown or value == []:
+            raise ValueError(f"unknown {', '.join(unknown) or 'empty list'} (choose from {', '.join(FORMATS)})")
+        return value
 
 
 class TrainConfig(_Section):

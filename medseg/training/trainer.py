@@ -562,6 +562,7 @@ class Trainer:
             patch_size=self.inference_patch_size,
             overlap=c.validation.overlap,
             postprocessing=c.export.postprocessing,
+            formats=c.export.formats,
         )
 
     def _validate(self, epoch: int) -> dict[str, Any]:
