@@ -171,3 +171,39 @@ def test_predict_broker_refuses_bad_settings_before_any_work(redis_url, tmp_path
     )
     assert with_spacing.returncode == 2 and "--spacing is not supported with --broker" in with_spacing.stderr
     assert not out.exists()
+
+
+def test_predict_broker_timeout_gives_up_and_deletes_unfinished_jobs(redis_url, postgres_url, tmp_path):  # noqa: F811
+    """No worker takes the queue: with ``--timeout`` each series is reported failed once its job
+    has waited that long, and its job (row and staged files) is deleted so no worker runs it later."""
+    images = shared_path("hippocampus", "imagesTr")
+    inputs = [str(images / "hippocampus_001.nii.gz"), str(images / "hippocampus_004.nii.gz")]
+    models = build_tiny_model(tmp_path / "models")
+    database = _fresh_database(postgres_url, "predict_broker_timeout")
+    data = tmp_path / "shared"
+    data.mkdir()
+    out = tmp_path / "out"
+    scale = ["--broker", redis_url, "--database-url", database, "--data-dir", str(data), "--queue", "nobody"]
+
+    bad = _predict(models, *inputs, "--model", TINY_MODEL, "--output", str(out), *scale, "--timeout", "0")
+    assert bad.returncode == 2 and "--timeout 0.0: must be a positive number" in bad.stderr, bad.stderr
+
+    started = time.monotonic()
+    run = _predict(models, *inputs, "--model", TINY_MODEL, "--output", str(out), *scale, "--timeout", "2")
+    waited = time.monotonic() - started
+    assert run.returncode == 1, run.stdout + run.stderr
+    failed = [line for line in run.stderr.splitlines() if line.startswith("failed")]
+    assert len(failed) == 2 and all("not finished within --timeout 2 s" in line for line in failed), run.stderr
+    assert all("queued" in line for line in failed), run.stderr
+    assert "0 segmented, 0 already done, 0 skipped, 2 failed" in run.stdout, run.stdout
+    assert waited < 60
+    assert not out.exists() or not list(out.iterdir())  # nothing written for the given-up series
+    assert list((data / "jobs").iterdir()) == [] and list((data / "incoming").iterdir()) == []
+    from service.store import Job, Store
+
+    store = Store(database)
+    try:
+        with store.session() as session:
+            assert session.query(Job).count() == 0
+    finally:
+        store.dispose()

@@ -103,6 +103,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scale.add_argument("--database-url", metavar="URL", help="SQLAlchemy URL of the workers' job store")
     scale.add_argument("--data-dir", metavar="DIR", help="the workers' data dir, on a shared file system")
     scale.add_argument("--queue", metavar="NAME", help="Celery queue name (default medseg)")
+    scale.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up a series whose job has not finished this many seconds after it was submitted "
+        "(queued or running): it is reported failed and its job deleted (default: wait)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -325,6 +333,7 @@ class _Batch:
     options: object  # service.inputs.JobOptions (model name, tta, overlap); formats set per series
     model: str
     queue: str
+    timeout_s: float | None = None  # per job, from its submission
 
 
 def _batch(args: argparse.Namespace) -> _Batch:
@@ -348,6 +357,9 @@ def _batch(args: argparse.Namespace) -> _Batch:
             "--spacing is not supported with --broker (the workers read the voxel size from each file); "
             "run TIFF stacks without one locally"
         )
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"--timeout {timeout}: must be a positive number of seconds")
     if not (args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR")):
         raise ConfigError("--broker needs --data-dir DIR: the workers' data dir, on a shared file system")
     try:
@@ -382,14 +394,16 @@ def _batch(args: argparse.Namespace) -> _Batch:
     except Exception as error:  # kombu OperationalError, OSError
         client.close(timeout=0)
         raise ConfigError(f"--broker: broker unreachable ({type(error).__name__}: {error})") from None
-    return _Batch(client, options, args.model, settings.broker_queue)
+    return _Batch(client, options, args.model, settings.broker_queue, timeout)
 
 
 def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int:
     """Submit ``todo`` as jobs, wait for them, gather their results; returns the exit code.
 
     A series refused by the upload checks is ``skipped`` (it does not fit the model) or
-    ``failed``; a failed job reports its problem detail on stderr and the batch goes on. Jobs are
+    ``failed``; a failed job reports its problem detail on stderr and the batch goes on; so does a
+    job not finished ``batch.timeout_s`` seconds after its submission (deleted, so that no worker
+    segments it later). Jobs are
     deleted (row and files in the shared data dir) once gathered; on an interruption (Ctrl-C)
     those not yet gathered are deleted too, so that no worker segments them for nobody.
     """
@@ -403,7 +417,7 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
 
     client, card = batch.client, package.card
     names = [name for name, fmt in RESULT_FORMATS.items() if fmt in formats]
-    pending: dict[str, tuple[str, str]] = {}  # job id -> (series label, stem)
+    pending: dict[str, tuple[str, str, float]] = {}  # job id -> (series label, stem, submitted at)
     last_poll = [0.0]
     submitted = 0
 
@@ -414,7 +428,8 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
     def poll(bar) -> None:
         last_poll[0] = time.monotonic()
         jobs = client.jobs(pending)
-        for job_id, (name, stem) in list(pending.items()):
+        now = time.monotonic()
+        for job_id, (name, stem, since) in list(pending.items()):
             job = jobs.get(job_id)
             if job is None:
                 failed(name, "the job was deleted before it finished")
@@ -430,6 +445,9 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
             elif job.state in (FAILED, EXPIRED):
                 detail = (job.error or {}).get("detail") or f"job {job.state}"
                 failed(name, f"{detail} (job {job_id})")
+                client.delete(job_id)
+            elif batch.timeout_s is not None and now - since > batch.timeout_s:
+                failed(name, f"not finished within --timeout {batch.timeout_s:g} s (job {job_id}, {job.state})")
                 client.delete(job_id)
             else:
                 continue
@@ -448,7 +466,7 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
                     job = client.submit(
                         info.files, card, batch.model, batch.options.model_copy(update={"formats": wanted or None})
                     )
-                    pending[job.id] = (name, stem)
+                    pending[job.id] = (name, stem, time.monotonic())
                     submitted += 1
                 except (ModalityMismatchError, SeriesMismatchError) as error:  # as a local run: skipped
                     outcomes.append(_Outcome(name, "skipped", str(error).split(": ", 1)[-1]))
