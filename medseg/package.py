@@ -225,6 +225,12 @@ class ModelPackage:
         return self.card.weights_sha256
 
     @property
+    def runtime_dir(self) -> Path:
+        """``runtime/openvino``: converted models shipped with the package
+        (:func:`medseg.inference.runtime.prepare_package`)."""
+        return self.path / "runtime" / "openvino"
+
+    @property
     def trained_at(self) -> str | None:
         """ISO 8601 UTC training timestamp, ``None`` for packages that predate the field."""
         return self.card.trained_at

@@ -75,7 +75,7 @@ def test_openvino_conversion_sends_no_telemetry():
         "import torch, sys\n"
         "from medseg.inference.runtime import _OpenVINOForward\n"
         "forward = _OpenVINOForward(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), cache_key=None)\n"
-        "forward._convert_and_verify((1, 1, 8, 8, 8))\n"
+        "forward.convert((1, 1, 8, 8, 8))\n"
         "from openvino.tools.ovc import convert_impl, telemetry_utils\n"
         "assert convert_impl.tm.__name__.endswith('telemetry_stub'), convert_impl.tm\n"
         "assert telemetry_utils.tm.__name__.endswith('telemetry_stub'), telemetry_utils.tm\n"
@@ -83,3 +83,108 @@ def test_openvino_conversion_sends_no_telemetry():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- converted models shipped with the package, never trusted ---------------------------------
+def _no_conversion(self, shape):
+    raise AssertionError(f"converted {shape} although a verified stored model exists")
+
+
+def test_shipped_openvino_model_is_used_without_converting(network, tmp_path, monkeypatch):
+    from medseg.inference.runtime import _OpenVINOForward, prepare_openvino
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    shape = (1, 1, 16, 16, 16)
+    (xml,) = prepare_openvino(network, "weights-1", [shape], tmp_path / "shipped")
+    assert xml.is_file() and xml.with_suffix(".bin").is_file() and xml.parent.parent == tmp_path / "shipped"
+    monkeypatch.setattr(_OpenVINOForward, "convert", _no_conversion)
+    fast = NetworkRuntime(network, "openvino", cache_key="weights-1", shipped_dir=tmp_path / "shipped")
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), network(x), atol=1e-4, rtol=1e-4)
+    assert fast._forward.sources == {shape: "shipped"}
+    assert not (tmp_path / "cache").exists()  # nothing converted, nothing cached
+
+
+def test_foreign_or_damaged_stored_models_are_converted_again(network, tmp_path, monkeypatch, caplog):
+    from medseg.inference.runtime import prepare_openvino
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    shape = (1, 1, 16, 16, 16)
+    torch.manual_seed(1)
+    other = create_network(
+        "unet", spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1
+    ).eval()
+    # another network's conversion filed under this network's key (a stale or foreign model)
+    (xml,) = prepare_openvino(other, "weights-1", [shape], tmp_path / "shipped")
+    x = torch.randn(shape)
+    fast = NetworkRuntime(network, "openvino", cache_key="weights-1", shipped_dir=tmp_path / "shipped")
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), network(x), atol=1e-4, rtol=1e-4)
+    assert fast._forward.sources == {shape: "converted"} and fast.name == "openvino"
+    assert "does not compute this network" in caplog.text
+    (cached,) = (tmp_path / "cache").glob("openvino/*/model.xml")  # the fresh conversion is kept
+    assert cached.parent.name == xml.parent.name
+
+    # a damaged cached model (truncated weights) is converted again too, and replaced
+    weights = cached.with_suffix(".bin")
+    weights.write_bytes(weights.read_bytes()[:100])
+    caplog.clear()
+    again = NetworkRuntime(network, "openvino", cache_key="weights-1")
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), network(x), atol=1e-4, rtol=1e-4)
+    assert again._forward.sources == {shape: "converted"}
+    assert "converting again" in caplog.text
+    assert cached.with_suffix(".bin").stat().st_size > 100
+
+
+def test_an_exported_package_predicts_without_converting(tmp_path, monkeypatch):
+    """The package carries its OpenVINO model (prepare_package, as export does): a first
+    prediction on a real case converts nothing."""
+    from medseg.inference import Predictor
+    from medseg.inference.runtime import _OpenVINOForward, prepare_package
+    from medseg.io import read_image
+    from medseg.package import ModelCard, ModelPackage, NetworkSpec
+    from tests.conftest import shared_path
+    from tests.test_inference_predictor import LABELS
+
+    image = read_image(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz"))
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    config = dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1)
+    torch.manual_seed(0)
+    card = ModelCard(
+        name="tiny",
+        network=NetworkSpec(name="unet", config=config),
+        modality=["MR"],
+        labels=LABELS,
+        spacing=(1.0, 1.0, 1.0),
+        patch_size=(16, 24, 16),
+    )
+    package = ModelPackage.save(tmp_path / "tiny", card, create_network("unet", **config).state_dict())
+    (xml,) = prepare_package(package)
+    assert xml.is_relative_to(package.path / "runtime" / "openvino")
+    monkeypatch.setattr(_OpenVINOForward, "convert", _no_conversion)
+    predictor = Predictor(package, runtime="openvino")
+    prediction = predictor.predict(image)
+    assert prediction.settings["runtime"] == "openvino"
+    assert predictor.runtimes[0]._forward.sources == {(1, 1, 16, 24, 16): "shipped"}
+    eager = Predictor(package, runtime="eager").predict(image)
+    assert (prediction.label_map.array == eager.label_map.array).mean() > 0.999
+
+
+def test_the_bundled_default_model_ships_its_openvino_model(monkeypatch, tmp_path):
+    """`medseg predict ... --model hippocampus` right after install converts nothing: the package
+    carries the OpenVINO IR of its window shape for the pinned OpenVINO version."""
+    from medseg.inference import Predictor
+    from medseg.inference.runtime import _OpenVINOForward
+    from medseg.io import read_image
+    from medseg.package import resolve_model
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_OpenVINOForward, "convert", _no_conversion)
+    package = resolve_model("hippocampus")
+    predictor = Predictor(package, runtime="openvino")
+    image = read_image(package.path.parents[1] / "samples" / "hippocampus_mr")
+    assert predictor.predict(image).settings["runtime"] == "openvino"
+    assert predictor.runtimes[0]._forward.sources == {(1, 1, *package.card.patch_size): "shipped"}
+    assert not (tmp_path / "cache").exists()

@@ -37,6 +37,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,11 @@ class Predictor:
         self.accumulator_dtype = accumulator_dtype
         self.half_precision = self.device.type == "cuda" if half_precision is None else half_precision
         self._set_networks(
-            [(p.load_network(self.device), _weights_key(p)) for p in packages], runtime, tta, mirror_axes, sw_batch_size
+            [(p.load_network(self.device), _weights_key(p), p.runtime_dir) for p in packages],
+            runtime,
+            tta,
+            mirror_axes,
+            sw_batch_size,
         )
 
     @classmethod
@@ -164,7 +169,7 @@ class Predictor:
         self._configure(card, device, overlap, max_windows)
         self.accumulator_dtype = None
         self.half_precision = False
-        self._set_networks([(network, None)], "eager", tta, mirror_axes, sw_batch_size)
+        self._set_networks([(network, None, None)], "eager", tta, mirror_axes, sw_batch_size)
         return self
 
     def _configure(
@@ -190,7 +195,7 @@ class Predictor:
 
     def _set_networks(
         self,
-        networks: list[tuple[torch.nn.Module, str | None]],
+        networks: list[tuple[torch.nn.Module, str | None, Path | None]],
         runtime: str,
         tta: bool,
         mirror_axes: Sequence[int] | None,
@@ -198,8 +203,10 @@ class Predictor:
     ) -> None:
         batch = sw_batch_size or 1
         self.runtimes = [
-            NetworkRuntime(network, runtime, self.spatial_dims, batch, device=self.device, cache_key=key)
-            for network, key in networks
+            NetworkRuntime(
+                network, runtime, self.spatial_dims, batch, device=self.device, cache_key=key, shipped_dir=shipped
+            )
+            for network, key, shipped in networks
         ]
         self.runtime = self.runtimes[0].name
         if tta:

@@ -13,9 +13,15 @@ Runtimes (``Predictor(runtime=...)``):
 - ``openvino``: the network converted once per window shape by OpenVINO
   (``openvino.convert_model``) and compiled for the CPU in float32
   (``INFERENCE_PRECISION_HINT=f32``: never bf16, whatever the CPU offers), with fused
-  convolution + normalisation + activation kernels. The converted model (OpenVINO IR) is cached
-  under ``$MEDSEG_CACHE`` (default ``~/.cache/medseg``), keyed by the weights, the window shape
-  and the OpenVINO version, so only the first run pays the conversion.
+  convolution + normalisation + activation kernels. The converted model (OpenVINO IR) is keyed
+  by the weights' sha256, the window shape and the OpenVINO version (:func:`openvino_ir_tag`) and
+  looked up first in the model package (``runtime/openvino/<tag>/``, written at export by
+  :func:`prepare_openvino`, shipped with the bundled models), then in the cache under
+  ``$MEDSEG_CACHE`` (default ``~/.cache/medseg``), where a conversion made on first use is kept.
+  A stored IR is never trusted: before first use in a process it is compiled and checked against
+  the eager network on a seeded probe (as a fresh conversion is); a stale, foreign or damaged one
+  is converted again. The IR does not depend on the CPU: OpenVINO compiles it for the CPU at
+  hand when it is loaded (about a second), so one shipped IR serves every machine.
 - ``auto``: ``openvino`` on the CPU (``channels_last`` if OpenVINO is missing); ``channels_last``
   plus float16 autocast on CUDA (set by the Predictor through the engine's ``half_precision``).
 
@@ -105,6 +111,8 @@ class NetworkRuntime:
         device: where the network runs (``auto`` picks by it).
         cache_key: identifies the weights for the OpenVINO cache (e.g. a hash of the weight
             file); without it the cache is not used.
+        shipped_dir: a read-only folder of converted models shipped with the package
+            (``<package>/runtime/openvino``), searched before the cache.
 
     Raises:
         ValueError: unknown runtime; ``openvino`` for a network not on the CPU.
@@ -119,6 +127,7 @@ class NetworkRuntime:
         batch_size: int = 1,
         device: str | torch.device = "cpu",
         cache_key: str | None = None,
+        shipped_dir: Path | None = None,
     ):
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
@@ -144,7 +153,7 @@ class NetworkRuntime:
             inductor_config.freezing = True  # constant-fold and prepack weights (inference only)
             self._forward = torch.compile(network, dynamic=False)
         elif self.name == "openvino":
-            self._forward = _OpenVINOForward(network, cache_key)
+            self._forward = _OpenVINOForward(network, cache_key, shipped_dir)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -179,6 +188,12 @@ def openvino_available() -> bool:
 def cache_dir() -> Path:
     """``$MEDSEG_CACHE`` or ``~/.cache/medseg``."""
     return Path(os.environ.get("MEDSEG_CACHE") or Path.home() / ".cache" / "medseg")
+
+
+def openvino_ir_tag(weights_key: str, shape: tuple[int, ...], version: str) -> str:
+    """Folder name of a converted model: 24 hex digits of sha256 over the weights' key (their
+    sha256), the input shape ``(N, C, *window)`` and the OpenVINO version string."""
+    return hashlib.sha256(f"{weights_key}|{tuple(int(s) for s in shape)}|{version}".encode()).hexdigest()[:24]
 
 
 class ConversionMismatchError(RuntimeError):
@@ -217,21 +232,28 @@ class _OpenVINOForward:
     output range, else :class:`ConversionMismatchError`. Verified conversions are cached.
     """
 
-    def __init__(self, network: nn.Module, cache_key: str | None):
+    def __init__(self, network: nn.Module, cache_key: str | None, shipped_dir: Path | None = None):
         _block_openvino_telemetry()
         import openvino as ov
 
         self.ov = ov
         self.network = network
         self.cache_key = cache_key
+        self.shipped_dir = shipped_dir
         self.core = ov.Core()
         self.compiled: dict[tuple[int, ...], Any] = {}
+        #: where each shape's compiled model came from: "shipped", "cache" or "converted"
+        self.sources: dict[tuple[int, ...], str] = {}
 
     def _cache_path(self, shape: tuple[int, ...]) -> Path | None:
         if not self.cache_key:
             return None
-        tag = hashlib.sha256(f"{self.cache_key}|{shape}|{self.ov.__version__}".encode()).hexdigest()[:24]
-        return cache_dir() / "openvino" / tag / "model.xml"
+        return cache_dir() / "openvino" / openvino_ir_tag(self.cache_key, shape, self.ov.__version__) / "model.xml"
+
+    def _shipped_path(self, shape: tuple[int, ...]) -> Path | None:
+        if not self.cache_key or self.shipped_dir is None:
+            return None
+        return self.shipped_dir / openvino_ir_tag(self.cache_key, shape, self.ov.__version__) / "model.xml"
 
     def _compile(self, model):
         return self.core.compile_model(
@@ -244,7 +266,21 @@ class _OpenVINOForward:
             },
         )
 
-    def _convert_and_verify(self, shape: tuple[int, ...]):
+    def _error(self, compiled, shape: tuple[int, ...]) -> float:
+        """max |compiled - eager| / range(eager) on a seeded random input of ``shape``."""
+        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            expected = self.network(probe).float()
+        got = torch.from_numpy(np.array(compiled({0: probe.numpy()})[0]))
+        span = float(expected.max() - expected.min()) or 1.0
+        return float((got - expected).abs().max()) / span if got.shape == expected.shape else float("inf")
+
+    def convert(self, shape: tuple[int, ...]):
+        """Convert the network for input ``shape`` and verify it; returns ``(model, compiled)``.
+
+        Raises:
+            ConversionMismatchError: the conversion does not compute the network's function.
+        """
         ov = self.ov
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about the networks' shape checks
@@ -252,34 +288,46 @@ class _OpenVINOForward:
                 self.network, example_input=torch.zeros(shape), input=[ov.PartialShape(list(shape))]
             )
         compiled = self._compile(model)
-        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            expected = self.network(probe).float()
-        got = torch.from_numpy(np.array(compiled({0: probe.numpy()})[0]))
-        span = float(expected.max() - expected.min()) or 1.0
-        error = float((got - expected).abs().max()) / span if got.shape == expected.shape else float("inf")
+        error = self._error(compiled, shape)
         if not error <= VERIFY_TOLERANCE:
             raise ConversionMismatchError(
                 f"OpenVINO conversion for input {shape} differs from the network "
-                f"(max error {error:.1e} of the output range, shape {tuple(got.shape)})"
+                f"(max error {error:.1e} of the output range)"
             )
         return model, compiled
 
+    def _read_verified(self, path: Path | None, shape: tuple[int, ...]):
+        """The compiled model stored at ``path`` if it computes the network's function, else None."""
+        if path is None or not path.is_file():
+            return None
+        try:
+            compiled = self._compile(self.core.read_model(str(path)))
+            error = self._error(compiled, shape)
+        except Exception as error:  # a damaged or truncated IR: OpenVINO raises RuntimeError
+            log.warning("stored OpenVINO model %s unreadable (%s): converting again", path.parent.name, error)
+            return None
+        if error <= VERIFY_TOLERANCE:
+            return compiled
+        log.warning(
+            "stored OpenVINO model %s does not compute this network (max error %.1e): converting again",
+            path.parent.name,
+            error,
+        )
+        return None
+
     def _load(self, shape: tuple[int, ...]):
+        for source, path in (("shipped", self._shipped_path(shape)), ("cache", self._cache_path(shape))):
+            compiled = self._read_verified(path, shape)
+            if compiled is not None:
+                self.sources[shape] = source
+                return compiled
+        model, compiled = self.convert(shape)
+        self.sources[shape] = "converted"
         path = self._cache_path(shape)
-        if path is not None and path.is_file():
-            return self._compile(self.core.read_model(str(path)))
-        model, compiled = self._convert_and_verify(shape)
         if path is not None:
-            tmp = None
             try:
-                path.parent.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=path.parent.parent))
-                self.ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-                os.replace(tmp, path.parent)
-            except OSError as error:  # another process won the race, or a read-only home
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                save_openvino_model(self.ov, model, path.parent)
+            except OSError as error:  # a read-only home
                 log.debug("OpenVINO cache not written: %s", error)
         return compiled
 
@@ -291,6 +339,59 @@ class _OpenVINOForward:
         data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         result = compiled({0: data})[0]
         return torch.from_numpy(np.array(result, copy=True))
+
+
+def save_openvino_model(ov, model, folder: Path) -> Path:
+    """Write ``model`` as ``folder/model.xml`` + ``.bin`` (float32 weights) atomically: into a
+    temporary sibling folder renamed onto ``folder`` (an existing one is replaced)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+    try:
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder / "model.xml"
+
+
+def prepare_openvino(network: nn.Module, weights_key: str, shapes: list[tuple[int, ...]], folder: Path) -> list[Path]:
+    """Convert ``network`` for each input shape ``(N, C, *window)``, verify each conversion and
+    write it under ``folder/<tag>/`` (:func:`openvino_ir_tag`), so that a Predictor finds it
+    instead of converting on first use (model export, bundled models).
+
+    Raises:
+        ImportError: OpenVINO is not installed.
+        ConversionMismatchError: a conversion does not compute the network's function.
+    """
+    forward = _OpenVINOForward(network.eval(), weights_key)
+    written = []
+    for shape in shapes:
+        shape = tuple(int(s) for s in shape)
+        model, _ = forward.convert(shape)
+        written.append(
+            save_openvino_model(forward.ov, model, folder / openvino_ir_tag(weights_key, shape, forward.ov.__version__))
+        )
+    return written
+
+
+def prepare_package(package) -> list[Path]:
+    """Ship a package's OpenVINO model: convert its network for the CPU window shape the
+    Predictor uses (``(1, C, *patch_size)``: one window per call on the CPU) into
+    ``<package>/runtime/openvino/`` (:func:`prepare_openvino`). Returns the written ``model.xml``
+    paths; nothing for nuclei packages (they run eagerly).
+
+    Raises:
+        ImportError, ConversionMismatchError: see :func:`prepare_openvino`.
+    """
+    card = package.card
+    if card.task != "segmentation":
+        return []
+    channels = int(card.network.config.get("in_channels", 1))
+    shape = (1, channels, *(int(p) for p in card.patch_size))
+    return prepare_openvino(package.load_network("cpu"), package.weights_sha256, [shape], package.runtime_dir)
 
 
 def auto_sw_batch_size(

@@ -168,6 +168,11 @@ class ExportConfig(_Section):
     formats: list[str] | None = Field(
         None, description="the card's default outputs for `medseg predict` (medseg.outputs.FORMATS names)"
     )
+    openvino: bool = Field(
+        True,
+        description="convert the network to OpenVINO at export and ship it in the package "
+        "(runtime/openvino), so the first predict converts nothing",
+    )
 
     @field_validator("formats")
     @classmethod

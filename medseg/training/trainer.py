@@ -741,7 +741,16 @@ class Trainer:
                 trained_at=utc_timestamp(),
             )
         )
-        return ModelPackage.save(self.output_dir / "model", card, weights).path
+        package = ModelPackage.save(self.output_dir / "model", card, weights)
+        if c.export.openvino:
+            from medseg.inference.runtime import ConversionMismatchError, openvino_available, prepare_package
+
+            if openvino_available():
+                try:  # shipped with the package, so its first predict converts nothing
+                    prepare_package(package)
+                except ConversionMismatchError as error:  # the Predictor falls back to eager PyTorch
+                    log.warning("no OpenVINO model exported: %s", error)
+        return package.path
 
 
 VALIDATION_PROTOCOL = (
