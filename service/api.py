@@ -17,7 +17,7 @@ from medseg.package import MODEL_NAME_PATTERN, list_models, resolve_model
 from service import jobs as job_ops
 from service.auth import Principal, require
 from service.inputs import parse_options, prepare_input
-from service.pipeline import MEDIA_TYPES
+from service.pipeline import MEDIA_TYPES, RESULT_FORMATS
 from service.problems import Problem, problem_responses
 from service.store import EXPIRED, STATES, SUCCEEDED
 from service.uploads import receive_multipart
@@ -34,7 +34,7 @@ def _validation_limiter(state) -> anyio.CapacityLimiter:
     return limiter
 
 
-ResultName = Literal["seg", "nifti", "report", "preview"]
+ResultName = Literal[tuple(RESULT_FORMATS)]  # type: ignore[valid-type]
 
 UPLOAD_BODY = {
     "required": True,
@@ -58,7 +58,7 @@ UPLOAD_BODY = {
                     "series_uid": {"type": "string", "description": "series to segment if several"},
                     "tta": {"type": "boolean", "description": "test-time augmentation"},
                     "overlap": {"type": "number", "minimum": 0, "maximum": 0.9},
-                    "formats": {"type": "string", "description": "comma-separated: seg,nifti,report,preview"},
+                    "formats": {"type": "string", "description": "comma-separated: " + ",".join(RESULT_FORMATS)},
                 },
             }
         }
@@ -203,7 +203,7 @@ async def submit_job(
             model=model,
             job_input=job_input,
             input_dir=upload_dir,
-            options={"tta": options.tta, "overlap": options.overlap, "formats": job_input["formats"]},
+            options=options,
         )
     except (Problem, MedsegError) as error:
         metrics.rejected.labels(getattr(error, "code", "error")).inc()
@@ -266,7 +266,7 @@ def delete_job(request: Request, job_id: str, principal: Principal = Depends(req
     "/v1/jobs/{job_id}/result/{name}",
     tags=["jobs"],
     response_class=FileResponse,
-    summary="Download a result: seg (DICOM SEG), nifti (label map), report (JSON), preview (PNG)",
+    summary="Download a result: " + ", ".join(f"{name} ({media})" for name, media in MEDIA_TYPES.items()),
     responses={200: {"content": {m: {} for m in MEDIA_TYPES.values()}}, **problem_responses(401, 403, 404, 409, 410)},
 )
 def get_result(
@@ -282,7 +282,7 @@ def get_result(
         raise Problem(
             404,
             "not-found",
-            f"job {job.id} has no '{name}' result (formats: {', '.join(job.options.get('formats', []))})",
+            f"job {job.id} has no '{name}' result (formats: {', '.join(job.job_options().formats or [])})",
         )
     suffix = "".join(path.suffixes) or ""
     return FileResponse(path, media_type=MEDIA_TYPES[name], filename=f"{job.id}-{name}{suffix}")

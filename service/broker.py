@@ -280,7 +280,7 @@ class BatchClient:
                 owner=self.owner,
                 source="batch",
                 model=model,
-                options={"tta": options.tta, "overlap": options.overlap, "formats": job_input["formats"]},
+                options=options,
                 job_input=job_input,
                 input_dir=upload_dir,
             )

@@ -37,6 +37,7 @@ from medseg.package import resolve_model
 from service import jobs as job_ops
 from service.auth import Principal, require
 from service.config import Settings
+from service.models import JobInput, JobOptions, default_results
 from service.problems import Problem, problem_responses
 from service.store import Store, StowSeries
 from service.uploads import Received, multipart_boundary, receive_multipart
@@ -290,14 +291,15 @@ def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list
             job_id = job_ops.new_job_id()
             instances = _stored_instances(series_dir)  # what is on disk, not a counter
             if instances:
-                job_input = {
-                    "kind": "dicom",
-                    "path": "input",
-                    "series_uid": row.series_uid,
-                    "study_uid": row.study_uid,
-                    "modality": row.modality,
-                    "instances": instances,
-                }
+                # not opened here: the worker reads it (and decides its fit) when the job runs
+                job_input = JobInput(
+                    kind="dicom",
+                    path="input",
+                    series_uid=row.series_uid,
+                    study_uid=row.study_uid,
+                    modality=row.modality,
+                    instances=instances,
+                )
                 try:
                     job_ops.create_job(
                         store,
@@ -308,7 +310,7 @@ def flush_quiet_series(store: Store, settings: Settings, queue, metrics) -> list
                         model=model,
                         job_input=job_input,
                         input_dir=series_dir,
-                        options={"tta": False, "overlap": None, "formats": ["seg", "nifti", "report", "preview"]},
+                        options=JobOptions(formats=default_results("dicom")),
                     )
                 except BaseException:  # the series stays on disk: collect it again next time
                     _set_series(store, row.key, state="collecting")

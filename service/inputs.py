@@ -1,9 +1,12 @@
 """Validating a job's options and input before it is queued.
 
 An upload is one NIfTI / NRRD / MetaImage file, one ZIP of DICOM files, or one or more DICOM
-files. It is accepted only if it is readable (headers and pixels, with :mod:`medseg.io`, the same
-reader the worker uses), holds exactly one image series or the one chosen by ``series_uid``, and
-that series' modality fits the model card. Everything else is a 4xx
+files. It is accepted only if its headers are readable (:mod:`medseg.io`, the same reader the
+worker uses, but headers only: :meth:`medseg.io.SeriesInfo.geometry`), it holds exactly one image
+series or the one chosen by ``series_uid``, and that series fits the model card by the rule
+``medseg predict`` applies (:func:`medseg.inference.matching.series_mismatch`: modality,
+channels, field of view). Pixels are decoded once, by the worker; pixels that turn out to be
+undecodable fail the job with the reader's error. Everything else is a 4xx
 :class:`medseg.errors.MedsegError` naming the file or series (never a patient identifier).
 """
 
@@ -15,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from medseg.errors import (
     InputTooLargeError,
@@ -28,55 +31,11 @@ from medseg.errors import (
     UnsupportedInputError,
 )
 from medseg.formats import has_dicm_marker
-from medseg.package import MODEL_NAME_PATTERN, ModelCard
+from medseg.package import ModelCard
 from service.config import Settings
-from service.pipeline import RESULT_FORMATS
+from service.models import DICOM_ONLY, OPT_IN, JobInput, JobOptions, default_results
 from service.problems import Problem
 from service.uploads import Received, display_name
-
-DICOM_ONLY = ("seg", "rtstruct")
-#: results written only when asked for (not in the default "all that fit the input")
-OPT_IN = ("rtstruct",)
-MAX_OVERLAP = 0.9  # the work grows as 1 / (1 - overlap) ** 3: 0.99 is a million times 0.5
-
-
-class JobOptions(BaseModel):
-    """Options of a job (form fields of ``POST /v1/jobs``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(
-        None,
-        max_length=100,
-        pattern=MODEL_NAME_PATTERN,
-        description="a registered model name (GET /v1/models), never a path; default: the service's",
-    )
-    series_uid: str | None = Field(
-        None, max_length=200, description="series to segment when the upload holds several (SeriesInstanceUID)"
-    )
-    tta: bool = Field(False, description="test-time augmentation (mirroring)")
-    overlap: float | None = Field(
-        None, ge=0.0, le=MAX_OVERLAP, description="sliding-window overlap in [0, 0.9]; default: the model card's"
-    )
-    formats: list[str] | None = Field(
-        None,
-        description="results to write: seg, nifti, report, "
-        "preview, rtstruct (default: all that fit the input, "
-        "except rtstruct; seg and rtstruct need DICOM input)",
-    )
-
-    @field_validator("formats", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            value = [part.strip() for item in value for part in str(item).split(",") if part.strip()]
-            unknown = sorted(set(value) - set(RESULT_FORMATS))
-            if unknown:
-                raise ValueError(f"unknown format(s) {', '.join(unknown)} (choose from {', '.join(RESULT_FORMATS)})")
-            return sorted(set(value), key=list(RESULT_FORMATS).index) or None
-        return value
 
 
 def parse_options(fields: dict[str, list[str]]) -> JobOptions:
@@ -152,13 +111,20 @@ def check_zip_limits(path: Path, settings: Settings, name: str) -> None:
 
 def prepare_input(
     received: Received, upload_dir: Path, settings: Settings, card: ModelCard, options: JobOptions
-) -> dict[str, Any]:
-    """Check an upload in ``upload_dir`` (which becomes ``<job>/input``); returns the job's input
-    record: ``kind``, ``path`` (relative to the job folder), ``series_uid``, ``modality``,
-    ``instances``, ``shape``, ``spacing`` (mm) and ``validate_s``.
+) -> JobInput:
+    """Check an upload in ``upload_dir`` (which becomes ``<job>/input``) from its headers alone;
+    returns the job's :class:`~service.models.JobInput` (``path`` relative to the job folder,
+    ``shape`` and ``spacing`` (mm) from the headers, ``formats`` resolved, ``validate_s``).
+
+    No pixel is decoded here: the series are found from their headers
+    (:func:`medseg.io.find_series`), the chosen one's grid comes from its headers
+    (:meth:`medseg.io.SeriesInfo.geometry`) and its fit is decided by
+    :func:`medseg.inference.matching.series_mismatch`, as ``medseg predict`` decides it.
 
     Raises:
-        MedsegError: unreadable, unsafe, several series, modality mismatch, wrong formats.
+        MedsegError: unreadable or truncated headers, unsafe, too large, several series,
+            modality / channels / field of view mismatch, too much work, formats that need
+            DICOM input.
     """
     start = time.perf_counter()
     files = received.files
@@ -186,7 +152,7 @@ def prepare_input(
         target, name = upload_dir, f"{len(files)} uploaded files"
 
     from medseg.inference.budget import check_work, planned_windows
-    from medseg.inference.matching import image_mismatch, modality_mismatch
+    from medseg.inference.matching import modality_mismatch, series_mismatch
     from medseg.io import find_series
     from medseg.io.reader import choose_series
 
@@ -200,42 +166,40 @@ def prepare_input(
             raise InputTooLargeError(
                 f"series {series.uid}: {series.instance_count} instances exceed the limit of {settings.max_instances}"
             )
-        reason = modality_mismatch(series.modality, card)  # before any pixel is read
+        reason = modality_mismatch(series.modality, card)  # before the headers of every instance
         if reason:
             raise ModalityMismatchError(f"series {series.uid}: {reason}")
-        formats = options.formats or [
-            f for f in RESULT_FORMATS if f not in OPT_IN and (source_kind == "dicom" or f not in DICOM_ONLY)
-        ]
+        formats = options.formats or default_results(source_kind)
         if source_kind != "dicom" and any(f in DICOM_ONLY for f in formats):
             kinds = " and ".join("a DICOM SEG" if f == "seg" else "an RTSTRUCT" for f in DICOM_ONLY if f in formats)
             raise UnsupportedInputError(f"{name}: {kinds} needs DICOM input")
-        # pixels too (headers first: detached data, declared size): a truncated, undecodable or
-        # unsafe file is refused now, by the same reader and the same checks the worker uses
-        image = series.read()
-        reason = image_mismatch(image, card)
+        # the grid from the headers (declared size, detached data and geometry checked as the
+        # reader checks them), never the pixels: the worker decodes them, once
+        grid = series.geometry()
+        reason = series_mismatch(series.modality, grid.shape, grid.affine, card)
         if reason:
             error = ModalityMismatchError if reason.startswith("modality") else SeriesMismatchError
             raise error(f"{name}: {reason}")
-        windows = planned_windows(image.shape, image.affine, card, options.overlap, options.tta)
+        windows = planned_windows(grid.shape[:3], grid.affine, card, options.overlap, options.tta)
         check_work(windows, settings.max_windows, name)
     except MedsegError as error:  # name the client's file, not the server's copy of it
         if target == upload_dir:
             raise
         raise type(error)(str(error).replace(target.name, name)) from None
-    return {
-        "kind": source_kind,
-        "path": str(Path("input") / target.relative_to(upload_dir)) if target != upload_dir else "input",
+    return JobInput(
+        kind=source_kind,
+        path=str(Path("input") / target.relative_to(upload_dir)) if target != upload_dir else "input",
         # a single volume file's "uid" is its path in the upload folder, which moves: not kept
-        "series_uid": series.uid if target.is_dir() or target.suffix == ".zip" else None,
-        "study_uid": series.study_uid or None,
-        "modality": series.modality or None,
-        "instances": series.instance_count,
-        "shape": list(image.shape),
-        "spacing": [round(s, 4) for s in image.spacing],
-        "warnings": list(image.warnings)[:20],
-        "formats": formats,
-        "validate_s": time.perf_counter() - start,
-    }
+        series_uid=series.uid if target.is_dir() or target.suffix == ".zip" else None,
+        study_uid=series.study_uid or None,
+        modality=series.modality or None,
+        instances=series.instance_count,
+        shape=list(grid.shape[:3]),
+        spacing=[round(s, 4) for s in grid.spacing],
+        warnings=list(series.warnings)[:20],
+        formats=formats,
+        validate_s=time.perf_counter() - start,
+    )
 
 
-__all__ = ["JobOptions", "parse_options", "prepare_input", "sniff", "check_zip_limits"]
+__all__ = ["JobOptions", "DICOM_ONLY", "OPT_IN", "parse_options", "prepare_input", "sniff", "check_zip_limits"]

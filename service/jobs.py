@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 
 from service.auth import Principal
 from service.config import Settings
+from service.models import JobInput, JobOptions
 from service.store import EXPIRED, FAILED, QUEUED, STATES, SUCCEEDED, Job, Store
 
 log = logging.getLogger("medseg.service.jobs")
@@ -38,15 +39,21 @@ def create_job(
     owner: str,
     source: str,
     model: str,
-    options: dict[str, Any],
-    job_input: dict[str, Any],
+    options: JobOptions,
+    job_input: JobInput,
     input_dir: Path,
 ) -> Job:
     """Move ``input_dir`` to ``<job>/input`` and store the job as ``queued``; returns the row.
 
+    ``options`` and ``job_input`` are stored in the row's JSON columns (:meth:`JobOptions.stored`:
+    ``tta``, ``overlap`` and the ``formats`` of ``job_input`` when it resolved them;
+    :meth:`JobInput.stored`); ``job_input.validate_s`` becomes the ``validate_s`` timing.
+
     On failure nothing is left behind and nothing is lost: no row is stored, ``input_dir`` is
     moved back where it was (a STOW series is then retried later) and the job folder is removed.
     """
+    if job_input.formats is not None:
+        options = options.model_copy(update={"formats": job_input.formats})
     job_dir = settings.jobs_dir / job_id
     job_dir.mkdir(parents=True)
     moved = False
@@ -58,14 +65,14 @@ def create_job(
             owner=owner,
             source=source,
             model=model,
-            options=options,
-            input=job_input,
+            options=options.stored(),
+            input=job_input.stored(),
             state=QUEUED,
             created_at=time.time(),
             attempts=0,
             progress=0.0,
             results={},
-            timings={"validate_s": job_input.pop("validate_s", 0.0)},
+            timings={"validate_s": job_input.validate_s},
         )
         store.add(job)
     except BaseException:
@@ -80,7 +87,7 @@ def create_job(
             "source": source,
             "model": model,
             "key_id": owner,
-            "instances": job_input.get("instances"),
+            "instances": job_input.instances,
         },
     )
     return job
@@ -166,8 +173,10 @@ def _time(value: float | None) -> datetime | None:
 
 
 def job_view(job: Job, store: Store, base_url: str = "") -> JobView:
-    shown_input = {k: v for k, v in (job.input or {}).items() if k not in ("path", "formats")}
-    results = {name: f"{base_url}/v1/jobs/{job.id}/result/{name}" for name in (job.results or {})}
+    """The API's view of a stored job: its row read through the job models (:class:`JobInput`,
+    :class:`JobOptions`, :class:`JobResult`), results as download URLs, times as ISO 8601 UTC."""
+    job_input, options, result = job.job_input(), job.job_options(), job.job_result()
+    results = {name: f"{base_url}/v1/jobs/{job.id}/result/{name}" for name in result.results}
     return JobView(
         id=job.id,
         state=job.state,
@@ -179,10 +188,10 @@ def job_view(job: Job, store: Store, base_url: str = "") -> JobView:
         progress=job.progress or 0.0,
         queue_position=store.queue_position(job),
         attempts=job.attempts or 0,
-        input=shown_input,
-        options=job.options or {},
-        timings={k: round(float(v), 4) for k, v in (job.timings or {}).items()},
-        statistics=job.statistics,
+        input=job_input.shown(),
+        options=options.stored() if job.options else {},
+        timings={k: round(float(v), 4) for k, v in result.timings.items()},
+        statistics=result.stored_statistics(),
         error=job.error,
         results=results,
         push=job.push,
@@ -190,7 +199,8 @@ def job_view(job: Job, store: Store, base_url: str = "") -> JobView:
 
 
 def result_path(settings: Settings, job: Job, name: str) -> Path | None:
-    relative = (job.results or {}).get(name)
+    """The file of result ``name`` of ``job``, or None (not written, gone, or outside the job folder)."""
+    relative = job.job_result().results.get(name)
     if not relative:
         return None
     path = (settings.jobs_dir / job.id / relative).resolve()

@@ -16,15 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# result names in the API -> write_outputs format names
-RESULT_FORMATS = {"seg": "seg", "nifti": "nifti", "report": "json", "preview": "png", "rtstruct": "rtstruct"}
-MEDIA_TYPES = {
-    "seg": "application/dicom",
-    "nifti": "application/gzip",
-    "report": "application/json",
-    "preview": "image/png",
-    "rtstruct": "application/dicom",
-}
+# the result names live with the job models; importable from here too (medseg predict --broker)
+from service.models import MEDIA_TYPES, RESULT_FORMATS, JobInput, JobOptions, JobResult, default_results
 
 
 class PredictorCache:
@@ -65,39 +58,53 @@ class PredictorCache:
 
 def run_job(
     job_dir: Path,
-    job_input: dict,
+    job_input: JobInput,
     model: str,
-    options: dict,
+    options: JobOptions,
     predictors: PredictorCache,
     progress: Callable[..., None] | None = None,
     policy=None,
     checkpoint: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Segment one job's input; returns ``{"results", "timings", "statistics"}``.
+) -> JobResult:
+    """Segment one job's input (the only place the service decodes its pixels).
 
-    ``results`` maps result names (seg, nifti, report, preview) to paths relative to ``job_dir``.
-    Timings are in seconds. ``policy`` (:class:`medseg.io.safety.ReadPolicy`) is what reading the
-    input may touch, as at upload. ``checkpoint`` is called (unthrottled, unlike ``progress``)
-    between inference and writing, so a job deleted meanwhile writes nothing. Raises any
-    :class:`medseg.errors.MedsegError` of the steps, and whatever ``checkpoint`` raises.
+    Returns a :class:`JobResult`: ``results`` maps result names (:data:`RESULT_FORMATS`) to paths
+    relative to ``job_dir``; ``timings`` are in seconds; ``warnings`` what reading and writing
+    skipped or repaired. ``options.formats`` None means every result that fits the input
+    (:func:`service.models.default_results`). ``policy`` (:class:`medseg.io.safety.ReadPolicy`)
+    is what reading the input may touch, as at upload. ``checkpoint`` is called (unthrottled,
+    unlike ``progress``) between inference and writing, so a job deleted meanwhile writes nothing.
+
+    Raises:
+        MedsegError: any error of the steps - among them an input whose headers passed the upload
+            checks but whose pixels cannot be decoded (``UnreadableFileError``,
+            ``UnsupportedInputError``), or that does not fit the model once read.
+        whatever ``checkpoint`` raises.
     """
+    from medseg.errors import ModalityMismatchError, SeriesMismatchError
+    from medseg.inference.matching import image_mismatch
     from medseg.io import read_image
+    from medseg.io.safety import ReadPolicy
     from medseg.outputs import write_outputs
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    from medseg.io.safety import ReadPolicy
-
     image = read_image(
-        job_dir / job_input["path"],
-        series_uid=job_input.get("series_uid"),
+        job_dir / job_input.path,
+        series_uid=job_input.series_uid,
         policy=policy or ReadPolicy(detached_data="refuse"),
     )
     timings["read_s"] = time.perf_counter() - start
 
     mark = time.perf_counter()
-    predictor = predictors.get(model, options.get("tta", False), options.get("overlap"))
+    predictor = predictors.get(model, options.tta, options.overlap)
     timings["load_s"] = time.perf_counter() - mark
+    # the upload checked the headers; what only the pixels tell (duplicate slices dropped,
+    # a resampled stack) is checked again, by the same rule
+    reason = image_mismatch(image, predictor.package.card)
+    if reason:
+        error = ModalityMismatchError if reason.startswith("modality") else SeriesMismatchError
+        raise error(f"series {job_input.series_uid or Path(job_input.path).name}: {reason}")
 
     mark = time.perf_counter()
     prediction = predictor.predict(image, progress=progress)
@@ -109,11 +116,13 @@ def run_job(
     if checkpoint is not None:
         checkpoint()
     mark = time.perf_counter()
-    formats = tuple(RESULT_FORMATS[name] for name in options["formats"])
+    names = options.formats or job_input.formats or default_results(job_input.kind)
+    formats = tuple(RESULT_FORMATS[name] for name in names)
     partial, final = job_dir / "output.partial", job_dir / "output"
     shutil.rmtree(partial, ignore_errors=True)
-    warnings: list[str] = []  # e.g. SEG patient/study attributes repaired (keywords, no values)
-    paths = write_outputs(prediction, image, predictor.package.card, partial, formats=formats, warnings=warnings)
+    warnings: list[str] = list(image.warnings)  # what reading skipped or repaired
+    written: list[str] = []  # e.g. SEG patient/study attributes repaired (keywords, no values)
+    paths = write_outputs(prediction, image, predictor.package.card, partial, formats=formats, warnings=written)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     timings["write_s"] = time.perf_counter() - mark
@@ -124,8 +133,12 @@ def run_job(
     for name, fmt in RESULT_FORMATS.items():
         if fmt in by_format:
             results[name] = str(Path("output") / by_format[fmt].relative_to(partial))
-    statistics = getattr(prediction, "statistics", None)
-    return {"results": results, "timings": timings, "statistics": _jsonable(statistics), "warnings": warnings}
+    return JobResult(
+        results=results,
+        timings=timings,
+        statistics=_jsonable(getattr(prediction, "statistics", None)),
+        warnings=[*warnings, *written],
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -141,3 +154,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
+
+
+__all__ = ["RESULT_FORMATS", "MEDIA_TYPES", "PredictorCache", "run_job"]

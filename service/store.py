@@ -22,6 +22,8 @@ from sqlalchemy import JSON, Float, Integer, String, create_engine, event, func,
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from service.models import JobInput, JobOptions, JobResult
+
 QUEUED, RUNNING, SUCCEEDED, FAILED, EXPIRED = "queued", "running", "succeeded", "failed", "expired"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, EXPIRED)
 
@@ -39,8 +41,8 @@ class Job(Base):
     owner: Mapped[str] = mapped_column(String(32), index=True)
     source: Mapped[str] = mapped_column(String(16))  # upload | stow | batch
     model: Mapped[str] = mapped_column(String(200))
-    options: Mapped[dict] = mapped_column(JSON, default=dict)
-    input: Mapped[dict] = mapped_column(JSON, default=dict)  # kind, path, series_uid, modality
+    options: Mapped[dict] = mapped_column(JSON, default=dict)  # JobOptions.stored(): tta, overlap, formats
+    input: Mapped[dict] = mapped_column(JSON, default=dict)  # JobInput.stored(): kind, path, series_uid...
     state: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[float] = mapped_column(Float, index=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -50,12 +52,29 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    results: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> path relative to job dir
+    results: Mapped[dict] = mapped_column(JSON, default=dict)  # result name -> path relative to job dir
     timings: Mapped[dict] = mapped_column(JSON, default=dict)
     statistics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     push: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # PACS push: state, detail
     # scale-out: when the job id was last handed to the broker (migration 0002)
     published_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    # the JSON columns read through the job models (service.models): rows of any version
+    def job_input(self) -> JobInput:
+        """``input`` as a :class:`~service.models.JobInput` (raises ``pydantic.ValidationError``
+        for a row no version wrote)."""
+        return JobInput.from_row(self.input)
+
+    def job_options(self) -> JobOptions:
+        """``options`` as a :class:`~service.models.JobOptions` (``model`` and ``series_uid`` unset)."""
+        return JobOptions.from_row(self.options)
+
+    def job_result(self) -> JobResult:
+        """``results``, ``timings`` (all of them, seconds) and ``statistics`` as a
+        :class:`~service.models.JobResult`; its warnings are in :meth:`job_input`."""
+        return JobResult.model_validate(
+            {"results": self.results or {}, "timings": self.timings or {}, "statistics": self.statistics}
+        )
 
 
 class ApiKey(Base):

@@ -112,10 +112,11 @@ def _convert_input(settings, job) -> Path:
         raise Problem(404, "not-found", f"job {job.id} has no output folder")
     if target.is_file():
         return target
-    source = job_dir / str((job.input or {}).get("path", ""))
+    job_input = job.job_input()
+    source = job_dir / job_input.path
     if not (job.input or {}).get("path") or not _inside(job_dir, source) or not source.exists():
         raise Problem(404, "not-found", f"job {job.id} has no stored input")
-    image = read_image(source, series_uid=(job.input or {}).get("series_uid"), policy=settings.read_policy)
+    image = read_image(source, series_uid=job_input.series_uid, policy=settings.read_policy)
     # free text typed at the scanner (it may name the patient): not written into the file
     image.meta = {k: v for k, v in image.meta.items() if k != "series_description"}
     try:

@@ -133,11 +133,12 @@ class WorkerPool:
                 checkpoint(_fraction(args, kwargs))
 
         try:
+            job_input = job.job_input()
             outcome = run_job(
                 job_dir,
-                job.input,
+                job_input,
                 job.model,
-                job.options,
+                job.job_options(),
                 predictors,
                 progress,
                 policy=settings.read_policy,
@@ -166,21 +167,23 @@ class WorkerPool:
             if not self._finish(job, FAILED, error=problem_of(error), queued_s=queued_s):
                 self._discard(job, job_dir)  # deleted while it ran: its writes may have failed for that
             return
-        timings = {**(job.timings or {}), "queued_s": queued_s, **outcome["timings"]}
-        warnings = [*(job.input or {}).get("warnings", []), *outcome.get("warnings", [])]
+        stored = outcome.model_dump(mode="json")
+        timings = {**(job.timings or {}), "queued_s": queued_s, **stored["timings"]}
+        # the upload's (scan) notes, then the worker's: reading repeats the scan's, kept once
+        warnings = list(dict.fromkeys([*job_input.warnings, *outcome.warnings]))
         if not self._finish(
             job,
             SUCCEEDED,
-            results=outcome["results"],
+            results=stored["results"],
             timings=timings,
-            statistics=outcome["statistics"],
+            statistics=outcome.stored_statistics(),
             progress=1.0,
-            input={**(job.input or {}), "warnings": warnings[:40]},
+            input=job_input.model_copy(update={"warnings": warnings[:40]}).stored(),
         ):
             self._discard(job, job_dir)  # cancelled at the last moment
             return
-        if settings.pacs_url and "seg" in outcome["results"]:
-            self._push(job, job_dir / outcome["results"]["seg"])
+        if settings.pacs_url and "seg" in outcome.results:
+            self._push(job, job_dir / outcome.results["seg"])
 
     def _discard(self, job: Job, job_dir) -> None:
         """Remove a cancelled job's folder - only if its row is gone (``DELETE``). A row still

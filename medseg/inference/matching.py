@@ -21,6 +21,7 @@ Without a declared field of view only rules 1 and 2 apply.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -52,31 +53,46 @@ def training_field_of_view(card: ModelCard) -> tuple[np.ndarray, np.ndarray] | N
 
 def field_of_view(image: Image, orientation: str = "RAS") -> np.ndarray:
     """Physical extent of ``image`` in mm (voxels x spacing) per axis of ``orientation``."""
+    return grid_field_of_view(image.shape, image.affine, orientation)
+
+
+def grid_field_of_view(shape: Sequence[int], affine: np.ndarray, orientation: str = "RAS") -> np.ndarray:
+    """Physical extent in mm (voxels x spacing) per axis of ``orientation`` of the grid ``shape``
+    (``(I, J, K[, T])``; only the first three count) with voxel -> RAS+ mm ``affine``."""
     import nibabel as nib
 
+    affine = np.asarray(affine, dtype=np.float64)
     ornt = nib.orientations.ornt_transform(
-        nib.orientations.io_orientation(image.affine), nib.orientations.axcodes2ornt(orientation)
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(orientation)
     )
-    extent = np.asarray(image.shape, dtype=float) * np.asarray(image.spacing)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    extent = np.asarray(tuple(shape)[:3], dtype=float) * spacing
     out = np.empty(3)
     for axis in range(3):
         out[int(ornt[axis, 0])] = extent[axis]
     return out
 
 
-def image_mismatch(image: Image, card: ModelCard) -> str | None:
-    """Reason why a read ``image`` does not fit ``card`` (rules 1-3), or ``None`` if it fits."""
-    reason = modality_mismatch(str(image.meta.get("modality") or ""), card)
+def series_mismatch(modality: str, shape: Sequence[int], affine: np.ndarray, card: ModelCard) -> str | None:
+    """Reason why a series does not fit ``card`` (rules 1-3), or ``None`` if it fits.
+
+    Needs no pixels: ``modality`` (DICOM Modality, ``""`` when unknown), the array ``shape``
+    ``(I, J, K)`` or ``(I, J, K, T)`` and the voxel -> RAS+ mm ``affine`` - from a read image
+    (:func:`image_mismatch`) or from the headers alone (:meth:`medseg.io.SeriesInfo.geometry`,
+    as the service checks an upload).
+    """
+    reason = modality_mismatch(modality, card)
     if reason:
         return reason
-    channels = image.array.shape[3] if image.array.ndim == 4 else 1
+    shape = tuple(int(s) for s in shape)
+    channels = shape[3] if len(shape) == 4 else 1
     expected = int(card.network.config.get("in_channels", 1))
     if channels != expected:
         return f"{channels} volume(s) per voxel, model {card.name} expects {expected} channel(s)"
     declared = training_field_of_view(card)
     if declared is not None:
         low, high = declared
-        extent = field_of_view(image, card.orientation)
+        extent = grid_field_of_view(shape, affine, card.orientation)
         if np.any(extent < low / FOV_TOLERANCE) or np.any(extent > high * FOV_TOLERANCE):
             shown = "x".join(f"{v:.0f}" for v in extent)
             trained = " x ".join(f"{a:.0f}-{b:.0f}" for a, b in zip(low, high))
@@ -85,3 +101,9 @@ def image_mismatch(image: Image, card: ModelCard) -> str | None:
                 f"({trained} mm, tolerance x{FOV_TOLERANCE:g})"
             )
     return None
+
+
+def image_mismatch(image: Image, card: ModelCard) -> str | None:
+    """Reason why a read ``image`` does not fit ``card`` (rules 1-3), or ``None`` if it fits
+    (:func:`series_mismatch` on the image's modality, array shape and affine)."""
+    return series_mismatch(str(image.meta.get("modality") or ""), image.array.shape, image.affine, card)

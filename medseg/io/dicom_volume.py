@@ -186,22 +186,7 @@ def _slice_positions(
 ) -> list[list[int]]:
     """Frame indices per slice position along ``normal`` (sorted), each in time order with exact
     duplicates dropped; every position holds the same number of frames (volumes)."""
-    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
-    order = np.argsort(distances, kind="stable")
-    clusters: list[list[int]] = []
-    for index in order:
-        if clusters and abs(distances[index] - distances[clusters[-1][0]]) < SAME_POSITION_MM:
-            clusters[-1].append(int(index))
-        else:
-            clusters.append([int(index)])
-    for cluster in clusters:
-        base = frames[cluster[0]].position
-        for index in cluster[1:]:
-            if np.linalg.norm(frames[index].position - base) > GRID_TOLERANCE_MM:
-                raise UnsupportedInputError(
-                    f"series {series_name}: frames at the same slice location have different in-plane positions"
-                )
-
+    clusters = _position_clusters(frames, normal, series_name)
     order_key = _time_order(frames)
     duplicates: list[str] = []  # file of each dropped frame
     for cluster in clusters:
@@ -229,6 +214,30 @@ def _slice_positions(
             f"series {series_name}: slice positions hold different numbers of images "
             f"({min(counts)}..{max(counts)}); incomplete multi-volume series?"
         )
+    return clusters
+
+
+def _position_clusters(frames: list[Frame], normal: np.ndarray, series_name: str) -> list[list[int]]:
+    """Frame indices grouped by slice position along ``normal`` (sorted by distance); headers only.
+
+    Raises:
+        UnsupportedInputError: frames at one slice location with different in-plane positions.
+    """
+    distances = np.array([float(np.dot(f.position, normal)) for f in frames])
+    order = np.argsort(distances, kind="stable")
+    clusters: list[list[int]] = []
+    for index in order:
+        if clusters and abs(distances[index] - distances[clusters[-1][0]]) < SAME_POSITION_MM:
+            clusters[-1].append(int(index))
+        else:
+            clusters.append([int(index)])
+    for cluster in clusters:
+        base = frames[cluster[0]].position
+        for index in cluster[1:]:
+            if np.linalg.norm(frames[index].position - base) > GRID_TOLERANCE_MM:
+                raise UnsupportedInputError(
+                    f"series {series_name}: frames at the same slice location have different in-plane positions"
+                )
     return clusters
 
 
@@ -281,6 +290,38 @@ def _stack(frames: list[Frame], planes: list[np.ndarray], clusters: list[list[in
     return array
 
 
+def _stack_affine(
+    frames: list[Frame], clusters: list[list[int]], normal: np.ndarray, first_ds: Any, notes: list[str]
+) -> tuple[np.ndarray, bool, bool]:
+    """The LPS affine of the regular grid through the first and last slice, and whether the
+    slices are sheared (gantry tilt) or unevenly spaced (then they must be resampled)."""
+    reference = frames[0]
+    row, col = reference.row_cosine, reference.column_cosine
+    row_spacing, col_spacing = reference.pixel_spacing
+    positions = np.array([frames[c[0]].position for c in clusters])
+    affine = np.eye(4)
+    affine[:3, 0] = row * col_spacing
+    affine[:3, 1] = col * row_spacing
+    affine[:3, 3] = positions[0]
+    if len(clusters) == 1:
+        step = None
+        if first_ds is not None:
+            step = first_ds.get("SpacingBetweenSlices") or first_ds.get("SliceThickness")
+        if step in (None, ""):
+            notes.append("single slice without SpacingBetweenSlices/SliceThickness: slice spacing set to 1 mm")
+            step = 1.0
+        affine[:3, 2] = normal * float(step)
+        return affine, False, False
+    offsets = positions - positions[0]
+    along = offsets @ normal
+    in_plane = offsets - along[:, None] * normal
+    regular = np.arange(len(clusters)) * (along[-1] / (len(clusters) - 1))
+    sheared = float(np.linalg.norm(in_plane, axis=1).max()) > GRID_TOLERANCE_MM
+    uneven = float(np.abs(along - regular).max()) > GRID_TOLERANCE_MM
+    affine[:3, 2] = (positions[-1] - positions[0]) / (len(clusters) - 1)
+    return affine, sheared, uneven
+
+
 def _geometry(
     array: np.ndarray,
     frames: list[Frame],
@@ -293,40 +334,178 @@ def _geometry(
     """The RAS+ affine on the regular grid through the first and last slice; a sheared (gantry
     tilt) or unevenly spaced series is resampled onto a regular grid. Returns
     ``(array, affine, resampled)``."""
-    reference = frames[0]
-    row, col = reference.row_cosine, reference.column_cosine
-    row_spacing, col_spacing = reference.pixel_spacing
-    positions = np.array([frames[c[0]].position for c in clusters])
+    affine, sheared, uneven = _stack_affine(frames, clusters, normal, first_ds, notes)
+    resampled = False
+    if sheared or uneven:
+        reference = frames[0]
+        positions = np.array([frames[c[0]].position for c in clusters])
+        array, affine, note = _resample_regular(
+            array,
+            positions,
+            reference.row_cosine,
+            reference.column_cosine,
+            normal,
+            reference.pixel_spacing,
+            series_name,
+            sheared=sheared,
+        )
+        notes.append(note)
+        resampled = True
+    return array, LPS_TO_RAS @ affine, resampled
+
+
+def _regular_grid(
+    positions: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    normal: np.ndarray,
+    spacing: tuple[float, float],
+    series_name: str,
+) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """The grid a sheared or unevenly spaced stack is resampled onto: ``(along, LPS affine,
+    step (mm), slice count)``, ``along`` being each slice's distance from the first along ``normal``.
+
+    Raises:
+        MissingGeometryError: two slices at the same position.
+    """
+    row_spacing, col_spacing = spacing
+    along = (positions - positions[0]) @ normal
+    gaps = np.diff(along)
+    if np.any(gaps <= 0):
+        raise MissingGeometryError(f"series {series_name}: slice positions are not distinct")
+    step = float(np.median(gaps))
+    count = int(round(along[-1] / step)) + 1
     affine = np.eye(4)
     affine[:3, 0] = row * col_spacing
     affine[:3, 1] = col * row_spacing
+    affine[:3, 2] = normal * step
     affine[:3, 3] = positions[0]
-    resampled = False
-    if len(clusters) == 1:
-        step = None
-        if first_ds is not None:
-            step = first_ds.get("SpacingBetweenSlices") or first_ds.get("SliceThickness")
-        if step in (None, ""):
-            notes.append("single slice without SpacingBetweenSlices/SliceThickness: slice spacing set to 1 mm")
-            step = 1.0
-        affine[:3, 2] = normal * float(step)
+    return along, affine, step, count
+
+
+#: Pixel data elements (PixelData, FloatPixelData, DoubleFloatPixelData) and the VRs with a
+#: 4-byte length in explicit VR encoding.
+_PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN", b"UC", b"UR", b"UT", b"SQ", b"SV", b"UV"}
+
+
+def check_pixel_data_length(path: str | Path) -> None:
+    """Refuse a DICOM file that ends before the end its pixel data element declares.
+
+    Only the element's header is read (its tag and length), never the pixel data: a stat of the
+    file tells the rest. Encapsulated (compressed) pixel data has no declared length and is
+    checked when decoded; so are deflated datasets.
+
+    Raises:
+        UnreadableFileError: the file is shorter than its pixel data element says (truncated).
+    """
+    import os
+    import struct
+
+    import pydicom
+
+    path = Path(path)
+    with path.open("rb") as handle:
+        try:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+        except Exception:  # not for this check to judge (read_header accepted the file)
+            return
+        offset = handle.tell()
+        meta = getattr(ds, "file_meta", None)
+        syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+        implicit, little = ds.original_encoding
+        if implicit is None or little is None or syntax == "1.2.840.10008.1.2.1.99":  # deflated
+            return
+        handle.seek(offset)
+        head = handle.read(12)
+    order = "<" if little else ">"
+    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) not in _PIXEL_TAGS:
+        return
+    if implicit:
+        header, length = 8, struct.unpack(order + "I", head[4:8])[0]
+    elif head[4:6] in _LONG_VRS:
+        if len(head) < 12:
+            raise UnreadableFileError(f"{path.name}: truncated DICOM file (pixel data element cut off)")
+        header, length = 12, struct.unpack(order + "I", head[8:12])[0]
     else:
-        k_step = (positions[-1] - positions[0]) / (len(clusters) - 1)
-        offsets = positions - positions[0]
-        along = offsets @ normal
-        in_plane = offsets - along[:, None] * normal
-        regular = np.arange(len(clusters)) * (along[-1] / (len(clusters) - 1))
-        sheared = float(np.linalg.norm(in_plane, axis=1).max()) > GRID_TOLERANCE_MM
-        uneven = float(np.abs(along - regular).max()) > GRID_TOLERANCE_MM
-        if sheared or uneven:
-            array, affine, note = _resample_regular(
-                array, positions, row, col, normal, (row_spacing, col_spacing), series_name, sheared=sheared
+        header, length = 8, struct.unpack(order + "H", head[6:8])[0]
+    if length == 0xFFFFFFFF:  # encapsulated
+        return
+    if os.path.getsize(path) < offset + header + length:
+        raise UnreadableFileError(f"{path.name}: truncated DICOM file (pixel data shorter than its header declares)")
+
+
+def header_geometry(files: list[str], *, series_name: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """The grid :func:`read_dicom_volume` would return for ``files``, from their headers alone
+    (pydicom ``stop_before_pixels``; no pixel data is read or decoded).
+
+    Frames are grouped by slice position as the reader does; frames at one position count as
+    time points when their time keys (temporal position, diffusion, trigger time, instance and
+    acquisition numbers) differ, and as copies of one slice when they are equal (the reader drops
+    copies by their identical pixels, which are not read here). A sheared or unevenly spaced stack
+    gets the grid it will be resampled onto.
+
+    Returns:
+        ``(shape, affine)``: ``(I, J, K)`` or ``(I, J, K, T)`` and the voxel -> RAS+ mm affine.
+
+    Raises:
+        UnreadableFileError: a file is not DICOM, its header is corrupt, or the file is shorter
+            than its pixel data element declares (:func:`check_pixel_data_length`).
+        MissingGeometryError / UnsupportedInputError: the header checks of
+            :func:`medseg.io.dicom_frames.frames_of` and :func:`read_dicom_volume` (missing or
+            inconsistent geometry, colour images, mixed orientations or sizes).
+    """
+    from collections import Counter
+
+    from medseg.io.dicom_scan import read_header
+
+    frames: list[Frame] = []
+    first_ds = None
+    seen: set[tuple] = set()
+    for path in files:
+        ds = read_header(path)
+        if ds is None:
+            raise UnreadableFileError(f"{Path(path).name}: not a DICOM file")
+        if first_ds is None:
+            first_ds = ds
+        check_pixel_data_length(path)
+        uid = str(ds.get("SOPInstanceUID") or path)
+        instance_frames = frames_of(ds, path)
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:  # as decode_pixels refuses them
+            raise UnsupportedInputError(
+                f"{Path(path).name}: colour images (SamplesPerPixel > 1) are not supported for segmentation volumes"
             )
-            notes.append(note)
-            resampled = True
-        else:
-            affine[:3, 2] = k_step
-    return array, LPS_TO_RAS @ affine, resampled
+        for frame in instance_frames:
+            key = (uid, frame.frame_number, frame.tile)
+            if key not in seen:
+                seen.add(key)
+                frames.append(frame)
+    if not frames:
+        raise MissingGeometryError(f"series {series_name}: no image frames")
+    _check_same_plane(frames, series_name)
+    reference = frames[0]
+    normal = np.cross(reference.row_cosine, reference.column_cosine)
+    clusters = _position_clusters(frames, normal, series_name)
+    # time points at one position: frames whose time keys differ (equal keys: copies of a slice,
+    # which the reader drops by their identical pixels)
+    volumes = Counter(
+        len({(frames[i].volume_key, frames[i].temporal_key[:-1]) for i in c}) for c in clusters
+    ).most_common(1)[0][0]
+    affine, sheared, uneven = _stack_affine(frames, clusters, normal, first_ds, [])
+    slices = len(clusters)
+    if sheared or uneven:
+        positions = np.array([frames[c[0]].position for c in clusters])
+        _, affine, _, slices = _regular_grid(
+            positions,
+            reference.row_cosine,
+            reference.column_cosine,
+            normal,
+            reference.pixel_spacing,
+            series_name,
+        )
+    rows, cols = reference.shape
+    shape = (cols, rows, slices) + ((volumes,) if volumes > 1 else ())
+    return shape, LPS_TO_RAS @ affine
 
 
 def _resample_regular(
@@ -358,12 +537,8 @@ def _resample_regular(
     from scipy.ndimage import map_coordinates
 
     row_spacing, col_spacing = spacing
-    along = (positions - positions[0]) @ normal
+    along, affine, step, count = _regular_grid(positions, row, col, normal, spacing, series_name)
     gaps = np.diff(along)
-    if np.any(gaps <= 0):
-        raise MissingGeometryError(f"series {series_name}: slice positions are not distinct")
-    step = float(np.median(gaps))
-    count = int(round(along[-1] / step)) + 1
     ni, nj = array.shape[:2]
     ii, jj = np.meshgrid(np.arange(ni, dtype=np.float64), np.arange(nj, dtype=np.float64), indexing="ij")
     fill = float(array.min())
@@ -390,11 +565,6 @@ def _resample_regular(
             out[:, :, k, t] = value
     if array.dtype.kind in "ui":
         out = np.round(out).astype(array.dtype)
-    affine = np.eye(4)
-    affine[:3, 0] = row * col_spacing
-    affine[:3, 1] = col * row_spacing
-    affine[:3, 2] = normal * step
-    affine[:3, 3] = positions[0]
     reason = []
     if sheared:
         reason.append("gantry tilt (slice positions sheared against the slice normal)")

@@ -10,6 +10,26 @@ from medseg.io.image import Image
 from medseg.io.safety import CLI_POLICY, ReadPolicy, check_declared_voxels
 
 
+@dataclass(frozen=True)
+class SeriesGeometry:
+    """The grid of a series as its headers declare it (:meth:`SeriesInfo.geometry`).
+
+    Attributes:
+        shape: array shape ``(I, J, K)``, or ``(I, J, K, T)`` for a multi-volume series.
+        affine: ``(4, 4)`` voxel -> RAS+ mm affine.
+    """
+
+    shape: tuple[int, ...]
+    affine: Any
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along i, j, k in mm (column norms of the affine), as :attr:`Image.spacing`."""
+        import numpy as np
+
+        return tuple(float(v) for v in np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0))
+
+
 @dataclass
 class SeriesInfo:
     """One image series found in a file, folder or archive.
@@ -57,6 +77,39 @@ class SeriesInfo:
         image.meta.setdefault("source", self.source)
         image.meta.setdefault("instance_count", self.instance_count)
         return image
+
+    def geometry(self) -> SeriesGeometry:
+        """The grid :meth:`read` would give, from the headers alone: no pixel data is decoded.
+
+        DICOM: every instance's header (:func:`medseg.io.dicom_volume.header_geometry`); NIfTI:
+        nibabel's header (:func:`medseg.io.volume_files.nifti_geometry`); NRRD / MetaImage:
+        SimpleITK's image information (:func:`medseg.io.volume_files.itk_geometry`). Formats
+        without a header path (TIFF stacks) are read. The same header checks as :meth:`read`
+        apply (declared size, detached data, geometry); the pixels may still turn out to be
+        undecodable when read.
+
+        Raises:
+            UnreadableFileError, UnsafeInputError, InputTooLargeError, UnsupportedInputError,
+            MissingGeometryError: what the header checks of :meth:`read` raise.
+        """
+        check_declared_voxels(self.declared_voxels, self.policy, f"series {self.uid}")
+        if self.format == "dicom":
+            from medseg.io.dicom_volume import header_geometry
+
+            name = f"{self.uid} ({self.description})" if self.description else self.uid
+            shape, affine = header_geometry(self.files, series_name=name)
+        elif self.format == "nifti":
+            from medseg.io.volume_files import nifti_geometry
+
+            shape, affine = nifti_geometry(self.files[0], self.policy)
+        elif self.format in ("nrrd", "metaimage"):
+            from medseg.io.volume_files import itk_geometry
+
+            shape, affine = itk_geometry(self.files[0], self.policy)
+        else:
+            image = self.read()
+            shape, affine = image.array.shape, image.affine
+        return SeriesGeometry(shape=tuple(int(s) for s in shape), affine=affine)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no pixel data, no patient identifiers)."""

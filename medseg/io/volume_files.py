@@ -61,24 +61,14 @@ def guess_modality(path: str | Path) -> str:
     return ""
 
 
-def read_nifti(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
-    """Read a NIfTI-1/2 file (nibabel). ``array`` keeps the stored dtype unless scl_slope/inter
-    are set (then float); affine is the sform if set, else the qform.
+def _nifti_header(path: Path, policy: ReadPolicy):
+    """Load a NIfTI file's header (nibabel; no pixel is decoded) and run every check that needs
+    no pixels; returns the nibabel image (its ``dataobj`` still a proxy).
 
-    The header is checked before any pixel is decoded: the declared shape against
-    ``policy.max_voxels``, and the file must hold as many bytes as the header declares (a
-    ``.nii.gz`` is decompressed in chunks to count them, never into memory).
-
-    Raises:
-        UnreadableFileError: corrupt or truncated file, or data shorter than the header says.
-        UnsafeInputError: a header of a ``.hdr``/``.img`` pair (its pixels are in another file).
-        InputTooLargeError: more voxels than ``policy.max_voxels``.
-        UnsupportedInputError: more than 4 dimensions, or an RGB (colour) volume.
-        MissingGeometryError: a singular affine (zero sform and qform and pixdim).
+    Raises: see :func:`read_nifti`.
     """
     import nibabel as nib
 
-    path = Path(path)
     try:
         image = nib.load(str(path))
         header = image.header
@@ -101,6 +91,45 @@ def read_nifti(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     check_declared_voxels(voxels, policy, path.name)
     gz = path.name.lower().endswith(".gz")
     check_stream_length(path, offset, voxels * dtype.itemsize, path.name, "gzip" if gz else "none")
+    return image
+
+
+def nifti_geometry(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> tuple[tuple[int, ...], np.ndarray]:
+    """The grid :func:`read_nifti` would return, from the header alone (no pixel decoded).
+
+    Returns:
+        ``(shape, affine)``: the array shape ``(I, J, K)`` or ``(I, J, K, T)`` and the voxel ->
+        RAS+ mm affine, exactly as :func:`read_nifti` gives them.
+
+    Raises:
+        The same header errors as :func:`read_nifti` (unreadable, truncated, pair header,
+        too large, RGB, more than 4 dimensions, singular affine).
+    """
+    path = Path(path)
+    image = _nifti_header(path, policy)
+    shape = _shape_3d(tuple(int(s) for s in image.header.get_data_shape()), path.name)
+    affine = np.asarray(image.affine, dtype=np.float64)
+    check_affine(affine, path.name)
+    return shape, affine
+
+
+def read_nifti(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
+    """Read a NIfTI-1/2 file (nibabel). ``array`` keeps the stored dtype unless scl_slope/inter
+    are set (then float); affine is the sform if set, else the qform.
+
+    The header is checked before any pixel is decoded: the declared shape against
+    ``policy.max_voxels``, and the file must hold as many bytes as the header declares (a
+    ``.nii.gz`` is decompressed in chunks to count them, never into memory).
+
+    Raises:
+        UnreadableFileError: corrupt or truncated file, or data shorter than the header says.
+        UnsafeInputError: a header of a ``.hdr``/``.img`` pair (its pixels are in another file).
+        InputTooLargeError: more voxels than ``policy.max_voxels``.
+        UnsupportedInputError: more than 4 dimensions, or an RGB (colour) volume.
+        MissingGeometryError: a singular affine (zero sform and qform and pixdim).
+    """
+    path = Path(path)
+    image = _nifti_header(path, policy)
     try:
         array = np.asanyarray(image.dataobj)
     except Exception as error:
@@ -143,6 +172,61 @@ def _dtype_name(dtype: np.dtype) -> str:
     return "RGB" if dtype.fields is not None and len(dtype.fields) in (3, 4) else str(dtype)
 
 
+def _itk_information(path: Path, policy: ReadPolicy):
+    """A SimpleITK reader of ``path`` with the image information read (no pixel decoded), after
+    the checks that need no pixels. Raises: see :func:`read_itk`."""
+    import SimpleITK as sitk
+
+    check_self_contained(path, policy)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise UnreadableFileError(f"{path.name}: cannot read image ({_first_line(error)})") from None
+    components = reader.GetNumberOfComponents()
+    voxels = math.prod(reader.GetSize()) * components
+    check_declared_voxels(voxels, policy, path.name)
+    check_attached_length(path, voxels * _component_bytes(reader), path.name)
+    return reader
+
+
+def _itk_affine(dimension: int, direction, spacing, origin, name: str) -> np.ndarray:
+    """The voxel -> RAS+ mm affine of an ITK (LPS) direction, spacing and origin."""
+    direction = np.asarray(direction, dtype=np.float64).reshape(dimension, dimension)
+    lps = np.eye(4)
+    lps[:dimension, :dimension] = direction @ np.diag(np.asarray(spacing, dtype=np.float64))
+    lps[:dimension, 3] = np.asarray(origin, dtype=np.float64)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    check_affine(affine, name)
+    return affine
+
+
+def itk_geometry(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> tuple[tuple[int, ...], np.ndarray]:
+    """The grid :func:`read_itk` would return, from the NRRD / MetaImage header alone.
+
+    Returns:
+        ``(shape, affine)``: ``(I, J, K)``, or ``(I, J, K, T)`` for a vector image, and the voxel
+        -> RAS+ mm affine, as :func:`read_itk` gives them.
+
+    Raises:
+        The same header errors as :func:`read_itk` (detached data, unreadable, too large,
+        truncated attached data, more than 3 spatial dimensions, singular geometry).
+    """
+    path = Path(path)
+    reader = _itk_information(path, policy)
+    dimension = reader.GetDimension()
+    if dimension not in (2, 3):
+        raise UnsupportedInputError(f"{path.name}: {dimension}D images are not supported")
+    size = tuple(int(s) for s in reader.GetSize())
+    if dimension == 2:
+        size = (*size, 1)
+    components = reader.GetNumberOfComponents()
+    shape = (*size, components) if components > 1 else size
+    affine = _itk_affine(dimension, reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin(), path.name)
+    return shape, affine
+
+
 def read_itk(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     """Read NRRD / MetaImage (.mha, .mhd+raw) with SimpleITK, converting LPS to RAS+.
 
@@ -160,17 +244,7 @@ def read_itk(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     import SimpleITK as sitk
 
     path = Path(path)
-    check_self_contained(path, policy)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise UnreadableFileError(f"{path.name}: cannot read image ({_first_line(error)})") from None
-    components = reader.GetNumberOfComponents()
-    voxels = math.prod(reader.GetSize()) * components
-    check_declared_voxels(voxels, policy, path.name)
-    check_attached_length(path, voxels * _component_bytes(reader), path.name)
+    reader = _itk_information(path, policy)
     try:
         image = reader.Execute()
     except RuntimeError as error:
@@ -182,16 +256,9 @@ def read_itk(path: str | Path, policy: ReadPolicy = CLI_POLICY) -> Image:
     components = image.GetNumberOfComponentsPerPixel()
     spatial = array.ndim - (1 if components > 1 else 0)
     array = np.moveaxis(array, range(spatial), range(spatial)[::-1])  # -> (x, y[, z][, c])
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
-    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
-    lps = np.eye(4)
-    lps[:dimension, :dimension] = direction @ np.diag(spacing)
-    lps[:dimension, 3] = origin
     if dimension == 2:
         array = array[:, :, None, ...]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    check_affine(affine, path.name)
+    affine = _itk_affine(dimension, image.GetDirection(), image.GetSpacing(), image.GetOrigin(), path.name)
     fmt = volume_format(path) or "itk"
     return Image(
         array=np.ascontiguousarray(array),
@@ -214,13 +281,27 @@ def _first_line(error: Exception) -> str:
 
 
 def _to_3d(array: np.ndarray, name: str) -> np.ndarray:
+    _shape_3d(array.shape, name)
     if array.ndim == 2:
         return array[:, :, None]
     if array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector intent (x, y, z, 1, c)
         return array[:, :, :, 0, :]
-    if array.ndim > 4:
-        raise UnsupportedInputError(f"{name}: {array.ndim}D images are not supported")
     return array
+
+
+def _shape_3d(shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """The shape :func:`_to_3d` gives an array of ``shape``.
+
+    Raises:
+        UnsupportedInputError: more than 4 dimensions (other than a NIfTI vector image).
+    """
+    if len(shape) == 2:
+        return (*shape, 1)
+    if len(shape) == 5 and shape[3] == 1:
+        return (*shape[:3], shape[4])
+    if len(shape) > 4:
+        raise UnsupportedInputError(f"{name}: {len(shape)}D images are not supported")
+    return tuple(shape)
 
 
 def label_dtype(array: np.ndarray) -> np.dtype:
