@@ -1,5 +1,6 @@
-"""Every seed 3D network trains through ``medseg train`` on real hippocampus cases and its exported
-package segments a real case through ``medseg predict``.
+"""Every seed network trains through ``medseg train`` on real hippocampus cases and its exported
+package segments a real case through ``medseg predict``: the 3D ones on 3D patches, the 2D
+TransUNet on axial slices (a 2D patch), predicting the volume slice by slice.
 
 Tiny configs (a few thousand parameters, 16^3-32^3 patches, 12 steps) so the suite stays fast; the
 real-size configs are under ``configs/hippocampus/`` and their figures in the README leaderboard.
@@ -47,6 +48,20 @@ NETWORKS = {
         [16, 16, 16],
     ),
     "swin_unetr": ({"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}, [32, 64, 32]),
+    "transunet": (
+        {
+            "img_size": 32,
+            "resnet_units": [1, 1, 1],
+            "resnet_width": 32,
+            "hidden_size": 16,
+            "num_layers": 1,
+            "num_heads": 2,
+            "mlp_dim": 32,
+            "head_channels": 16,
+            "decoder_channels": [16, 8, 8, 8],
+        },
+        [32, 48],
+    ),
 }
 
 
@@ -68,7 +83,12 @@ def test_seed_network_trains_and_its_package_predicts(name, tmp_path):
         "optimizer": {"name": "adamw", "lr": 0.01},
         "scheduler": {"name": "poly", "warmup_iterations": 1},
         "training": {"epochs": 3, "iterations_per_epoch": 4, "batch_size": 2, "num_threads": 1, "seed": 0},
-        "validation": {"patch_size": [32, 64, 32], "every": 3, "max_cases": 1, "hd95": False},
+        "validation": {
+            "patch_size": patch if len(patch) == 2 else [32, 64, 32],
+            "every": 3,
+            "max_cases": 1,
+            "hd95": False,
+        },
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -85,3 +105,26 @@ def test_seed_network_trains_and_its_package_predicts(name, tmp_path):
     assert label_map.array.shape == image.array.shape
     np.testing.assert_allclose(label_map.affine, image.affine, atol=1e-4)
     assert set(np.unique(label_map.array)) <= {0, 1, 2}
+
+
+def test_every_hippocampus_config_builds_its_network():
+    """The real-size configs of the leaderboard parse, and each network builds (on the meta
+    device) for its patch: 3D patches for the 3D networks, a 2D slice patch for the 2D TransUNet,
+    each divisible by the network's input divisor."""
+    from pathlib import Path
+
+    import torch
+
+    from medseg.networks import create_network
+    from medseg.training.config import load_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "hippocampus").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"unet", "stunet", "dformer", "transunet3d", "transunet", "swin_unetr"}
+    for path in configs:
+        config = load_config(path)
+        patch = tuple(config.data.patch_size)
+        defaults = {"spatial_dims": len(patch), "in_channels": 1, "out_channels": 3}
+        with torch.device("meta"):
+            network = create_network(config.network.name, **{**defaults, **config.network.config})
+        divisor = getattr(network, "input_divisor", (1,) * len(patch))
+        assert len(divisor) == len(patch) and all(p % d == 0 for p, d in zip(patch, divisor)), path.name

@@ -48,6 +48,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     Spacingd,
     SpatialPadd,
+    SqueezeDimd,
 )
 
 from medseg.package import Normalization
@@ -237,25 +238,32 @@ def training_transforms(
             (module docstring); ``None``: none.
         patch_max_normalization: divide each image patch by its maximum after cropping (SPOCKMIP).
 
+    A 2D ``patch_size`` ``(H, W)`` trains a 2D network on the volumes' axial slices (the last,
+    S-I, axis of the RAS model grid, the axis the Predictor runs a 2D model along): the crop is
+    ``(H, W, 1)``, foreground-oversampled like a 3D one, then the slice axis is dropped.
+
     Output per sample: ``image`` ``(1, *patch_size)`` float32, ``label`` ``(1, *patch_size)``; with
     ``mip_axis``, ``label_mip_<axis>`` ``(1, *plane)`` float32 (``"z"``: ``(1, H, W)``, ``"y"``:
     ``(1, H, D)``, ``"x"``: ``(1, W, D)``) and ``patch_start`` ``(3,)`` int64.
 
     Raises:
-        ValueError: unknown ``mip_axis``.
+        ValueError: unknown ``mip_axis``, or ``mip_axis`` with a 2D patch.
     """
     patch = tuple(int(p) for p in patch_size)
     axes = mip_axes(mip_axis)
+    if axes and len(patch) == 2:
+        raise ValueError("MIP targets need a 3D patch")
+    crop = patch if len(patch) == 3 else (*patch, 1)  # 2D: one axial slice
     mips = [mip_key(a) for a in axes]
     spatial_keys = [IMAGE, LABEL, *mips]
     transforms = preprocessing(spacing, normalization) + [
-        SpatialPadd(keys=[IMAGE, LABEL], spatial_size=patch),
+        SpatialPadd(keys=[IMAGE, LABEL], spatial_size=crop),
         *([WholeVolumeMIPd(LABEL, axes)] if axes else []),
         FgBgToIndicesd(keys=LABEL, image_key=None),
         RandCropByPosNegLabeld(
             keys=spatial_keys,
             label_key=LABEL,
-            spatial_size=patch,
+            spatial_size=crop,
             pos=foreground_oversample,
             neg=1.0 - foreground_oversample,
             num_samples=1,
@@ -265,6 +273,7 @@ def training_transforms(
         ),
         DeleteItemsd(keys=list(_INDICES)),
         *([RecordPatchStartd(LABEL)] if axes else []),
+        *([SqueezeDimd(keys=[IMAGE, LABEL], dim=3)] if len(patch) == 2 else []),
         *([PatchMaxNormalized(keys=IMAGE)] if patch_max_normalization else []),
     ]
     if augmentation is not None and augmentation.enabled:
@@ -274,7 +283,7 @@ def training_transforms(
             RandAffined(
                 keys=spatial_keys,
                 prob=a.affine_prob,
-                rotate_range=(rotate,) * len(patch),
+                rotate_range=(rotate,) * (3 if len(patch) == 3 else 1),  # 2D: one in-plane angle
                 scale_range=(a.scale,) * len(patch),
                 mode=("bilinear", *(["nearest"] * (1 + len(mips)))),
                 padding_mode="zeros",
@@ -283,7 +292,11 @@ def training_transforms(
             ),
             RandGaussianNoised(keys=IMAGE, prob=a.noise_prob, std=0.1),
             RandGaussianSmoothd(
-                keys=IMAGE, prob=a.blur_prob, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)
+                keys=IMAGE,
+                prob=a.blur_prob,
+                sigma_x=(0.5, 1.0),
+                sigma_y=(0.5, 1.0),
+                **({"sigma_z": (0.5, 1.0)} if len(patch) == 3 else {}),
             ),
             RandScaleIntensityd(keys=IMAGE, factors=0.25, prob=a.brightness_prob),
             RandAdjustContrastd(keys=IMAGE, prob=a.gamma_prob, gamma=(0.7, 1.5)),

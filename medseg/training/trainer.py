@@ -218,7 +218,20 @@ class Trainer:
         self.inference_patch_size = tuple(c.validation.patch_size or self.patch_size)
         self.batch_size = c.training.batch_size or self.plan.batch_size
         self.num_classes = max(label.id for label in self.card.labels) + 1
-        self.network_defaults = {"spatial_dims": 3, "in_channels": len(self.modality), "out_channels": self.num_classes}
+        # a 2D patch trains a 2D network on axial slices (medseg.data.transforms.training_transforms)
+        dims = len(self.patch_size)
+        self.network_defaults = {
+            "spatial_dims": dims,
+            "in_channels": len(self.modality),
+            "out_channels": self.num_classes,
+        }
+        declared = c.network.config.get("spatial_dims", dims)
+        if declared != dims or len(self.inference_patch_size) != dims:
+            raise ConfigError(
+                f"network.config.spatial_dims {declared}, data.patch_size {list(self.patch_size)} and "
+                f"validation.patch_size {list(self.inference_patch_size)} must agree (2D networks train "
+                "on axial slices with a 2D patch)"
+            )
 
     def _setup_network(self) -> None:
         c = self.config
@@ -802,13 +815,16 @@ def _cycle(loader):
         yield from loader
 
 
-def _network_divisor(config: TrainConfig) -> tuple[int, ...]:
-    """The network's input divisor, from a build on the meta device (nothing allocated)."""
-    net_config = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, **config.network.config}
+def _network_divisor(config: TrainConfig) -> tuple[int, int, int]:
+    """The network's input divisor per volume axis (the plan's), from a build on the meta device
+    (nothing allocated); a 2D network (2D ``data.patch_size``) divides the in-plane axes only."""
+    dims = len(config.data.patch_size) if config.data.patch_size else 3
+    net_config = {"spatial_dims": dims, "in_channels": 1, "out_channels": 2, **config.network.config}
     with torch.device("meta"):
         network = create_network(config.network.name, **net_config)
     divisor = getattr(network, "input_divisor", 1)
-    return tuple(divisor) if isinstance(divisor, (tuple, list)) else (int(divisor),) * 3
+    divisor = tuple(divisor) if isinstance(divisor, (tuple, list)) else (int(divisor),) * dims
+    return (*divisor, 1)[:3] if len(divisor) == 2 else divisor
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
