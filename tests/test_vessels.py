@@ -294,3 +294,36 @@ def test_mip_preview_shows_the_projections_of_a_real_stack_and_its_label(tmp_pat
     share = right_half.sum() / panel**2
     assert share == pytest.approx(label_mip.mean(), abs=0.02)
     assert not red[:-100, : pixels.shape[1] // 2].any()  # the image panel is grey only (legend below)
+
+
+# ------------------------------------------------------------------------------- the bundled model
+def test_bundled_vessels_model_segments_a_held_out_stack(tmp_path):
+    """``medseg predict stack.tif --model vessels`` writes the card's outputs (label TIFF, NIfTI,
+    report, MIP preview) for a crop of a stack the bundled model (fold 0) never saw in training."""
+    from medseg.cli import main
+    from medseg.metrics import topology_metrics
+    from medseg.package import resolve_model
+
+    package = resolve_model("vessels")
+    assert package.card.formats == ["tiff", "nifti", "json", "mip"] and package.card.normalization.window_max
+    held_out = "burgess2014_tgMouse"  # fold 0's validation stack
+    assert held_out in __import__("json").loads(MANIFEST.read_text())["folds"][0]["val"]
+    image = tifffile.imread(_stack("denoised", held_out))  # (Z, Y, X)
+    label = tifffile.imread(_stack("labels", held_out))
+    crop = (slice(None), slice(0, 192), slice(0, 192))
+    tifffile.imwrite(tmp_path / "crop.tif", image[crop])
+    tifffile.imwrite(tmp_path / "crop_label.tif", label[crop])
+    out = tmp_path / "out"
+    assert (
+        main(["predict", str(tmp_path / "crop.tif"), "--model", "vessels", "--spacing", "1,1,1", "--output", str(out)])
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["crop.json", "crop.label.tif", "crop.mip.png", "crop.nii.gz"]
+    predicted = read_tiff(out / "crop.label.tif", spacing=(1, 1, 1)).array
+    reference = read_tiff(tmp_path / "crop_label.tif", spacing=(1, 1, 1)).array
+    assert predicted.shape == reference.shape == (192, 192, image.shape[0])
+    dice = (
+        2 * np.logical_and(predicted, reference).sum() / (predicted.astype(bool).sum() + reference.astype(bool).sum())
+    )
+    assert dice > 0.75, dice
+    assert topology_metrics(predicted, reference)["cldice"] > 0.6
