@@ -3,7 +3,7 @@ image and of the label map side by side, the check a vessel reader makes first â
 the label map shows as a gap in its projection where the image's projection runs on (SPOCKMIP,
 Radhakrishna et al. 2024, trains on exactly these projections).
 
-Both panels project along the through-plane voxel axis of the axial view (:func:`medseg.outputs.view_geometry`:
+Both panels project along the through-plane voxel axis of the axial view (:func:`medseg.preview.view_geometry`:
 the axis closest to the world S-I axis; for a microscopy TIFF stack, the stack axis z) and are
 shown as the axial view is, with orientation letters, true aspect ratio from the voxel spacing,
 the preview's header (series, model, "not for diagnostic use") and legend (label, volume in ml).
@@ -18,7 +18,8 @@ import numpy as np
 
 from medseg.io.image import Image
 from medseg.labels import Label
-from medseg.outputs import (
+from medseg.package import ModelCard
+from medseg.preview import (
     display_window,
     draw_header,
     draw_legend,
@@ -32,7 +33,6 @@ from medseg.outputs import (
     save_preview_png,
     view_geometry,
 )
-from medseg.package import ModelCard
 
 __all__ = ["write_mip_preview", "projections"]
 

@@ -13,7 +13,8 @@ from medseg.cli import main
 from medseg.io import read_image
 from medseg.io.image import Image
 from medseg.labels import Code, Label
-from medseg.outputs import (
+from medseg.package import resolve_model
+from medseg.preview import (
     _plane,
     orientation_letters,
     preview_annotations,
@@ -22,7 +23,6 @@ from medseg.outputs import (
     view_geometry,
     write_preview,
 )
-from medseg.package import resolve_model
 from tests.conftest import shared_path
 
 SAMPLE = Path(__file__).resolve().parents[1] / "medseg" / "samples" / "hippocampus_mr"

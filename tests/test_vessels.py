@@ -271,7 +271,7 @@ def test_mip_preview_shows_the_projections_of_a_real_stack_and_its_label(tmp_pat
 
     from medseg.labels import Code, Label
     from medseg.mip_preview import projections, write_mip_preview
-    from medseg.outputs import view_geometry
+    from medseg.preview import view_geometry
 
     image = read_tiff(_stack("denoised"), spacing=(1, 1, 1))
     label = read_tiff(_stack("labels"), spacing=(1, 1, 1)).array.astype(np.uint8)
