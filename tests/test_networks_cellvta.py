@@ -116,7 +116,7 @@ def conv_bn(i, o, k=3, bias=True):
 
 
 def expected_counts(dim, depth, n_types=6, n_tissues=19, heads=8, points=4, spm=64, dec=(64, 128, 256, 512)):
-    """Counts written out from the architecture description (../shared/docs/architectures.md section 6)."""
+    """Counts written out from the architecture description (docs/architectures.md section 6)."""
     block = (
         2 * 2 * dim + linear(dim, 3 * dim) + linear(dim, dim) + 2 * dim + linear(dim, 4 * dim) + linear(4 * dim, dim)
     )
@@ -187,7 +187,7 @@ def test_reference_parameter_counts_on_meta_device(label, dim, depth):
 
 
 def test_published_vit_l_totals():
-    """../shared/docs/architectures.md section 6: about 387.8M total, ViT-L 303.35M, decoders 62.12M."""
+    """docs/architectures.md section 6: about 387.8M total, ViT-L 303.35M, decoders 62.12M."""
     with torch.device("meta"):
         net = create_network("cellvta", **REFERENCES["L"])
     counts = split_counts(net)

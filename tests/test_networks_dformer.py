@@ -27,7 +27,7 @@ def _count(config) -> tuple[int, int]:
 
 def test_reference_parameter_counts_on_meta_device():
     total, backbone = _count(reference("paper"))
-    assert total == pytest.approx(44.65e6, rel=0.005)  # ../shared/docs/architectures.md section 3, 9 classes
+    assert total == pytest.approx(44.65e6, rel=0.005)  # docs/architectures.md section 3, 9 classes
     assert backbone == pytest.approx(44.35e6, rel=0.005)
     with_ds, _ = _count(reference("paper_ds"))
     assert with_ds == pytest.approx(50.55e6, rel=0.005)

@@ -15,7 +15,7 @@ from medseg.networks.stunet import (
     upstream_to_medseg_key,
 )
 
-# README / ../shared/docs/architectures.md section 5 (in 1, out 105)
+# README / docs/architectures.md section 5 (in 1, out 105)
 PUBLISHED = {"S": 14_596_941, "B": 58_262_669, "L": 440_302_605, "H": 1_457_326_221}
 
 

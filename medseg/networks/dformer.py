@@ -3,7 +3,7 @@
 Wu et al., "D-Former: a U-shaped Dilated Transformer for 3D medical image segmentation", Neural
 Computing and Applications 35, 2023 (online 2022); the only public code is kkk55596/D-Former
 (``model.py``, no training code). Built here on PyTorch/MONAI from the facts in
-../shared/docs/architectures.md section 3, not from the authors' code:
+docs/architectures.md section 3, not from the authors' code:
 
 - Patch embedding: Conv3d with kernel = stride = ``patch_size`` (2, 4, 4), 1 -> 96 channels,
   then LayerNorm (MONAI :class:`~monai.networks.blocks.PatchEmbed`). Token grid = D/2 x H/4 x W/4.

@@ -2,7 +2,7 @@
 
 Huang et al., "STU-Net: Scalable and Transferable Medical Image Segmentation Models Empowered by
 Large-Scale Supervised Pre-training", arXiv 2304.06716, 2023 (uni-medical/STU-Net, nnU-Net 1.7.1
-based). Built here on PyTorch/MONAI from the facts in ../shared/docs/architectures.md section 5:
+based). Built here on PyTorch/MONAI from the facts in docs/architectures.md section 5:
 
 - 6 resolution stages (5 downsamplings), all kernels 3x3x3.
 - :class:`BasicResBlock`: conv3x3x3 -> InstanceNorm(affine) -> LeakyReLU(0.01) -> conv3x3x3 ->

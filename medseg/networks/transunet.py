@@ -1,7 +1,7 @@
 """TransUNet (2D): R50-ViT-B/16 hybrid encoder with a cascaded upsampler (CUP) decoder.
 
 Chen et al., "TransUNet: Transformers Make Strong Encoders for Medical Image Segmentation",
-arXiv:2102.04306, 2021. Built from the architecture reference (../shared/docs/architectures.md
+arXiv:2102.04306, 2021. Built from the architecture reference (docs/architectures.md
 section 1) on the shared :class:`~medseg.networks.blocks.TokenBottleneck` (ViT blocks with timm
 parameter names) and MONAI ``Convolution``; no upstream code is copied.
 

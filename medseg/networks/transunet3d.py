@@ -1,7 +1,7 @@
 """3D TransUNet, encoder-only variant: an nnU-Net-style U-Net with a ViT on the bottleneck.
 
 Chen et al., "3D TransUNet: Advancing Medical Image Segmentation through Vision Transformers",
-arXiv:2310.07781, 2023 (../shared/docs/architectures.md section 1, "3D TransUNet"). Built on
+arXiv:2310.07781, 2023 (docs/architectures.md section 1, "3D TransUNet"). Built on
 :class:`medseg.networks.unet.UNet` (MONAI ``DynUNet`` blocks) and the transformer bottleneck shared
 with the 2D TransUNet (:class:`~medseg.networks.blocks.TokenBottleneck`); no upstream code is
 copied. The Mask2Former-style transformer

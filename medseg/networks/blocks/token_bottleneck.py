@@ -4,7 +4,7 @@ Chen et al., "TransUNet: Transformers Make Strong Encoders for Medical Image Seg
 arXiv:2102.04306, 2021, section 3.1-3.2 (hybrid CNN-Transformer encoder: "patch embedding applied to
 1x1 patches extracted from the CNN feature map"), and its 3D follow-up, Chen et al., "3D TransUNet",
 arXiv:2310.07781, 2023 (the same on the bottleneck of an nnU-Net, with LayerScale). Facts per
-network: ../shared/docs/architectures.md section 1.
+network: docs/architectures.md section 1.
 
 Layout, for a feature map ``(B, C, *G)`` (``G`` the token grid, 2 or 3 axes):
 
