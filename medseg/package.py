@@ -4,6 +4,8 @@ Layout (MONAI Bundle, so MONAI tools can read it)::
 
     <package>/configs/metadata.json   MONAI bundle metadata; the medseg model card under "medseg"
     <package>/models/model.pt         the network's state dict (torch.save)
+    <package>/folds/fold_K/           cross-validation ensembles only: the other folds' packages,
+                                      listed in the card's ``folds`` (:meth:`ModelPackage.fold_packages`)
 
 The model card (:class:`ModelCard`) is everything inference needs: network name and config, input
 modality, label card, target spacing and orientation, intensity normalisation, patch size,
@@ -125,12 +127,38 @@ class ModelCard(BaseModel):
         description="the model has been validated and cleared for diagnostic use; only then "
         "do previews omit the 'not for diagnostic use' notice",
     )
+    folds: list[str] | None = Field(
+        None,
+        description="a cross-validation ensemble: the further fold packages this package holds, as "
+        "paths relative to the package folder in POSIX form (e.g. ['folds/fold_1', 'folds/fold_2']); "
+        "models/model.pt is the first fold's. The Predictor averages all of them per window; None: "
+        "a single model",
+    )
+    tta_default: bool = Field(
+        False,
+        description="mirroring test-time augmentation is on unless the caller turns it off "
+        "(Predictor(tta=None), `medseg predict` without --tta/--no-tta)",
+    )
 
     @field_validator("weights_sha256")
     @classmethod
     def _check_sha256(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
             raise ValueError("weights_sha256 must be 64 lower-case hex digits")
+        return value
+
+    @field_validator("folds")
+    @classmethod
+    def _check_folds(cls, value: list[str] | None) -> list[str] | None:
+        """Fold paths stay inside the package: relative, POSIX, no ``..``, no duplicates."""
+        if value is None:
+            return None
+        for rel in value:
+            parts = rel.split("/")
+            if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(f"folds: {rel!r} is not a relative path inside the package (e.g. 'folds/fold_1')")
+        if len(set(value)) != len(value):
+            raise ValueError("folds: a fold is listed twice")
         return value
 
     @field_validator("trained_at", mode="before")
@@ -223,6 +251,24 @@ class ModelPackage:
     def weights_sha256(self) -> str | None:
         """sha256 of ``models/model.pt`` (see :attr:`ModelCard.weights_sha256`)."""
         return self.card.weights_sha256
+
+    def fold_packages(self) -> list[ModelPackage]:
+        """The further fold packages this one holds (:attr:`ModelCard.folds`), in card order; empty
+        for a single model.
+
+        Raises:
+            UnreadableFileError: a listed fold is missing or not a model package, or itself holds folds.
+        """
+        packages = []
+        for rel in self.card.folds or []:
+            folder = self.path / rel
+            if not (folder / METADATA).is_file():
+                raise UnreadableFileError(f"{self.path.name}: fold {rel} listed in the model card is missing")
+            package = ModelPackage(folder)
+            if package.card.folds:
+                raise UnreadableFileError(f"{self.path.name}: fold {rel} holds folds itself (nesting is not allowed)")
+            packages.append(package)
+        return packages
 
     @property
     def runtime_dir(self) -> Path:

@@ -76,7 +76,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "file's ImageJ/OME metadata and is required when the file has none",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument(
+        "--tta",
+        action="store_const",
+        const=True,
+        default=None,
+        help="mirroring test-time augmentation (default: the model card's; on for cross-validation ensembles)",
+    )
+    tta.add_argument(
+        "--no-tta", dest="tta", action="store_const", const=False, help="no test-time augmentation, even for ensembles"
+    )
     parser.add_argument(
         "--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: the model card's)"
     )
@@ -363,7 +373,7 @@ def _batch(args: argparse.Namespace) -> _Batch:
     if not (args.data_dir or os.environ.get(ENV_PREFIX + "DATA_DIR")):
         raise ConfigError("--broker needs --data-dir DIR: the workers' data dir, on a shared file system")
     try:
-        resolve_model(args.model, allow_path=False)
+        package = resolve_model(args.model, allow_path=False)
     except MedsegError:
         raise ConfigError(
             f"--broker: --model must be a registered model name the workers know too, not a path ({args.model})"
@@ -379,7 +389,8 @@ def _batch(args: argparse.Namespace) -> _Batch:
     from service.inputs import JobOptions
 
     try:
-        options = JobOptions(model=args.model, tta=args.tta, overlap=args.overlap)
+        tta = package.card.tta_default if args.tta is None else args.tta  # the card's default unless told
+        options = JobOptions(model=args.model, tta=tta, overlap=args.overlap)
     except ValidationError as error:
         first = error.errors()[0]
         raise ConfigError(f"--{first['loc'][0]}: {first['msg']} (with --broker)") from None

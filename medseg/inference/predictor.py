@@ -71,7 +71,8 @@ class Prediction:
         timings: seconds per step (``preprocess``, ``inference``, ``resample``, ``postprocess``,
             ``statistics``, ``total``).
         probabilities: ``(K, I, J, K)`` float32 on the input grid when asked for, else ``None``.
-        settings: what was run (runtime, device, window batch size, overlap, TTA passes, windows).
+        settings: what was run (runtime, device, window batch size, overlap, windows, ``passes``
+            = ``folds`` x ``mirror_passes`` network evaluations per window, ``tta``).
     """
 
     label_map: Image
@@ -88,14 +89,16 @@ class Predictor:
         package: a :class:`~medseg.package.ModelPackage`, or a name/path for
             :func:`~medseg.package.resolve_model`.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        tta: mirroring test-time augmentation over ``mirror_axes`` (2**n passes per window).
+        tta: mirroring test-time augmentation over ``mirror_axes`` (2**n passes per window);
+            ``None`` (default): the card's ``tta_default`` (on for cross-validation ensembles).
         overlap: window overlap in ``[0, 1)`` (default: the card's).
         sw_batch_size: windows per network call (default: automatic, see
             :func:`~medseg.inference.runtime.auto_sw_batch_size`).
         runtime: see :mod:`medseg.inference.runtime` (default ``"auto"``).
         mirror_axes: spatial axes mirrored for TTA (default: all).
         folds: further packages (names or paths) of the same card whose networks are averaged
-            with this one (cross-validation folds).
+            with this one (cross-validation folds), after the folds the package itself holds
+            (:attr:`~medseg.package.ModelCard.folds`, loaded automatically).
         accumulator_dtype: dtype of the stitched logits (``torch.float16`` halves host memory).
         half_precision: float16 autocast on CUDA (default: on for CUDA).
         threads: CPU threads for PyTorch (default: leave PyTorch's setting).
@@ -103,7 +106,8 @@ class Predictor:
             may need (:func:`~medseg.inference.budget.planned_windows`); ``None``: no limit.
 
     Raises:
-        ModelNotFoundError, UnreadableFileError: the package cannot be resolved or read.
+        ModelNotFoundError, UnreadableFileError: the package (or a fold it holds) cannot be
+            resolved or read.
         ValueError: a fold's card does not match (labels, classes, spacing, patch size).
     """
 
@@ -111,7 +115,7 @@ class Predictor:
         self,
         package: ModelPackage | str | os.PathLike,
         device: str | torch.device = "cpu",
-        tta: bool = False,
+        tta: bool | None = None,
         overlap: float | None = None,
         sw_batch_size: int | None = None,
         runtime: str = "auto",
@@ -125,7 +129,8 @@ class Predictor:
         self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
         if threads:
             torch.set_num_threads(int(threads))
-        packages = [self.package] + [f if isinstance(f, ModelPackage) else resolve_model(f) for f in folds]
+        packages = [self.package, *self.package.fold_packages()]
+        packages += [f if isinstance(f, ModelPackage) else resolve_model(f) for f in folds]
         self._configure(self.package.card, device, overlap, max_windows)
         for other in packages[1:]:
             self._check_fold(other)
@@ -134,7 +139,7 @@ class Predictor:
         self._set_networks(
             [(p.load_network(self.device), _weights_key(p), p.runtime_dir) for p in packages],
             runtime,
-            tta,
+            self.package.card.tta_default if tta is None else bool(tta),
             mirror_axes,
             sw_batch_size,
         )
@@ -145,7 +150,7 @@ class Predictor:
         network: torch.nn.Module,
         card: ModelCard,
         device: str | torch.device = "cpu",
-        tta: bool = False,
+        tta: bool | None = None,
         overlap: float | None = None,
         sw_batch_size: int | None = None,
         mirror_axes: Sequence[int] | None = None,
@@ -163,12 +168,15 @@ class Predictor:
             network: the network, on ``device``.
             card: what :meth:`predict` needs of a model card (network config, labels, spacing in
                 mm, orientation, normalisation, patch size, overlap, post-processing).
+            tta: mirroring TTA; ``None``: the card's ``tta_default``. The card's ``folds`` are
+                ignored (one network).
         """
         self = cls.__new__(cls)
         self.package = None
         self._configure(card, device, overlap, max_windows)
         self.accumulator_dtype = None
         self.half_precision = False
+        tta = card.tta_default if tta is None else bool(tta)
         self._set_networks([(network, None, None)], "eager", tta, mirror_axes, sw_batch_size)
         return self
 
@@ -374,7 +382,10 @@ class Predictor:
             "sw_batch_size": sw_batch_size,
             "overlap": self.overlap,
             "windows": windows,
-            "passes": self.network.passes,
+            "passes": self.network.passes,  # folds x mirror passes
+            "folds": len(self.network.networks),
+            "tta": len(self.network.flips) > 1,
+            "mirror_passes": len(self.network.flips),
             "half_precision": self.half_precision and self.device.type == "cuda",
         }
         return logits, settings

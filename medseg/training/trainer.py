@@ -23,6 +23,7 @@ from an epoch's checkpoint continues exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -351,12 +352,7 @@ class Trainer:
                 self.plan.save(self.output_dir / "plan.json")
 
     def _cases(self):
-        d = self.config.data
-        if d.manifest:
-            cases = read_case_manifest(d.manifest, d.dataset_dir, d.input_spacing)[0]
-        else:
-            cases = find_cases(d.dataset_dir)
-        return cases[: d.max_cases] if d.max_cases else cases
+        return dataset_cases(self.config)
 
     def _mip_axis(self) -> str | None:
         """The axis (``x``/``y``/``z``/``multi``) of the whole-volume MIP targets the transforms add,
@@ -764,6 +760,49 @@ class Trainer:
                 except ConversionMismatchError as error:  # the Predictor falls back to eager PyTorch
                     log.warning("no OpenVINO model exported: %s", error)
         return package.path
+
+
+def dataset_cases(config: TrainConfig) -> list:
+    """The config's cases (:class:`medseg.data.cases.Case`): its ``data.manifest``, else every case of
+    ``data.dataset_dir``, the first ``data.max_cases`` when that is set — what the plan's folds hold.
+
+    Raises:
+        DatasetError: see :func:`~medseg.data.cases.find_cases` / ``read_case_manifest``.
+    """
+    d = config.data
+    if d.manifest:
+        cases = read_case_manifest(d.manifest, d.dataset_dir, d.input_spacing)[0]
+    else:
+        cases = find_cases(d.dataset_dir)
+    return cases[: d.max_cases] if d.max_cases else cases
+
+
+def run_finished(config: TrainConfig, output_dir: str | os.PathLike) -> bool:
+    """Whether the run in ``output_dir`` of ``config`` is done: its model package exported
+    (``model/configs/metadata.json``), ``summary.json`` written (the last step of :meth:`Trainer.fit`)
+    and ``checkpoints/last.pt`` complete as :meth:`Trainer._finished` judges it (all
+    ``training.epochs`` done, or the ``scheduler.time_based`` budget spent), or the run stopped early
+    at ``training.max_minutes``. A run that is not finished but has ``checkpoints/last.pt`` can be
+    resumed; ``medseg train --fold all`` skips finished runs. Never raises: an unreadable
+    checkpoint or summary counts as not finished.
+    """
+    from medseg.package import METADATA
+
+    out = Path(output_dir)
+    last = out / "checkpoints" / "last.pt"
+    if not ((out / "model" / METADATA).is_file() and (out / "summary.json").is_file() and last.is_file()):
+        return False
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        state = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        epochs_done, elapsed = int(state["epoch"]), float(state["elapsed_s"])
+    except Exception:  # noqa: BLE001 - damaged or foreign files: train it again (resume decides)
+        return False
+    t = config.training
+    if epochs_done >= t.epochs:
+        return True
+    budget = 60 * t.max_minutes if t.max_minutes else math.inf
+    return elapsed >= budget and (config.scheduler.time_based or bool(summary.get("stopped_early")))
 
 
 VALIDATION_PROTOCOL = (
