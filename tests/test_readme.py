@@ -80,6 +80,17 @@ NOT_RUN = {
         "how the nuclei rows were trained: 55 and 35 minutes on ../shared/data; tests/test_nuclei.py "
         "trains a tiny config of the same path",
     ),
+    "medseg train configs/hippocampus/unet.yaml --fold all --cross-validate": (
+        "reference",
+        "trains five folds (about 2.5 hours on this CPU); tests/test_cross_validation.py runs "
+        "--fold all, --cross-validate and the ensemble package on a tiny config of real cases",
+    ),
+    "medseg predict ../shared/data/vessels/vesselnn_2photon/denoised/burgess2014_tgMouse_BM4D_denoised.tif "
+    "--model vessels --spacing 1,1,1 --output out-vessels/": (
+        "real data",
+        "needs ../shared/data (vesselNN is not shipped); tests/test_vessels.py runs the bundled model "
+        "through medseg predict on a crop of this stack and scores it",
+    ),
     'KEY=msk_...; H="Authorization: Bearer $KEY"; S=http://127.0.0.1:8000': (
         "placeholders",
         "not runnable, placeholders: msk_..., $ID, t1.nii.gz, study.zip, series/, body.mime",
