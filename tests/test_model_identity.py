@@ -139,10 +139,10 @@ def test_bundled_model_shows_its_hash_and_is_not_modified(tmp_path):
     metadata_before = (folder / METADATA).read_bytes()
     package = resolve_model("hippocampus")
     assert package.card.weights_sha256 == weights_before
-    assert package.card.trained_at is None  # predates the field; not invented
+    assert package.hash_source == "metadata" and package.card.trained_at == "2026-12-03T15:05:35Z"
     report, seg = _predict("hippocampus", tmp_path)
     assert report["model"]["weights_sha256"] == weights_before
-    assert report["model"]["trained_at"] is None
+    assert report["model"]["trained_at"] == package.card.trained_at
     assert seg.ContentDescription == f"hippocampus 0.1.0 sha256:{weights_before[:12]}"
     assert f"weights_sha256={weights_before}" in _algorithm(seg).AlgorithmParameters
     assert _sha256(folder / WEIGHTS) == weights_before
@@ -169,7 +169,7 @@ def test_models_lists_installed_packages(two_packages, tmp_path, monkeypatch):
     assert [r["path"] for r in rows] == [str(p.path) for p in two_packages] + bundled
     assert [r["weights_sha256"] for r in rows[:2]] == [p.card.weights_sha256 for p in two_packages]
     assert [r["shadowed"] for r in rows] == [False, True, True, False, False]
-    assert rows[2]["hash_source"] == "computed" and rows[2]["trained_at"] is None
+    assert rows[2]["hash_source"] == "metadata" and rows[2]["trained_at"] == "2026-12-03T15:05:35Z"
     assert rows[0]["trained_at"] == two_packages[0].card.trained_at
 
     code, out, _ = _models([])  # packages table, then the networks table
