@@ -33,10 +33,11 @@ import logging
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import ConfigError, MedsegError
+from medseg.outcomes import Outcome, refuse_overwrite, report_outcomes, unique_stem
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +125,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-@dataclass
-class _Outcome:
-    name: str
-    status: str  # "done", "skipped", "exists", "failed"
-    reason: str = ""
-    outputs: dict = field(default_factory=dict)
-
-
 def _formats(text: str) -> tuple[str, ...]:
     from medseg.outputs import FORMATS
 
@@ -164,22 +157,6 @@ def _device(text: str) -> str:
             raise ConfigError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
         return text
     raise ConfigError(f"--device {text}: use cpu, cuda or cuda:N")
-
-
-def unique_stem(stem: str, used: set[str]) -> str:
-    """``stem``, with ``_`` appended until it is not in ``used`` (two inputs of the same name in
-    different folders); the result is added to ``used``."""
-    while stem in used:
-        stem += "_"
-    used.add(stem)
-    return stem
-
-
-def refuse_overwrite(outputs, input_files: set[Path], out_dir: Path) -> None:
-    """Raise :class:`ConfigError` if one of the ``outputs`` paths is an input file (resolved)."""
-    clash = [p for p in outputs if p.resolve() in input_files]
-    if clash:
-        raise ConfigError(f"--output {out_dir}: {clash[0].name} would overwrite an input; choose another output folder")
 
 
 def _label(info) -> str:
@@ -225,7 +202,7 @@ def _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch) 
 
     card = package.card
 
-    outcomes: list[_Outcome] = []
+    outcomes: list[Outcome] = []
     candidates = []
     input_files: set[Path] = set()
     spacing = _spacing(getattr(args, "spacing", None))
@@ -233,7 +210,7 @@ def _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch) 
         try:
             found = find_series(path, spacing=spacing)
         except MedsegError as error:
-            outcomes.append(_Outcome(Path(path).name, "failed", str(error)))
+            outcomes.append(Outcome(Path(path).name, "failed", str(error)))
             continue
         scanned = Path(path).resolve()
         inside = scanned.is_dir() and scanned in resolved_out.parents
@@ -244,7 +221,7 @@ def _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch) 
             input_files.update(files)
             reason = modality_mismatch(info.modality, card)
             if reason:
-                outcomes.append(_Outcome(_label(info), "skipped", reason))
+                outcomes.append(Outcome(_label(info), "skipped", reason))
             else:
                 candidates.append(info)
 
@@ -260,7 +237,7 @@ def _scan_and_run(args, package, formats, device, out_dir, resolved_out, batch) 
         stem = unique_stem(stem_for(meta, dicom=info.format == "dicom"), used)
         refuse_overwrite(output_paths(out_dir, stem, formats).values(), input_files, out_dir)
         if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
-            outcomes.append(_Outcome(_label(info), "exists", stem))
+            outcomes.append(Outcome(_label(info), "exists", stem))
             continue
         todo.append((info, stem))
 
@@ -309,26 +286,26 @@ def _run(args, todo, outcomes, package, device, formats, out_dir) -> int:
                 image = current.result()
                 reason = image_mismatch(image, card)
                 if reason:
-                    outcomes.append(_Outcome(name, "skipped", reason))
+                    outcomes.append(Outcome(name, "skipped", reason))
                     continue
                 started = time.perf_counter()
                 prediction = predictor.predict(image)
                 paths = write_outputs(prediction, image, card, out_dir, formats, stem=stem)
                 compute += time.perf_counter() - started
                 voxels += int(image.array.size)
-                outcomes.append(_Outcome(name, "done", outputs={k: str(v) for k, v in paths.items()}))
+                outcomes.append(Outcome(name, "done", outputs={k: str(v) for k, v in paths.items()}))
             except MedsegError as error:
-                outcomes.append(_Outcome(name, "failed", str(error)))
+                outcomes.append(Outcome(name, "failed", str(error)))
             except Exception as error:  # one bad series never stops the batch
                 log.debug("series %s failed", info.uid, exc_info=True)
-                outcomes.append(_Outcome(name, "failed", f"{type(error).__name__}: {error}"))
+                outcomes.append(Outcome(name, "failed", f"{type(error).__name__}: {error}"))
             finally:
                 del current
                 bar.update(1)
                 if compute:
                     bar.set_postfix_str(f"{voxels / compute / 1e6:.2f} Mvoxel/s")
 
-    return _report(outcomes, out_dir)
+    return report_outcomes(outcomes, out_dir)
 
 
 # --- --broker: the series run as jobs of `medseg worker` processes -------------------------------
@@ -433,7 +410,7 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
     submitted = 0
 
     def failed(name: str, reason: str) -> None:
-        outcomes.append(_Outcome(name, "failed", reason))
+        outcomes.append(Outcome(name, "failed", reason))
         tqdm.write(f"failed   {name}: {reason}", file=sys.stderr)
 
     def poll(bar) -> None:
@@ -451,7 +428,7 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
                 except OSError as error:
                     failed(name, f"results not gathered: {error}")
                 else:
-                    outcomes.append(_Outcome(name, "done", outputs={k: str(v) for k, v in written.items()}))
+                    outcomes.append(Outcome(name, "done", outputs={k: str(v) for k, v in written.items()}))
                     client.delete(job_id)
             elif job.state in (FAILED, EXPIRED):
                 detail = (job.error or {}).get("detail") or f"job {job.state}"
@@ -480,7 +457,7 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
                     pending[job.id] = (name, stem, time.monotonic())
                     submitted += 1
                 except (ModalityMismatchError, SeriesMismatchError) as error:  # as a local run: skipped
-                    outcomes.append(_Outcome(name, "skipped", str(error).split(": ", 1)[-1]))
+                    outcomes.append(Outcome(name, "skipped", str(error).split(": ", 1)[-1]))
                     bar.update(1)
                 except MedsegError as error:
                     failed(name, str(error))
@@ -503,26 +480,4 @@ def _run_broker(batch: _Batch, todo, outcomes, package, formats, out_dir) -> int
                 client.delete(job_id)
             except Exception:
                 log.debug("could not delete job %s", job_id, exc_info=True)
-    return _report(outcomes, out_dir)
-
-
-def _report(outcomes: list[_Outcome], out_dir: Path) -> int:
-    """Print one line per series and return the exit code."""
-    for outcome in outcomes:
-        if outcome.status == "done":
-            print(f"done     {outcome.name} -> {', '.join(Path(p).name for p in outcome.outputs.values())}")
-        elif outcome.status == "exists":
-            print(f"exists   {outcome.name} ({outcome.reason}.json in {out_dir})")
-        else:
-            print(f"{outcome.status:<8} {outcome.name}: {outcome.reason}")
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "exists", "skipped", "failed")}
-    print(
-        f"{counts['done']} segmented, {counts['exists']} already done, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; outputs in {out_dir}"
-    )
-    if counts["failed"]:
-        return 1
-    if counts["done"] + counts["exists"] == 0:
-        print("no input fits the model", file=sys.stderr)
-        return 1
-    return 0
+    return report_outcomes(outcomes, out_dir)

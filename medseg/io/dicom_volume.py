@@ -457,7 +457,7 @@ def header_geometry(files: list[str], *, series_name: str) -> tuple[tuple[int, .
     """
     from collections import Counter
 
-    from medseg.io.dicom_scan import read_header
+    from medseg.io.dicom_header import read_header
 
     frames: list[Frame] = []
     first_ds = None

@@ -201,7 +201,7 @@ def find_series(
         for info in series:
             info._keepalive = folder
         return series
-    from medseg.io.dicom_scan import read_header
+    from medseg.io.dicom_header import read_header
 
     ds = read_header(path)  # raises UnreadableFileError for a corrupt DICOM file
     if ds is None:

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from medseg.errors import ConfigError, MedsegError
+from medseg.outcomes import Outcome, refuse_overwrite, report_outcomes, unique_stem
 
 #: ``--formats`` of nuclei models (all by default)
 NUCLEI_FORMATS = ("tiff", "geojson", "png", "json")
@@ -71,7 +72,6 @@ def find_tiles(inputs: list[str], out_dir: Path) -> tuple[list[Path], list[tuple
 
 def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) -> int:
     """Segment the nuclei of every tile of ``args.inputs`` into ``out_dir`` (module docstring)."""
-    from medseg.commands.predict import _Outcome, _report, refuse_overwrite, unique_stem
     from medseg.io.tile import read_tile
     from medseg.nuclei.outputs import output_paths, write_nuclei_outputs
     from medseg.nuclei.predictor import NucleiPredictor
@@ -82,18 +82,18 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
         raise ConfigError(f"--mpp {args.mpp}: must be a positive number of microns per pixel")
     formats = nuclei_formats(args.formats)
     tiles, bad = find_tiles(args.inputs, out_dir)
-    outcomes = [_Outcome(name, "failed", reason) for name, reason in bad]
+    outcomes = [Outcome(name, "failed", reason) for name, reason in bad]
     inputs = {p.resolve() for p in tiles}
     todo, used = [], set()
     for path in tiles:
         stem = unique_stem(path.stem, used)
         refuse_overwrite(output_paths(out_dir, stem, formats).values(), inputs, out_dir)
         if args.skip_existing and output_paths(out_dir, stem, ["json"])["json"].is_file():
-            outcomes.append(_Outcome(path.name, "exists", stem))
+            outcomes.append(Outcome(path.name, "exists", stem))
             continue
         todo.append((path, stem))
     if not todo:
-        return _report(outcomes, out_dir)
+        return report_outcomes(outcomes, out_dir)
     predictor = NucleiPredictor(
         package, device=device, sw_batch_size=args.sw_batch_size or 4, overlap=args.overlap, tta=args.tta
     )
@@ -118,10 +118,10 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
                     "seconds": prediction.seconds,
                 }
                 written = write_nuclei_outputs(tile, prediction.instances, out_dir, stem, model=model, formats=formats)
-                outcomes.append(_Outcome(path.name, "done", f"{prediction.count} nuclei", written))
+                outcomes.append(Outcome(path.name, "done", f"{prediction.count} nuclei", written))
             except (MedsegError, ValueError) as error:
-                outcomes.append(_Outcome(path.name, "failed", str(error)))
+                outcomes.append(Outcome(path.name, "failed", str(error)))
     finally:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
-    return _report(outcomes, out_dir)
+    return report_outcomes(outcomes, out_dir)

@@ -143,7 +143,7 @@ class Trainer:
     """Train ``config`` on fold ``fold`` into ``output_dir``; :meth:`fit` runs it.
 
     ``task: nuclei`` configs train through the subclass :class:`medseg.training.nuclei.NucleiTrainer`
-    (:func:`trainer_for` picks it), which replaces the data, the validation and the card, and keeps
+    (:func:`medseg.training.trainer_for` picks it), which replaces the data, the validation and the card, and keeps
     this loop, the checkpoints, resume and export.
 
     Raises (before training starts): :class:`ConfigError` for bad configs (unknown network, loss,
@@ -809,16 +809,6 @@ VALIDATION_PROTOCOL = (
     "medseg Predictor (model grid, sliding window, inverse to the input grid, "
     "post-processing); Dice and HD95 (mm) on the input grid, MONAI metrics"
 )
-
-
-def trainer_for(config: TrainConfig) -> type[Trainer]:
-    """The trainer class of ``config.task``: :class:`Trainer`, or
-    :class:`~medseg.training.nuclei.NucleiTrainer` for ``nuclei``."""
-    if config.task == "nuclei":
-        from medseg.training.nuclei import NucleiTrainer
-
-        return NucleiTrainer
-    return Trainer
 
 
 def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
