@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -61,7 +60,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,37 +150,10 @@ def plain_monai_main(argv: list[str]) -> None:
 
 # --- the machine and the runs ---------------------------------------------------------------
 def machine() -> dict:
-    """What the figures were measured on (load average after is added at the end)."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models, cores, fields = [], set(), {}
-    for line in cpuinfo.splitlines() + [""]:
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key == "model name":
-            models.append(value)
-        if not key:  # end of one processor's block
-            if "core id" in fields:
-                cores.add((fields.get("physical id"), fields["core id"]))
-            fields = {}
-        else:
-            fields[key] = value
-    versions = {}
-    for package in ("medseg", "torch", "monai", "openvino", "nibabel"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu": models[0] if models else platform.processor() or platform.machine(),
-        "logical_cpus_in_cpuinfo": len(models) or None,
-        "physical_cores_in_cpuinfo": len(cores) or None,
-        "os_cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average_before": [round(v, 2) for v in os.getloadavg()],
-        "python": platform.python_version(),
-        "system": f"{platform.system()} {platform.release()}",
-        "versions": versions,
-    }
+    """What the figures were measured on (:func:`machine.describe`; load average after is added at the end)."""
+    from machine import describe  # benchmarks/machine.py (this file is also loaded by path, alone)
+
+    return describe(("medseg", "torch", "monai", "openvino", "nibabel"))
 
 
 def monai_settings(threads: int) -> dict:

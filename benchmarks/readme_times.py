@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -31,8 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
+
+from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "medseg" / "samples" / "hippocampus_mr"
@@ -40,51 +40,8 @@ MEDSEG = shutil.which("medseg", path=str(Path(sys.executable).parent)) or shutil
 
 
 def machine() -> dict:
-    """What the figures were measured on."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    physical = {(line_block.get("physical id"), line_block.get("core id")) for line_block in _cpu_blocks(cpuinfo)} - {
-        (None, None)
-    }
-    versions = {}
-    for package in ("torch", "monai", "openvino", "fastapi", "uvicorn"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "cpu": models[0] if models else platform.processor() or platform.machine(),
-        "logical_cpus_in_cpuinfo": len(models) or None,
-        "physical_cores_in_cpuinfo": len(physical) or None,
-        "os_cpu_count": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average_before": [round(v, 2) for v in os.getloadavg()],
-        "memory_gib": _memory_gib(),
-        "python": platform.python_version(),
-        "system": f"{platform.system()} {platform.release()}",
-        "versions": versions,
-    }
-
-
-def _cpu_blocks(cpuinfo: str) -> list[dict[str, str]]:
-    blocks = []
-    for block in cpuinfo.strip().split("\n\n"):
-        fields = {}
-        for line in block.splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        blocks.append(fields)
-    return blocks
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+    """What the figures were measured on (:func:`machine.describe`)."""
+    return describe(("torch", "monai", "openvino", "fastapi", "uvicorn"))
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
