@@ -87,7 +87,7 @@ def test_annotations_name_the_model_and_warn_unless_validated():
     stats = [{"id": 1, "volume_ml": 1.234}]
     text = preview_annotations(image, LABELS, stats, card)
     assert text["series"] == "MR · T1 MPRAGE"
-    assert text["model"] == f"hippocampus 0.1.0 · sha256 {card.weights_sha256[:12]}"
+    assert text["model"] == f"hippocampus 0.1.0 · sha256 {card.weights_sha256[:12]} · trained {card.trained_at[:10]}"
     assert text["notice"].lower() == "not for diagnostic use"
     assert [entry for _, entry in text["legend"]] == ["left thing: 1.23 ml", "right thing: 0.00 ml"]
     validated = card.model_copy(update={"clinically_validated": True, "trained_at": "2027-01-02T03:04:05Z"})
