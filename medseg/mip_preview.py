@@ -27,8 +27,8 @@ from medseg.preview import (
     header_height,
     label_colours,
     legend_height,
-    preview_annotations,
     preview_font,
+    preview_inputs,
     render_view,
     save_preview_png,
     view_geometry,
@@ -79,17 +79,7 @@ def write_mip_preview(
     from PIL import Image as PILImage
     from PIL import ImageDraw
 
-    from medseg.errors import InputShapeError
-    from medseg.inference.statistics import label_statistics
-
-    seg = np.asarray(label_map)
-    data = np.asarray(image.array if image.array.ndim == 3 else image.array[..., 0])
-    if seg.ndim != 3 or seg.shape != data.shape:
-        raise InputShapeError(f"MIP preview: label map shape {seg.shape} is not the image grid {data.shape}")
-    labels = sorted(labels, key=lambda label: label.id)
-    if statistics is None:
-        statistics = label_statistics(seg, image.affine, labels)
-    text = preview_annotations(image, labels, statistics, card)
+    seg, data, labels, text = preview_inputs(label_map, image, labels, statistics, card, "MIP preview")
     view = next(v for v in view_geometry(image.affine) if v["name"] == "axial")
     image_mip, label_mip = projections(data, seg, view["through"])
     window = display_window(image_mip)

@@ -385,6 +385,34 @@ def render_view(
     return np.rint(rgb).astype(np.uint8)
 
 
+def preview_inputs(
+    label_map: np.ndarray,
+    image: Image,
+    labels: Sequence[Label],
+    statistics: Sequence[dict] | None,
+    card: ModelCard | None,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray, list[Label], dict[str, Any]]:
+    """What every preview starts from: ``(seg, data, labels, text)`` — the label map and the
+    image's first volume ``(I, J, K)`` (a view), the labels sorted by id, and the annotations
+    (:func:`preview_annotations`; statistics computed from ``label_map`` when ``None``).
+
+    Raises:
+        InputShapeError: ``label_map`` is not ``image``'s 3D grid (``what`` names the preview).
+    """
+    from medseg.errors import InputShapeError
+    from medseg.inference.statistics import label_statistics
+
+    seg = np.asarray(label_map)
+    data = np.asarray(image.array if image.array.ndim == 3 else image.array[..., 0])
+    if seg.ndim != 3 or seg.shape != data.shape:
+        raise InputShapeError(f"{what}: label map shape {seg.shape} is not the image grid {data.shape}")
+    labels = sorted(labels, key=lambda label: label.id)
+    if statistics is None:
+        statistics = label_statistics(seg, image.affine, labels)
+    return seg, data, labels, preview_annotations(image, labels, statistics, card)
+
+
 def write_preview(
     label_map: np.ndarray,
     image: Image,
@@ -428,17 +456,7 @@ def write_preview(
     from PIL import Image as PILImage
     from PIL import ImageDraw
 
-    from medseg.errors import InputShapeError
-    from medseg.inference.statistics import label_statistics
-
-    seg = np.asarray(label_map)
-    data = np.asarray(image.array if image.array.ndim == 3 else image.array[..., 0])  # a view
-    if seg.ndim != 3 or seg.shape != data.shape:
-        raise InputShapeError(f"preview: label map shape {seg.shape} is not the image grid {data.shape}")
-    labels = sorted(labels, key=lambda label: label.id)
-    if statistics is None:
-        statistics = label_statistics(seg, image.affine, labels)
-    text = preview_annotations(image, labels, statistics, card)
+    seg, data, labels, text = preview_inputs(label_map, image, labels, statistics, card, "preview")
     views = view_geometry(image.affine)
     slices = preview_slices(seg, image.affine)
     spacing = np.asarray(image.spacing)
