@@ -3,13 +3,18 @@ the nuclei trainer (:mod:`medseg.training.nuclei`), cross-validation of a run's 
 (:mod:`medseg.training.cross_validation`)."""
 
 from medseg.training.config import TrainConfig, load_config
-from medseg.training.nuclei import NucleiTrainer
 from medseg.training.trainer import Trainer, TrainResult, run_finished
 
 
 def trainer_for(config: TrainConfig) -> type[Trainer]:
-    """The trainer class of ``config.task``: :class:`Trainer`, or :class:`NucleiTrainer` for ``nuclei``."""
-    return NucleiTrainer if config.task == "nuclei" else Trainer
+    """The trainer class of ``config.task``: :class:`Trainer`, or
+    :class:`medseg.training.nuclei.NucleiTrainer` for ``nuclei`` (imported only then: the tile
+    path's scikit-image post-processing costs 2 s of start-up)."""
+    if config.task == "nuclei":
+        from medseg.training.nuclei import NucleiTrainer
+
+        return NucleiTrainer
+    return Trainer
 
 
-__all__ = ["NucleiTrainer", "TrainConfig", "TrainResult", "Trainer", "load_config", "run_finished", "trainer_for"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "load_config", "run_finished", "trainer_for"]
