@@ -159,3 +159,46 @@ def test_mirror_ensemble_averages_flips_and_networks():
     # a network that is mirror-symmetric in its output gives the plain output back
     with torch.no_grad():
         assert torch.allclose(MirrorEnsemble([first])(x), first(x))
+
+
+@pytest.mark.parametrize("size", [(35, 50, 36), (31, 40, 24), (64, 64, 64), (20, 96, 33)])
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
+def test_window_grid_and_importance_map_equal_monai(size, overlap):
+    from monai.data.utils import compute_importance_map, dense_patch_slices
+
+    from medseg.inference.engine import importance_map, scan_interval, window_slices
+
+    roi = (32, 48, 32)
+    padded = tuple(max(s, r) for s, r in zip(size, roi))
+    interval = scan_interval(padded, roi, (overlap,) * 3)
+    assert window_slices(padded, roi, interval) == dense_patch_slices(padded, roi, interval)
+    assert len(window_slices(padded, roi, interval)) == grid_windows(size, roi, overlap)
+    for mode in ("gaussian", "constant"):
+        ours = importance_map(roi, mode, 0.125)
+        theirs = compute_importance_map(roi, mode=mode, sigma_scale=0.125).numpy()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
+        assert not ours.flags.writeable
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 40, 50, 36), (2, 1, 20, 30, 18)])
+def test_numpy_inputs_give_the_tensor_result(shape):
+    """A NumPy input with a NumPy predictor (the OpenVINO runtime) stitches the same logits as
+    the tensor path (and MONAI's), padding included; the result is a NumPy array."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    conv = torch.nn.Conv3d(shape[1], 3, 3, padding=1).eval()
+
+    def numpy_network(windows):
+        with torch.no_grad():
+            return conv(torch.from_numpy(np.ascontiguousarray(windows))).numpy()
+
+    ours = sliding_window_inference(x, (24, 32, 24), 2, numpy_network, overlap=0.5, mode="gaussian")
+    tensor = sliding_window_inference(torch.from_numpy(x), (24, 32, 24), 2, conv, overlap=0.5, mode="gaussian")
+    assert isinstance(ours, np.ndarray) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, tensor.numpy(), rtol=1e-5, atol=1e-5)
+    half = sliding_window_inference(x, (24, 32, 24), 1, numpy_network, 0.5, "gaussian", accumulator_dtype=np.float16)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half, tensor.numpy(), rtol=1e-2, atol=1e-2)
+    mirrored = MirrorEnsemble([numpy_network], mirror_axes=(0, 2))(x[:, :, :24, :32, :24])
+    expected = MirrorEnsemble([conv], mirror_axes=(0, 2))(torch.from_numpy(x[:, :, :24, :32, :24]))
+    np.testing.assert_allclose(mirrored, expected.detach().numpy(), rtol=1e-5, atol=1e-5)
