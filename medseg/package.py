@@ -29,13 +29,15 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, Field, field_validator
 
 from medseg.errors import ModelNotFoundError, UnreadableFileError
 from medseg.labels import Label
+
+if TYPE_CHECKING:
+    import torch
 
 METADATA = Path("configs") / "metadata.json"
 WEIGHTS = Path("models") / "model.pt"
@@ -281,16 +283,15 @@ class ModelPackage:
         """ISO 8601 UTC training timestamp, ``None`` for packages that predate the field."""
         return self.card.trained_at
 
-    def load_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """Build the network from the card, load the weights, and return it in eval mode.
+    def check_weights(self) -> str | None:
+        """The weights' sha256 after checking ``models/model.pt`` against the card (a few ms), so
+        that what runs (the network, or a converted model keyed by this hash) is what the card
+        names.
 
         Raises:
             UnreadableFileError: ``models/model.pt`` no longer matches the card's
-                ``weights_sha256`` (replaced or damaged after export), so outputs would carry a
-                wrong model identity.
+                ``weights_sha256`` (replaced or damaged after export).
         """
-        from medseg.networks import create_network
-
         if self.hash_source == "metadata":
             actual = file_sha256(self.path / WEIGHTS)
             if actual != self.card.weights_sha256:
@@ -299,6 +300,21 @@ class ModelPackage:
                     f"model card's weights_sha256 ({self.card.weights_short}); the weights were "
                     "changed after export - re-export the package"
                 )
+        return self.weights_sha256
+
+    def load_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """Build the network from the card, load the weights, and return it in eval mode.
+
+        Raises:
+            UnreadableFileError: ``models/model.pt`` no longer matches the card's
+                ``weights_sha256`` (replaced or damaged after export), so outputs would carry a
+                wrong model identity.
+        """
+        import torch
+
+        from medseg.networks import create_network
+
+        self.check_weights()
         spec = self.card.network
         network = create_network(spec.name, **spec.config)
         state = torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
@@ -313,6 +329,8 @@ class ModelPackage:
         (whatever ``card`` held is replaced) and ``trained_at`` = ``card.trained_at``, or the save
         time (UTC) when that is ``None``. ``card`` itself is not modified.
         """
+        import torch
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -339,6 +357,7 @@ class ModelPackage:
 def _bundle_metadata(card: ModelCard) -> dict[str, Any]:
     import monai
     import numpy
+    import torch
 
     channels = card.network.config.get("in_channels", 1)
     return {
