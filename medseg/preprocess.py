@@ -6,13 +6,13 @@ added by the inference engine's owners in this module too (one implementation ea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from medseg.package import Normalization
 
-ArrayLike = np.ndarray | torch.Tensor
+ArrayLike = Any  # a NumPy array or a CPU tensor: what goes in comes out
 
 
 def normalize_intensity(x: ArrayLike, normalization: Normalization) -> ArrayLike:
@@ -27,26 +27,38 @@ def normalize_intensity(x: ArrayLike, normalization: Normalization) -> ArrayLike
     Raises:
         ValueError: ``ct`` without clip/mean/std.
     """
-    is_tensor = isinstance(x, torch.Tensor)
-    t = (x if is_tensor else torch.as_tensor(np.asarray(x))).float()
+    is_tensor = not isinstance(x, np.ndarray) and type(x).__module__.startswith(("torch", "monai"))
+    a = np.asarray(x.detach().cpu().numpy() if is_tensor else x, dtype=np.float32)
     if normalization.scheme == "zscore":
-        t = (t - t.mean()) / t.std().clamp_min(1e-8)
+        std = max(float(a.std(dtype=np.float64, ddof=1)) if a.size > 1 else 0.0, 1e-8)  # unbiased, as torch.std
+        a = ((a - np.float32(a.mean(dtype=np.float64))) / np.float32(std)).astype(np.float32, copy=False)
     elif normalization.scheme == "ct":
         n = normalization
         if n.clip is None or n.mean is None or n.std is None:
             raise ValueError("ct normalization needs clip, mean and std")
-        t = (t.clamp(n.clip[0], n.clip[1]) - n.mean) / max(n.std, 1e-8)
+        a = ((np.clip(a, n.clip[0], n.clip[1]) - np.float32(n.mean)) / np.float32(max(n.std, 1e-8))).astype(np.float32)
     elif normalization.scheme == "max":
-        t = t / t.amax().clamp_min(1e-8)
-    return t if is_tensor else t.numpy()
+        a = a / np.float32(max(float(a.max()) if a.size else 0.0, 1e-8))
+    elif a is x:
+        a = a.copy()
+    if is_tensor:
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a))
+    return a
 
 
-def window_max_normalize(windows: torch.Tensor) -> torch.Tensor:
-    """Each window and channel of ``windows`` ``(N, C, *spatial)`` divided by its own maximum
-    (``x / max(max(x), 1e-8)``; SPOCKMIP's per-patch max normalisation, Radhakrishna et al. 2024).
-    Returns a new tensor (windows are often views of the whole image)."""
+def window_max_normalize(windows: ArrayLike) -> ArrayLike:
+    """Each window and channel of ``windows`` ``(N, C, *spatial)`` (an array or a tensor) divided
+    by its own maximum (``x / max(max(x), 1e-8)``; SPOCKMIP's per-patch max normalisation,
+    Radhakrishna et al. 2024). Returns a new array of the same kind (windows are often views of
+    the whole image)."""
+    shape = (*windows.shape[:2], *([1] * (windows.ndim - 2)))
+    if isinstance(windows, np.ndarray):
+        peak = np.maximum(windows.reshape(*windows.shape[:2], -1).max(axis=2), 1e-8).astype(windows.dtype)
+        return windows / peak.reshape(shape)
     peak = windows.flatten(2).amax(2).clamp_min(1e-8)
-    return windows / peak.reshape(*peak.shape, *([1] * (windows.ndim - 2))).to(windows.dtype)
+    return windows / peak.reshape(shape).to(windows.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,41 +121,52 @@ class ModelGrid:
         current = np.linalg.norm(self.oriented_affine[:3, :3], axis=0)
         return tuple(max(1, int(round(n * c / t))) for n, c, t in zip(self.oriented_shape, current, self.spacing))
 
-    def to_model(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """``(C, I, J, K)`` on the input grid -> a new float32 ``(C, *model_shape)`` tensor on the
+    def to_model(self, array: ArrayLike) -> np.ndarray:
+        """``(C, I, J, K)`` on the input grid -> a new float32 ``(C, *model_shape)`` array on the
         model grid (never sharing memory with ``array``); sets :attr:`model_shape` /
-        :attr:`model_affine`."""
+        :attr:`model_affine`. Without resampling this is the exact axis permutation/flip (NumPy
+        only); with it, MONAI's ``Orientation`` and ``Spacing``.
+
+        Raises:
+            ValueError: ``array`` is not ``(C, *input_shape)``.
+        """
+        array = np.asarray(array.numpy() if not isinstance(array, np.ndarray) else array)
+        if tuple(array.shape[1:]) != self.input_shape:
+            raise ValueError(f"array shape {tuple(array.shape)} is not (C, {self.input_shape})")
+        if not self.resampled:
+            # the inverse of to_input: oriented axis i holds input axis order[i], flipped where marked
+            order = [int(a) for a in np.argsort(self._ornt[:, 0])]
+            out = np.transpose(array, (0, *[1 + o for o in order]))
+            flips = [1 + int(self._ornt[i, 0]) for i in range(3) if self._ornt[i, 1] == -1]
+            out = np.flip(out, flips) if flips else out
+            return np.array(out, dtype=np.float32, order="C", copy=True)
+        import torch
         from monai.data import MetaTensor
         from monai.transforms import Orientation, Spacing
 
-        tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
-        if tuple(tensor.shape[1:]) != self.input_shape:
-            raise ValueError(f"array shape {tuple(tensor.shape)} is not (C, {self.input_shape})")
-        image = MetaTensor(tensor.float(), affine=torch.as_tensor(self.input_affine))
+        image = MetaTensor(torch.as_tensor(array, dtype=torch.float32), affine=torch.as_tensor(self.input_affine))
         image = Orientation(axcodes=self.orientation, labels=RAS_LABELS)(image)
-        if self.resampled:
-            image = Spacing(pixdim=self.spacing, mode="bilinear")(image)
+        image = Spacing(pixdim=self.spacing, mode="bilinear")(image)
         self.model_shape = tuple(int(s) for s in image.shape[1:])
         self.model_affine = image.affine.numpy().astype(np.float64)
-        out = image.as_tensor().float().contiguous()
-        # never a view of the caller's array (it is normalised in place next)
-        return out.clone() if out.data_ptr() == tensor.data_ptr() else out
+        return np.array(image.as_tensor().float().numpy(), order="C", copy=True)
 
-    def to_oriented(self, array: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    def to_oriented(self, array: ArrayLike, mode: str = "bilinear") -> np.ndarray:
         """``(C, *model_shape)`` -> float32 ``(C, *oriented_shape)``: the spacing step inverted
         (identity when :attr:`resampled` is false)."""
         if not self.resampled:
             return array
+        import torch
         from monai.data import MetaTensor
         from monai.transforms import SpatialResample
 
-        image = MetaTensor(array, affine=torch.as_tensor(self.model_affine))
+        image = MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(self.model_affine))
         out = SpatialResample(mode=mode, padding_mode="border", dtype=torch.float32)(
             image, dst_affine=torch.as_tensor(self.oriented_affine), spatial_size=self.oriented_shape
         )
-        return out.as_tensor()
+        return out.as_tensor().numpy()
 
-    def to_input(self, array: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    def to_input(self, array: ArrayLike) -> ArrayLike:
         """``(..., *oriented_shape)`` -> ``(..., *input_shape)``: the exact inverse axis
         permutation/flip of the orientation step (any leading axes are kept)."""
         lead = array.ndim - 3
@@ -151,8 +174,8 @@ class ModelGrid:
         # oriented axis ornt[i, 0] holds input axis i, flipped when ornt[i, 1] == -1
         order = [int(ornt[i, 0]) for i in range(3)]
         flips = [lead + order[i] for i in range(3) if ornt[i, 1] == -1]
-        if isinstance(array, torch.Tensor):
-            out = torch.flip(array, flips) if flips else array
+        if not isinstance(array, np.ndarray):  # a tensor
+            out = array.flip(flips) if flips else array
             return out.permute(*range(lead), *[lead + o for o in order])
         out = np.flip(array, flips) if flips else array
         return np.transpose(out, (*range(lead), *[lead + o for o in order]))

@@ -127,3 +127,14 @@ def test_usage_error_exit_status_of_the_process_is_2():
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_predict_with_a_shipped_openvino_model_imports_neither_torch_nor_monai(tmp_path):
+    """Speed (issue 20): ``medseg predict`` with the bundled model runs on the shipped OpenVINO
+    model, verified against its stored reference output, so the process never pays for
+    ``import torch`` (2 s here) or ``import monai`` (1.6 s more); its outputs are all written."""
+    sample = REPO / "medseg" / "samples" / "hippocampus_mr"
+    code, modules = _imported_by("predict", str(sample), "--model", "hippocampus", "--output", str(tmp_path))
+    assert code == 0
+    assert not {"torch", "monai"} & modules
+    assert {p.suffix for p in tmp_path.iterdir()} >= {".gz", ".dcm", ".png", ".json"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medseg.inference.runtime import GroupInstanceNorm, NetworkRuntime, auto_sw_batch_size
+from medseg.inference.channels_last import GroupInstanceNorm
+from medseg.inference.runtime import NetworkRuntime, auto_sw_batch_size
 from medseg.networks import create_network
 
 
@@ -104,6 +105,39 @@ def test_shipped_openvino_model_is_used_without_converting(network, tmp_path, mo
         torch.testing.assert_close(fast(x), network(x), atol=1e-4, rtol=1e-4)
     assert fast._forward.sources == {shape: "shipped"}
     assert not (tmp_path / "cache").exists()  # nothing converted, nothing cached
+
+
+def test_a_stored_model_is_verified_against_its_reference_without_the_network(network, tmp_path, monkeypatch):
+    """A stored model is checked against the eager output stored beside it at conversion, so the
+    network is not built; a reference that does not belong to the model files (changed after
+    conversion) is ignored and the network is built to verify against."""
+    import numpy as np
+
+    from medseg.inference.runtime import _OpenVINOForward, prepare_openvino
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    shape = (1, 1, 16, 16, 16)
+    (xml,) = prepare_openvino(network, "weights-1", [shape], tmp_path / "shipped")
+    assert (xml.parent / "reference.npz").is_file()
+    monkeypatch.setattr(_OpenVINOForward, "convert", _no_conversion)
+    built = []
+
+    def load():
+        built.append(1)
+        return network
+
+    fast = NetworkRuntime(None, "openvino", cache_key="weights-1", shipped_dir=tmp_path / "shipped", load_network=load)
+    x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
+    out = fast(x)
+    assert isinstance(out, np.ndarray) and not built
+    assert fast._forward.verified_by == {shape: "reference"}
+    with torch.inference_mode():
+        np.testing.assert_allclose(out, network(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-4)
+
+    xml.write_text(xml.read_text() + " ")  # the model files changed after conversion
+    again = NetworkRuntime(None, "openvino", cache_key="weights-1", shipped_dir=tmp_path / "shipped", load_network=load)
+    np.testing.assert_allclose(again(x), out, atol=1e-5, rtol=1e-5)
+    assert built and again._forward.verified_by == {shape: "network"}
 
 
 def test_foreign_or_damaged_stored_models_are_converted_again(network, tmp_path, monkeypatch, caplog):

@@ -188,8 +188,8 @@ def test_training_steps_on_a_real_stack_lower_the_loss():
 def test_one_channel_sigmoid_output_is_thresholded_at_one_half():
     from medseg.inference.predictor import _probabilities_
 
-    logits = torch.tensor([[[[-2.0, -0.1, 0.0, 0.1, 3.0]]]])  # (K=1, 1, 1, 5)
-    labels = _probabilities_(logits.clone()).argmax(0)
+    logits = np.array([[[[-2.0, -0.1, 0.0, 0.1, 3.0]]]], dtype=np.float32)  # (K=1, 1, 1, 5)
+    labels = _probabilities_(logits.copy()).argmax(0)
     assert labels.flatten().tolist() == [0, 0, 0, 1, 1]  # p > 0.5 only
 
 

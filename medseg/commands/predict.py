@@ -145,11 +145,11 @@ def _spacing(text: str | None) -> tuple[float, float, float] | None:
 
 
 def _device(text: str) -> str:
-    import torch
-
     if text == "cpu":
         return text
     if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        import torch
+
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {text}: no CUDA device is available")
         index = int(text[5:]) if ":" in text else 0

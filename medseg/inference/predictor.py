@@ -19,7 +19,7 @@ Steps (one implementation each, shared with training where training has them):
    statistics (:func:`medseg.inference.statistics.label_statistics`).
 
 Host memory for K classes, ``V`` model-grid voxels and ``U`` input voxels: the stitched logits
-``K * V * 4`` bytes (2 with ``accumulator_dtype=torch.float16``) plus a ``V * 4`` weight map, turned
+``K * V * 4`` bytes (2 with a float16 ``accumulator_dtype``) plus a ``V * 4`` weight map, turned
 into probabilities in place; then ``8 * U * 4`` for a chunk of resampled channels and ``U * 5`` for
 the running maximum and argmax. A 512 x 512 x 300 CT (``U = V`` = 78.6 M voxels) with 100 classes:
 31.5 GB (float32) or 15.7 GB (float16) of logits + 0.3 GB weights + 2.9 GB, never a second
@@ -38,21 +38,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from medseg.errors import InputShapeError, ModalityMismatchError
 from medseg.inference.budget import check_work, window_count
 from medseg.inference.engine import MirrorEnsemble, grid_windows, sliding_window_inference
 from medseg.inference.matching import modality_mismatch
 from medseg.inference.postprocess import clean_label_map
-from medseg.inference.runtime import NetworkRuntime, auto_sw_batch_size
+from medseg.inference.runtime import NetworkRuntime, auto_sw_batch_size, set_cpu_threads
 from medseg.inference.statistics import label_statistics
 from medseg.io.image import Image
 from medseg.package import ModelCard, ModelPackage, resolve_model
 from medseg.preprocess import ModelGrid, normalize_intensity, window_max_normalize
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ class Predictor:
         folds: further packages (names or paths) of the same card whose networks are averaged
             with this one (cross-validation folds), after the folds the package itself holds
             (:attr:`~medseg.package.ModelCard.folds`, loaded automatically).
-        accumulator_dtype: dtype of the stitched logits (``torch.float16`` halves host memory).
+        accumulator_dtype: dtype of the stitched logits, NumPy or PyTorch (float16 halves host memory).
         half_precision: float16 autocast on CUDA (default: on for CUDA).
         threads: CPU threads for PyTorch (default: leave PyTorch's setting).
         max_windows: most network evaluations (windows x mirror passes x folds) one prediction
@@ -114,30 +116,30 @@ class Predictor:
     def __init__(
         self,
         package: ModelPackage | str | os.PathLike,
-        device: str | torch.device = "cpu",
+        device: Any = "cpu",
         tta: bool | None = None,
         overlap: float | None = None,
         sw_batch_size: int | None = None,
         runtime: str = "auto",
         mirror_axes: Sequence[int] | None = None,
         folds: Sequence[ModelPackage | str | os.PathLike] = (),
-        accumulator_dtype: torch.dtype | None = None,
+        accumulator_dtype: Any = None,
         half_precision: bool | None = None,
         threads: int | None = None,
         max_windows: int | None = None,
     ):
         self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
         if threads:
-            torch.set_num_threads(int(threads))
+            set_cpu_threads(int(threads))
         packages = [self.package, *self.package.fold_packages()]
         packages += [f if isinstance(f, ModelPackage) else resolve_model(f) for f in folds]
         self._configure(self.package.card, device, overlap, max_windows)
         for other in packages[1:]:
             self._check_fold(other)
         self.accumulator_dtype = accumulator_dtype
-        self.half_precision = self.device.type == "cuda" if half_precision is None else half_precision
+        self.half_precision = self.device_type == "cuda" if half_precision is None else half_precision
         self._set_networks(
-            [(p.load_network(self.device), _weights_key(p), p.runtime_dir) for p in packages],
+            [(None, _loader(p, self.device), p.check_weights(), p.runtime_dir) for p in packages],
             runtime,
             self.package.card.tta_default if tta is None else bool(tta),
             mirror_axes,
@@ -149,7 +151,7 @@ class Predictor:
         cls,
         network: torch.nn.Module,
         card: ModelCard,
-        device: str | torch.device = "cpu",
+        device: Any = "cpu",
         tta: bool | None = None,
         overlap: float | None = None,
         sw_batch_size: int | None = None,
@@ -177,14 +179,13 @@ class Predictor:
         self.accumulator_dtype = None
         self.half_precision = False
         tta = card.tta_default if tta is None else bool(tta)
-        self._set_networks([(network, None, None)], "eager", tta, mirror_axes, sw_batch_size)
+        self._set_networks([(network, None, None, None)], "eager", tta, mirror_axes, sw_batch_size)
         return self
 
-    def _configure(
-        self, card: ModelCard, device: str | torch.device, overlap: float | None, max_windows: int | None
-    ) -> None:
+    def _configure(self, card: ModelCard, device: Any, overlap: float | None, max_windows: int | None) -> None:
         self.card = card
-        self.device = torch.device(device)
+        self.device = str(device)
+        self.device_type = self.device.split(":")[0]
         self.spatial_dims = len(self.card.patch_size)
         self.overlap = float(self.card.overlap if overlap is None else overlap)
         self.max_windows = max_windows
@@ -203,7 +204,7 @@ class Predictor:
 
     def _set_networks(
         self,
-        networks: list[tuple[torch.nn.Module, str | None, Path | None]],
+        networks: list[tuple[torch.nn.Module | None, Callable[[], torch.nn.Module] | None, str | None, Path | None]],
         runtime: str,
         tta: bool,
         mirror_axes: Sequence[int] | None,
@@ -212,9 +213,16 @@ class Predictor:
         batch = sw_batch_size or 1
         self.runtimes = [
             NetworkRuntime(
-                network, runtime, self.spatial_dims, batch, device=self.device, cache_key=key, shipped_dir=shipped
+                network,
+                runtime,
+                self.spatial_dims,
+                batch,
+                device=self.device,
+                cache_key=key,
+                shipped_dir=shipped,
+                load_network=load,
             )
-            for network, key, shipped in networks
+            for network, load, key, shipped in networks
         ]
         self.runtime = self.runtimes[0].name
         if tta:
@@ -296,8 +304,8 @@ class Predictor:
         array = np.asarray(image.array)
         channels = array[None] if array.ndim == 3 else np.moveaxis(array, 3, 0)
         tick(0, windows)
-        # a copy: normalisation below works in place and must never reach the caller's array
-        model_input = grid.to_model(torch.tensor(channels, dtype=torch.float32))
+        # a new array: normalisation below works in place and must never reach the caller's array
+        model_input = grid.to_model(channels)
         for c in range(model_input.shape[0]):
             model_input[c] = normalize_intensity(model_input[c], self.card.normalization)
         lap("preprocess")
@@ -343,21 +351,24 @@ class Predictor:
         )
 
     # ----------------------------------------------------------------------------------------
-    def _logits(
-        self, model_input: torch.Tensor, progress: Callable[[int, int], None] | None
-    ) -> tuple[torch.Tensor, dict]:
-        """``(C, *model_shape)`` -> logits ``(K, *model_shape)`` on the CPU."""
+    def _logits(self, model_input: np.ndarray, progress: Callable[[int, int], None] | None) -> tuple[np.ndarray, dict]:
+        """``(C, *model_shape)`` -> logits ``(K, *model_shape)`` on the CPU (NumPy). With NumPy-native
+        runtimes only (OpenVINO) the windows stay NumPy arrays and PyTorch is not needed."""
         roi = tuple(int(p) for p in self.card.patch_size)
         if self.spatial_dims == 3:
             batch = model_input[None]  # (1, C, I, J, K)
         else:  # 2D model: the slices along the last axis are the batch
-            batch = model_input.permute(3, 0, 1, 2)  # (K, C, I, J)
+            batch = np.ascontiguousarray(model_input.transpose(3, 0, 1, 2))  # (K, C, I, J)
         windows = grid_windows(batch.shape[2:], roi, self.overlap) * batch.shape[0]
         sw_batch_size = self.sw_batch_size or auto_sw_batch_size(
             self.runtimes[0], roi, self.in_channels, self.device, windows
         )
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
+        if not all(runtime.numpy_native for runtime in self.runtimes):
+            import torch
+
+            batch = torch.from_numpy(batch)
+            if self.device_type == "cuda":
+                batch = batch.pin_memory()
         network = self.network
         if self.card.normalization.window_max:
             network = lambda windows: self.network(window_max_normalize(windows))  # noqa: E731
@@ -371,13 +382,16 @@ class Predictor:
             sw_device=self.device,
             device="cpu",
             progress=progress or False,
-            accumulator_dtype=self.accumulator_dtype or torch.float32,
+            accumulator_dtype=self.accumulator_dtype or np.float32,
             half_precision=self.half_precision,
         )
-        logits = logits[0] if self.spatial_dims == 3 else logits.permute(1, 2, 3, 0)
+        if not isinstance(logits, np.ndarray):
+            logits = logits.numpy()
+        logits = logits[0] if self.spatial_dims == 3 else logits.transpose(1, 2, 3, 0)
         self.runtime = self.runtimes[0].name  # may have fallen back on first use
         settings = {
             "runtime": self.runtime,
+            "runtime_fallback": self.runtimes[0].fallback_reason,
             "device": str(self.device),
             "sw_batch_size": sw_batch_size,
             "overlap": self.overlap,
@@ -386,59 +400,59 @@ class Predictor:
             "folds": len(self.network.networks),
             "tta": len(self.network.flips) > 1,
             "mirror_passes": len(self.network.flips),
-            "half_precision": self.half_precision and self.device.type == "cuda",
+            "half_precision": self.half_precision and self.device_type == "cuda",
         }
         return logits, settings
 
     def _argmax_on_input_grid(
-        self, probabilities: torch.Tensor, grid: ModelGrid, keep: bool, tick: Callable[[], None] = lambda: None
+        self, probabilities: np.ndarray, grid: ModelGrid, keep: bool, tick: Callable[[], None] = lambda: None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Resample ``(K, *model_shape)`` probabilities to the input grid a few channels at a
         time, keeping a running argmax; returns class indices ``(I, J, K)`` (uint8/uint16)."""
         classes = probabilities.shape[0]
-        index_dtype = torch.uint8 if classes <= 256 else torch.int16
+        index_dtype = np.uint8 if classes <= 256 else np.uint16
         if not grid.resampled:
-            labels = probabilities.argmax(0).to(index_dtype)
-            kept = probabilities.float().numpy() if keep else None
+            labels = probabilities.argmax(0).astype(index_dtype)
+            kept = probabilities.astype(np.float32) if keep else None
         else:
-            best = torch.full(grid.oriented_shape, -1.0, dtype=torch.float32)
-            labels = torch.zeros(grid.oriented_shape, dtype=index_dtype)
+            best = np.full(grid.oriented_shape, -1.0, dtype=np.float32)
+            labels = np.zeros(grid.oriented_shape, dtype=index_dtype)
             kept = np.empty((classes, *grid.oriented_shape), dtype=np.float32) if keep else None
             for first in range(0, classes, CHANNEL_CHUNK):
                 tick()
-                chunk = grid.to_oriented(probabilities[first : first + CHANNEL_CHUNK].float())
+                chunk = grid.to_oriented(probabilities[first : first + CHANNEL_CHUNK].astype(np.float32))
                 for offset, channel in enumerate(chunk):
                     better = channel > best
-                    best = torch.where(better, channel, best)
+                    np.maximum(best, channel, out=best)
                     labels[better] = first + offset
                 if kept is not None:
-                    kept[first : first + chunk.shape[0]] = chunk.numpy()
-        labels_np = np.ascontiguousarray(grid.to_input(labels.numpy()))
+                    kept[first : first + chunk.shape[0]] = chunk
+        labels_np = np.ascontiguousarray(grid.to_input(labels))
         if kept is not None:
             kept = np.ascontiguousarray(grid.to_input(kept))
         return labels_np, kept
 
 
-def _weights_key(package: ModelPackage) -> str:
-    """sha256 of the package's weight file (identifies converted models in caches)."""
-    return package.weights_sha256
+def _loader(package: ModelPackage, device: str) -> Callable[[], torch.nn.Module]:
+    """Builds the package's network when a runtime first needs it."""
+    return lambda: package.load_network(device)
 
 
-def _probabilities_(logits: torch.Tensor) -> torch.Tensor:
+def _probabilities_(logits: np.ndarray) -> np.ndarray:
     """Class probabilities ``(K, *spatial)`` from logits: softmax in place for ``K > 1``; for one
     channel (a sigmoid binary model) ``[1 - p, p]`` with ``p = sigmoid(logit)``, so the argmax that
     follows is the threshold ``p > 0.5`` (ties go to background)."""
     if logits.shape[0] == 1:
-        p = torch.sigmoid(logits.float())
-        return torch.cat([1.0 - p, p]).to(logits.dtype)
+        p = 1.0 / (1.0 + np.exp(-logits.astype(np.float32)))
+        return np.concatenate([1.0 - p, p]).astype(logits.dtype)
     return _softmax_(logits)
 
 
-def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+def _softmax_(logits: np.ndarray) -> np.ndarray:
     """Softmax over axis 0 of ``(K, *spatial)`` in place (no second ``K x voxels`` buffer)."""
-    logits.sub_(logits.amax(0, keepdim=True))
-    logits.exp_()
-    logits.div_(logits.sum(0, keepdim=True, dtype=torch.float32).to(logits.dtype))
+    logits -= logits.max(0, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(0, keepdims=True, dtype=np.float32).astype(logits.dtype)
     return logits
 
 

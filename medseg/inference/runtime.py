@@ -3,10 +3,8 @@
 Runtimes (``Predictor(runtime=...)``):
 
 - ``eager``: the network as built (PyTorch eager).
-- ``channels_last``: a copy of the network in channels-last memory format (NDHWC / NHWC), the
-  layout oneDNN (CPU) and cuDNN (GPU) convolutions are fastest in, with every
-  ``InstanceNorm`` (affine, no running statistics) replaced by the identical ``group_norm`` with
-  one group per channel, whose kernel works on channels-last tensors without layout copies.
+- ``channels_last``: a copy of the network in channels-last memory format (NDHWC / NHWC) with
+  group-norm instance norms (:mod:`medseg.inference.channels_last`).
 - ``compile``: ``torch.compile`` (Inductor, with weight freezing), fusing normalisation and
   activation kernels; compiled once per input shape, so window batches are padded to a fixed
   size. Compilation takes about a minute on a CPU (cached across processes by Inductor).
@@ -18,10 +16,14 @@ Runtimes (``Predictor(runtime=...)``):
   looked up first in the model package (``runtime/openvino/<tag>/``, written at export by
   :func:`prepare_openvino`, shipped with the bundled models), then in the cache under
   ``$MEDSEG_CACHE`` (default ``~/.cache/medseg``), where a conversion made on first use is kept.
-  A stored IR is never trusted: before first use in a process it is compiled and checked against
-  the eager network on a seeded probe (as a fresh conversion is); a stale, foreign or damaged one
-  is converted again. The IR does not depend on the CPU: OpenVINO compiles it for the CPU at
-  hand when it is loaded (about a second), so one shipped IR serves every machine.
+  A stored IR is never trusted: before first use in a process it is compiled and checked on a
+  seeded probe against the eager network's output, which was stored beside it at conversion
+  (``reference.npz``, bound to the weights' sha256 and to the IR files' sha256), or against the
+  eager network itself when that reference is missing or does not match; a stale, foreign or
+  damaged IR is converted again. So a package that ships its IR runs without building the
+  network, and NumPy in, NumPy out, without importing PyTorch at all. The IR does not depend on
+  the CPU: OpenVINO compiles it for the CPU at hand when it is loaded (about 0.2 s here), so one
+  shipped IR serves every machine.
 - ``auto``: ``openvino`` on the CPU (``channels_last`` if OpenVINO is missing); ``channels_last``
   plus float16 autocast on CUDA (set by the Predictor through the engine's ``half_precision``).
 
@@ -33,149 +35,159 @@ was slower than eager on the same CPU and is not offered.
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "eager", "channels_last", "compile", "openvino")
 
-
-class GroupInstanceNorm(nn.Module):
-    """``InstanceNorm{1,2,3}d(affine=True, track_running_stats=False)`` computed as
-    ``F.group_norm`` with ``num_groups = C`` (the same function: per-sample, per-channel mean and
-    biased variance over the spatial axes); keeps the original parameters."""
-
-    def __init__(self, norm: nn.modules.instancenorm._InstanceNorm):
-        super().__init__()
-        self.num_features = norm.num_features
-        self.eps = norm.eps
-        self.weight = norm.weight
-        self.bias = norm.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
-
-
-def _swap_instance_norms(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
-    """Replace instance norms in place; shared submodules (MONAI's DynUNet reuses blocks in two
-    containers) are replaced once."""
-    memo = {} if memo is None else memo
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.instancenorm._InstanceNorm) and not child.track_running_stats:
-            if id(child) not in memo:
-                memo[id(child)] = GroupInstanceNorm(child) if child.affine else _PlainGroupNorm(child)
-            setattr(module, name, memo[id(child)])
-        elif not isinstance(child, (GroupInstanceNorm, _PlainGroupNorm)):
-            _swap_instance_norms(child, memo)
-    return module
-
-
-class _PlainGroupNorm(nn.Module):
-    def __init__(self, norm: nn.modules.instancenorm._InstanceNorm):
-        super().__init__()
-        self.eps = norm.eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x, x.shape[1], None, None, self.eps)
-
-
-def _memory_format(spatial_dims: int) -> torch.memory_format:
-    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+#: NumPy-native runtimes: they take and return NumPy arrays, so a Predictor using only them never
+#: imports PyTorch when its network need not be built (a verified stored OpenVINO model)
+NUMPY_RUNTIMES = ("openvino",)
 
 
 class NetworkRuntime:
-    """A callable ``x (N, C, *spatial) -> logits (N, K, *spatial)`` running ``network`` with one of
-    :data:`RUNTIMES`.
+    """A callable ``x (N, C, *spatial) -> logits (N, K, *spatial)`` running a network with one of
+    :data:`RUNTIMES`; ``x`` is a NumPy array or a tensor and the logits come back as the same kind.
 
     Args:
         network: the network in eval mode, on ``device``; it is not modified (runtimes that
-            change it work on a copy).
+            change it work on a copy). ``None`` with ``load_network``.
         runtime: one of :data:`RUNTIMES`.
         spatial_dims: 2 or 3.
         batch_size: for ``compile`` and ``openvino``, the fixed window batch size that calls are
             padded to.
-        device: where the network runs (``auto`` picks by it).
+        device: where the network runs (``auto`` picks by it): ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         cache_key: identifies the weights for the OpenVINO cache (e.g. a hash of the weight
             file); without it the cache is not used.
         shipped_dir: a read-only folder of converted models shipped with the package
             (``<package>/runtime/openvino``), searched before the cache.
+        load_network: builds the network when it is first needed, instead of ``network``: the
+            ``openvino`` runtime with a verified stored model never needs it (nor PyTorch).
 
     Raises:
-        ValueError: unknown runtime; ``openvino`` for a network not on the CPU.
+        ValueError: unknown runtime; ``openvino`` for a network not on the CPU; neither
+            ``network`` nor ``load_network``.
         ImportError: ``openvino`` asked for and not installed.
     """
 
     def __init__(
         self,
-        network: nn.Module,
+        network: nn.Module | None,
         runtime: str = "auto",
         spatial_dims: int = 3,
         batch_size: int = 1,
-        device: str | torch.device = "cpu",
+        device: Any = "cpu",
         cache_key: str | None = None,
         shipped_dir: Path | None = None,
+        load_network: Callable[[], nn.Module] | None = None,
     ):
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
-        device = torch.device(device)
+        if network is None and load_network is None:
+            raise ValueError("NetworkRuntime needs a network or load_network")
+        on_cpu = str(device).split(":")[0] == "cpu"
         if runtime == "auto":
-            runtime = "openvino" if device.type == "cpu" and openvino_available() else "channels_last"
-        if runtime == "openvino" and device.type != "cpu":
+            runtime = "openvino" if on_cpu and openvino_available() else "channels_last"
+        if runtime == "openvino" and not on_cpu:
             raise ValueError("the openvino runtime runs on the CPU only")
         self.name = runtime
         self.spatial_dims = spatial_dims
         self.batch_size = max(int(batch_size), 1)
         self.memory_format = None
-        network = network.eval()
-        if self.name in ("channels_last", "compile"):
-            network = _swap_instance_norms(copy.deepcopy(network))
-            self.memory_format = _memory_format(spatial_dims)
-            network = network.to(memory_format=self.memory_format)
-        self.network = network
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = network
-        if self.name == "compile":
+        self._network = network.eval() if network is not None else None
+        self._load_network = load_network
+        #: why the runtime is not the one asked for (e.g. an OpenVINO conversion that failed
+        #: verification and fell back to ``channels_last``); ``None`` when it is
+        self.fallback_reason: str | None = None
+        if self.name == "openvino":
+            self._forward: Callable[[Any], Any] = _OpenVINOForward(
+                self._network if self._network is not None else self._get_network, cache_key, shipped_dir
+            )
+        else:
+            self._use_torch_runtime(self.name)
+
+    def _get_network(self) -> nn.Module:
+        if self._network is None:
+            self._network = self._load_network().eval()
+        return self._network
+
+    @property
+    def network(self) -> nn.Module:
+        """The (original) network, built on first access when a loader was given."""
+        return self._get_network()
+
+    @property
+    def numpy_native(self) -> bool:
+        """Whether calls with NumPy arrays run without PyTorch (the ``openvino`` runtime)."""
+        return self.name in NUMPY_RUNTIMES
+
+    def _use_torch_runtime(self, name: str) -> None:
+        network = self._get_network()
+        self.name = name
+        if name in ("channels_last", "compile"):
+            from medseg.inference.channels_last import channels_last_copy, memory_format
+
+            network = channels_last_copy(network, self.spatial_dims)
+            self.memory_format = memory_format(self.spatial_dims)
+        self._forward = network
+        if name == "compile":
+            import torch
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # constant-fold and prepack weights (inference only)
             self._forward = torch.compile(network, dynamic=False)
-        elif self.name == "openvino":
-            self._forward = _OpenVINOForward(network, cache_key, shipped_dir)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         n = x.shape[0]
-        if self.memory_format is not None:
-            x = x.contiguous(memory_format=self.memory_format)
         padded = self.name in ("compile", "openvino") and n < self.batch_size
         if padded:  # one compiled shape
-            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+            x = _pad_batch(x, self.batch_size)
         try:
-            out = self._forward(x)
+            out = self._call(x)
         except ConversionMismatchError as error:
             log.warning("%s; running the network with the channels_last runtime instead", error)
-            self._fall_back()
-            out = self._forward(x)
+            self.fallback_reason = str(error)
+            self._use_torch_runtime("channels_last")
+            out = self._call(x)
         return out[:n] if padded else out
 
-    def _fall_back(self) -> None:
-        """Switch an ``openvino`` runtime that failed verification to ``channels_last``."""
-        self.name = "channels_last"
-        self.memory_format = _memory_format(self.spatial_dims)
-        self.network = _swap_instance_norms(copy.deepcopy(self.network)).to(memory_format=self.memory_format)
-        self._forward = self.network
+    def _call(self, x: Any) -> Any:
+        if self.name in NUMPY_RUNTIMES:
+            return self._forward(x)
+        import torch
+
+        numpy = isinstance(x, np.ndarray)
+        tensor = torch.from_numpy(np.ascontiguousarray(x)) if numpy else x
+        if self.memory_format is not None:
+            tensor = tensor.contiguous(memory_format=self.memory_format)
+        with torch.inference_mode():
+            out = self._forward(tensor)
+        return out.float().numpy() if numpy else out
+
+
+def _pad_batch(x: Any, size: int) -> Any:
+    """``x`` ``(n, ...)`` with zero windows appended to ``size`` along the batch axis."""
+    if isinstance(x, np.ndarray):
+        return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), dtype=x.dtype)])
+    import torch
+
+    return torch.cat([x, x.new_zeros((size - x.shape[0], *x.shape[1:]))])
 
 
 def openvino_available() -> bool:
@@ -196,12 +208,40 @@ def openvino_ir_tag(weights_key: str, shape: tuple[int, ...], version: str) -> s
     return hashlib.sha256(f"{weights_key}|{tuple(int(s) for s in shape)}|{version}".encode()).hexdigest()[:24]
 
 
+_threads: int | None = None
+
+
+def set_cpu_threads(threads: int) -> None:
+    """CPU threads for every runtime of this process: OpenVINO's (:func:`cpu_threads`) and, where
+    PyTorch is loaded, ``torch.set_num_threads``."""
+    global _threads
+    _threads = max(int(threads), 1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(_threads)
+
+
+def cpu_threads() -> int | None:
+    """Threads for the OpenVINO CPU plugin: :func:`set_cpu_threads`'s value, else PyTorch's
+    setting where PyTorch is loaded, else ``$OMP_NUM_THREADS``, else ``None`` (OpenVINO's
+    default: the physical cores, as PyTorch's)."""
+    if _threads:
+        return _threads
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 class ConversionMismatchError(RuntimeError):
     """A converted model does not compute the network's function (checked on first use)."""
 
 
 #: largest max |converted - eager| / range(eager) accepted when verifying a conversion
 VERIFY_TOLERANCE = 1e-3
+#: the eager network's output on the seeded probe, stored beside a converted model
+REFERENCE = "reference.npz"
 
 
 def _block_openvino_telemetry() -> None:
@@ -212,8 +252,6 @@ def _block_openvino_telemetry() -> None:
     unimportable (before OpenVINO is imported) makes the converter fall back to its own no-op
     ``openvino.tools.ovc.telemetry_stub``.
     """
-    import sys
-
     if "openvino.tools.ovc.telemetry_utils" not in sys.modules:
         sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
         sys.modules.setdefault("openvino_telemetry.backend", None)  # type: ignore[arg-type]
@@ -223,27 +261,69 @@ def _block_openvino_telemetry() -> None:
     telemetry_utils.tm = convert_impl.tm = telemetry_stub
 
 
+def probe(shape: tuple[int, ...]) -> np.ndarray:
+    """The seeded verification input ``shape`` (standard normal, float32)."""
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+
+
+def _relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected| / range(expected); infinite for another shape."""
+    if got.shape != expected.shape:
+        return float("inf")
+    span = float(expected.max() - expected.min()) or 1.0
+    return float(np.abs(got.astype(np.float32) - expected).max()) / span
+
+
+def _files_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("model.xml", "model.bin"):
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()
+
+
 class _OpenVINOForward:
-    """``x (N, C, *window) -> logits`` through an OpenVINO CPU model compiled per input shape.
+    """``x (N, C, *window) -> logits`` (NumPy, or tensors for tensors) through an OpenVINO CPU
+    model compiled per input shape.
 
     Each shape is converted with a static input shape (dynamic shapes mis-convert some networks,
     e.g. Swin UNETR's padding logic) and verified once against the eager network on a seeded
-    random input: max |openvino - eager| must be within :data:`VERIFY_TOLERANCE` of the eager
-    output range, else :class:`ConversionMismatchError`. Verified conversions are cached.
+    input (:func:`probe`): max |openvino - eager| must be within :data:`VERIFY_TOLERANCE` of the
+    eager output range, else :class:`ConversionMismatchError`. The eager output is stored with
+    the converted model (:data:`REFERENCE`, with the weights' key and the sha256 of the model
+    files), so a stored model is verified later against it without building the network or
+    importing PyTorch. A stored model without a matching reference (other weights, shape or
+    model files), or any stored model when the network is already built, is verified against
+    the eager network.
+
+    Args:
+        network: the network, or a function that builds it (called only when needed).
+        cache_key: the weights' sha256; without it nothing is stored or looked up.
+        shipped_dir: the package's folder of converted models (read-only).
     """
 
-    def __init__(self, network: nn.Module, cache_key: str | None, shipped_dir: Path | None = None):
+    def __init__(
+        self, network: nn.Module | Callable[[], nn.Module], cache_key: str | None, shipped_dir: Path | None = None
+    ):
         _block_openvino_telemetry()
         import openvino as ov
 
         self.ov = ov
-        self.network = network
+        self._network = network if _is_module(network) else None
+        self._load_network = None if self._network is not None else network
         self.cache_key = cache_key
         self.shipped_dir = shipped_dir
         self.core = ov.Core()
         self.compiled: dict[tuple[int, ...], Any] = {}
         #: where each shape's compiled model came from: "shipped", "cache" or "converted"
         self.sources: dict[tuple[int, ...], str] = {}
+        #: how each stored model was verified: "reference" (stored eager output) or "network"
+        self.verified_by: dict[tuple[int, ...], str] = {}
+
+    @property
+    def network(self) -> nn.Module:
+        if self._network is None:
+            self._network = self._load_network()
+        return self._network
 
     def _cache_path(self, shape: tuple[int, ...]) -> Path | None:
         if not self.cache_key:
@@ -256,31 +336,34 @@ class _OpenVINOForward:
         return self.shipped_dir / openvino_ir_tag(self.cache_key, shape, self.ov.__version__) / "model.xml"
 
     def _compile(self, model):
-        return self.core.compile_model(
-            model,
-            "CPU",
-            {
-                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, whatever the CPU supports
-            },
-        )
+        config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, whatever the CPU supports
+        }
+        threads = cpu_threads()
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        return self.core.compile_model(model, "CPU", config)
 
-    def _error(self, compiled, shape: tuple[int, ...]) -> float:
-        """max |compiled - eager| / range(eager) on a seeded random input of ``shape``."""
-        probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    def _eager(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The eager network's output on :func:`probe` of ``shape``."""
+        import torch
+
         with torch.inference_mode():
-            expected = self.network(probe).float()
-        got = torch.from_numpy(np.array(compiled({0: probe.numpy()})[0]))
-        span = float(expected.max() - expected.min()) or 1.0
-        return float((got - expected).abs().max()) / span if got.shape == expected.shape else float("inf")
+            return self.network(torch.from_numpy(probe(shape))).float().numpy()
+
+    def _run(self, compiled, x: np.ndarray) -> np.ndarray:
+        return np.array(compiled({0: x})[0], copy=True)
 
     def convert(self, shape: tuple[int, ...]):
-        """Convert the network for input ``shape`` and verify it; returns ``(model, compiled)``.
+        """Convert the network for input ``shape`` and verify it; returns ``(model, compiled,
+        eager output on the probe)``.
 
         Raises:
             ConversionMismatchError: the conversion does not compute the network's function.
         """
+        import torch
+
         ov = self.ov
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about the networks' shape checks
@@ -288,13 +371,35 @@ class _OpenVINOForward:
                 self.network, example_input=torch.zeros(shape), input=[ov.PartialShape(list(shape))]
             )
         compiled = self._compile(model)
-        error = self._error(compiled, shape)
+        expected = self._eager(shape)
+        error = _relative_error(self._run(compiled, probe(shape)), expected)
         if not error <= VERIFY_TOLERANCE:
             raise ConversionMismatchError(
                 f"OpenVINO conversion for input {shape} differs from the network "
                 f"(max error {error:.1e} of the output range)"
             )
-        return model, compiled
+        return model, compiled, expected
+
+    def _reference(self, folder: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The stored eager output for this model folder, if it belongs to these weights, this
+        shape and exactly these model files."""
+        path = folder / REFERENCE
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                meta = json.loads(str(stored["meta"]))
+                output = np.array(stored["output"], dtype=np.float32)
+            if (
+                meta.get("weights") != self.cache_key
+                or tuple(meta.get("shape", ())) != tuple(shape)
+                or meta.get("model_sha256") != _files_sha256(folder)
+            ):
+                return None
+            return output
+        except (OSError, ValueError, KeyError) as error:
+            log.debug("reference %s unreadable: %s", path, error)
+            return None
 
     def _read_verified(self, path: Path | None, shape: tuple[int, ...]):
         """The compiled model stored at ``path`` if it computes the network's function, else None."""
@@ -302,11 +407,17 @@ class _OpenVINOForward:
             return None
         try:
             compiled = self._compile(self.core.read_model(str(path)))
-            error = self._error(compiled, shape)
+            got = self._run(compiled, probe(shape))
         except Exception as error:  # a damaged or truncated IR: OpenVINO raises RuntimeError
             log.warning("stored OpenVINO model %s unreadable (%s): converting again", path.parent.name, error)
             return None
+        # a network at hand is the ground truth; the stored reference stands in for it when
+        # the network has not been built (it was computed from these weights at conversion)
+        reference = self._reference(path.parent, shape) if self._network is None else None
+        by = "reference" if reference is not None else "network"
+        error = _relative_error(got, reference if reference is not None else self._eager(shape))
         if error <= VERIFY_TOLERANCE:
+            self.verified_by[shape] = by
             return compiled
         log.warning(
             "stored OpenVINO model %s does not compute this network (max error %.1e): converting again",
@@ -321,33 +432,49 @@ class _OpenVINOForward:
             if compiled is not None:
                 self.sources[shape] = source
                 return compiled
-        model, compiled = self.convert(shape)
+        model, compiled, expected = self.convert(shape)
         self.sources[shape] = "converted"
         path = self._cache_path(shape)
         if path is not None:
             try:
-                save_openvino_model(self.ov, model, path.parent)
+                save_openvino_model(self.ov, model, path.parent, (self.cache_key, shape, expected))
             except OSError as error:  # a read-only home
                 log.debug("OpenVINO cache not written: %s", error)
         return compiled
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: Any) -> Any:
         shape = tuple(int(s) for s in x.shape)
         compiled = self.compiled.get(shape)
         if compiled is None:
             compiled = self.compiled[shape] = self._load(shape)
-        data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        result = compiled({0: data})[0]
-        return torch.from_numpy(np.array(result, copy=True))
+        if isinstance(x, np.ndarray):
+            return self._run(compiled, np.ascontiguousarray(x, dtype=np.float32))
+        import torch
+
+        return torch.from_numpy(self._run(compiled, np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)))
 
 
-def save_openvino_model(ov, model, folder: Path) -> Path:
+def _is_module(network: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(network, torch.nn.Module)
+
+
+def save_openvino_model(
+    ov, model, folder: Path, reference: tuple[str, tuple[int, ...], np.ndarray] | None = None
+) -> Path:
     """Write ``model`` as ``folder/model.xml`` + ``.bin`` (float32 weights) atomically: into a
-    temporary sibling folder renamed onto ``folder`` (an existing one is replaced)."""
+    temporary sibling folder renamed onto ``folder`` (an existing one is replaced). With
+    ``reference`` = ``(weights key, input shape, eager output on the probe)``, also
+    :data:`REFERENCE`, bound to the written model files by their sha256."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
     try:
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        if reference is not None:
+            key, shape, output = reference
+            meta = {"weights": key, "shape": [int(s) for s in shape], "model_sha256": _files_sha256(tmp)}
+            with open(tmp / REFERENCE, "wb") as handle:
+                np.savez(handle, output=np.asarray(output, dtype=np.float32), meta=np.array(json.dumps(meta)))
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -359,8 +486,9 @@ def save_openvino_model(ov, model, folder: Path) -> Path:
 
 def prepare_openvino(network: nn.Module, weights_key: str, shapes: list[tuple[int, ...]], folder: Path) -> list[Path]:
     """Convert ``network`` for each input shape ``(N, C, *window)``, verify each conversion and
-    write it under ``folder/<tag>/`` (:func:`openvino_ir_tag`), so that a Predictor finds it
-    instead of converting on first use (model export, bundled models).
+    write it under ``folder/<tag>/`` (:func:`openvino_ir_tag`) with its reference output, so that
+    a Predictor finds it instead of converting on first use (model export, bundled models) and
+    verifies it without building the network.
 
     Raises:
         ImportError: OpenVINO is not installed.
@@ -370,10 +498,9 @@ def prepare_openvino(network: nn.Module, weights_key: str, shapes: list[tuple[in
     written = []
     for shape in shapes:
         shape = tuple(int(s) for s in shape)
-        model, _ = forward.convert(shape)
-        written.append(
-            save_openvino_model(forward.ov, model, folder / openvino_ir_tag(weights_key, shape, forward.ov.__version__))
-        )
+        model, _, expected = forward.convert(shape)
+        tag = openvino_ir_tag(weights_key, shape, forward.ov.__version__)
+        written.append(save_openvino_model(forward.ov, model, folder / tag, (weights_key, shape, expected)))
     return written
 
 
@@ -391,14 +518,14 @@ def prepare_package(package) -> list[Path]:
         return []
     channels = int(card.network.config.get("in_channels", 1))
     shape = (1, channels, *(int(p) for p in card.patch_size))
-    return prepare_openvino(package.load_network("cpu"), package.weights_sha256, [shape], package.runtime_dir)
+    return prepare_openvino(package.load_network("cpu"), package.check_weights(), [shape], package.runtime_dir)
 
 
 def auto_sw_batch_size(
-    runtime: Callable[[torch.Tensor], torch.Tensor],
+    runtime: Callable[[Any], Any],
     window: tuple[int, ...],
     in_channels: int,
-    device: torch.device,
+    device: Any,
     num_windows: int,
     memory_fraction: float = 0.5,
     limit: int = 16,
@@ -410,8 +537,11 @@ def auto_sw_batch_size(
     GPU memory, from the peak memory of one window measured by a trial call (at most ``limit``
     and the number of windows).
     """
-    if device.type != "cuda":
+    if str(device).split(":")[0] != "cuda":
         return 1
+    import torch
+
+    device = torch.device(device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
