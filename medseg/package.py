@@ -3,7 +3,8 @@
 Layout (MONAI Bundle, so MONAI tools can read it)::
 
     <package>/configs/metadata.json   MONAI bundle metadata; the medseg model card under "medseg"
-    <package>/models/model.pt         the network's state dict (torch.save)
+    <package>/models/model.pt         the network's state dict (torch.save); floating-point tensors
+                                      in float32, or float16 (the card's ``weights_dtype``)
     <package>/folds/fold_K/           cross-validation ensembles only: the other folds' packages,
                                       listed in the card's ``folds`` (:meth:`ModelPackage.fold_packages`)
 
@@ -17,6 +18,13 @@ hex digits, :attr:`ModelCard.weights_short`, are the short form shown in preview
 descriptions) and ``trained_at`` (ISO 8601 UTC), both written by :meth:`ModelPackage.save`. For
 packages written before these fields existed the hash is computed from the weights file when the
 package is loaded, and ``trained_at`` stays ``None``.
+
+Weight storage: ``models/model.pt`` may hold its floating-point tensors in float16 (half the size:
+bundled packages, :meth:`ModelPackage.copy_to`, ``medseg models install --fp16``). Loading casts
+them to float32 before ``load_state_dict`` (:meth:`ModelPackage.load_network`; integer and boolean
+buffers as stored), so every consumer (Predictor, OpenVINO conversion, MONAI bundle runner, whose
+``load_state_dict`` copies into float32 parameters) runs a float32 network. The card records the
+storage in ``weights_dtype`` (``float32`` for packages written before the field existed).
 """
 
 from __future__ import annotations
@@ -24,20 +32,24 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from medseg.errors import ModelNotFoundError, UnreadableFileError
+from medseg.errors import ConfigError, MedsegError, ModelNotFoundError, UnreadableFileError, UnsupportedInputError
 from medseg.labels import Label
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 METADATA = Path("configs") / "metadata.json"
 WEIGHTS = Path("models") / "model.pt"
@@ -46,6 +58,8 @@ INFERENCE = Path("configs") / "inference.json"
 #: the MONAI bundle meta schema shipped with medseg, for ``monai.bundle verify_metadata``
 BUNDLE_SCHEMA = Path(__file__).parent / "bundle_schema" / "meta_schema.json"
 BUNDLED_MODELS = Path(__file__).parent / "models"
+#: how ``models/model.pt`` may store floating-point tensors (:attr:`ModelCard.weights_dtype`)
+WEIGHTS_DTYPES = ("float32", "float16")
 
 
 class NetworkSpec(BaseModel):
@@ -81,6 +95,36 @@ class PostProcessing(BaseModel):
 
     largest_component: bool = False
     min_blob_mm3: float = 0.0
+
+
+class Int8Runtime(BaseModel):
+    """The optional int8 OpenVINO runtime of a package (``runtime/openvino-int8/``, written by
+    ``medseg quantize``: NNCF post-training quantisation calibrated on training cases of the
+    model's fold) and what it measured against the float32 runtime on the fold's validation cases.
+
+    The Predictor's ``auto`` runtime uses it only when ``enabled`` (set by ``medseg quantize``
+    only when ``|dice_change| <= 0.5`` points), ``weights_sha256`` is the package's, and the int8
+    model for the CPU window is present; otherwise ``auto`` is unchanged (float32 ``openvino``).
+    """
+
+    enabled: bool = False
+    dice_change: float | None = Field(
+        None, description="points: 100 x (int8 mean Dice - float32 mean Dice) on measured_on"
+    )
+    measured_on: str = Field("", description="e.g. 'hippocampus fold 0 validation, 44 cases'")
+    weights_sha256: str | None = Field(None, description="the weights the int8 model and figures belong to")
+    dice: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="per runtime ('openvino', 'openvino_int8'): per label name and 'mean'"
+    )
+    hd95_mm: dict[str, dict[str, float]] = Field(default_factory=dict, description="as dice, HD95 in mm")
+    label_agreement: float | None = Field(None, description="% of validation voxels labelled alike by both")
+    seconds_per_case: dict[str, float] = Field(default_factory=dict, description="per runtime, wall clock")
+    threads: int | None = None
+    cpu: str = ""
+    calibration: dict[str, Any] = Field(
+        default_factory=dict, description="training cases, windows, preset, NNCF and OpenVINO versions"
+    )
+    measured_at: str | None = None
 
 
 class ModelCard(BaseModel):
@@ -119,6 +163,12 @@ class ModelCard(BaseModel):
         description="sha256 (64 lower-case hex) of models/model.pt; set by ModelPackage.save, "
         "computed at load time for older packages",
     )
+    weights_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="how models/model.pt stores its floating-point tensors: float32, or float16 (half the "
+        "file; cast to float32 when loaded, so the network always runs in float32); integer and boolean "
+        "buffers are stored as they are. float32 for packages written before this field existed",
+    )
     trained_at: str | None = Field(
         None,
         description="when the weights were produced, ISO 8601 UTC ('2026-11-22T04:52:58Z'); "
@@ -140,6 +190,11 @@ class ModelCard(BaseModel):
         False,
         description="mirroring test-time augmentation is on unless the caller turns it off "
         "(Predictor(tta=None), `medseg predict` without --tta/--no-tta)",
+    )
+    int8: Int8Runtime | None = Field(
+        None,
+        description="the optional int8 OpenVINO runtime and its measured Dice change (`medseg quantize`); "
+        "None: none measured, the Predictor's auto runtime stays float32",
     )
 
     @field_validator("weights_sha256")
@@ -279,6 +334,12 @@ class ModelPackage:
         return self.path / "runtime" / "openvino"
 
     @property
+    def int8_runtime_dir(self) -> Path:
+        """``runtime/openvino-int8``: int8 models made by ``medseg quantize``
+        (:func:`medseg.inference.int8.quantize_package`), beside :attr:`runtime_dir`."""
+        return self.path / "runtime" / "openvino-int8"
+
+    @property
     def trained_at(self) -> str | None:
         """ISO 8601 UTC training timestamp, ``None`` for packages that predate the field."""
         return self.card.trained_at
@@ -305,20 +366,20 @@ class ModelPackage:
     def load_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """Build the network from the card, load the weights, and return it in eval mode.
 
+        float16 weights (:attr:`ModelCard.weights_dtype`) are cast to float32 before
+        ``load_state_dict`` (:func:`load_weights`): the network is float32 either way.
+
         Raises:
             UnreadableFileError: ``models/model.pt`` no longer matches the card's
                 ``weights_sha256`` (replaced or damaged after export), so outputs would carry a
                 wrong model identity.
         """
-        import torch
-
         from medseg.networks import create_network
 
         self.check_weights()
         spec = self.card.network
         network = create_network(spec.name, **spec.config)
-        state = torch.load(self.path / WEIGHTS, map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
+        network.load_state_dict(load_weights(self.path / WEIGHTS))
         return network.to(device).eval()
 
     @staticmethod
@@ -326,8 +387,9 @@ class ModelPackage:
         """Write a package atomically (to a temporary directory, then rename) and return it.
 
         The stored card gets ``weights_sha256`` = sha256 of the written ``models/model.pt``
-        (whatever ``card`` held is replaced) and ``trained_at`` = ``card.trained_at``, or the save
-        time (UTC) when that is ``None``. ``card`` itself is not modified.
+        (whatever ``card`` held is replaced), ``weights_dtype`` = how ``state_dict`` stores its
+        floating-point tensors (:func:`weights_dtype_of`) and ``trained_at`` = ``card.trained_at``,
+        or the save time (UTC) when that is ``None``. ``card`` itself is not modified.
         """
         import torch
 
@@ -339,7 +401,11 @@ class ModelPackage:
             (tmp / WEIGHTS).parent.mkdir(parents=True)
             torch.save(state_dict, tmp / WEIGHTS)
             card = card.model_copy(
-                update={"weights_sha256": file_sha256(tmp / WEIGHTS), "trained_at": card.trained_at or utc_timestamp()}
+                update={
+                    "weights_sha256": file_sha256(tmp / WEIGHTS),
+                    "weights_dtype": weights_dtype_of(state_dict),
+                    "trained_at": card.trained_at or utc_timestamp(),
+                }
             )
             (tmp / METADATA).write_text(json.dumps(_bundle_metadata(card), indent=2))
             inference = monai_inference_config(card)
@@ -352,6 +418,245 @@ class ModelPackage:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return ModelPackage(path)
+
+    def copy_to(
+        self,
+        dest: str | os.PathLike,
+        weights_dtype: str = "float16",
+        *,
+        overwrite: bool = False,
+        prepare: Callable[[ModelPackage], Any] | None = None,
+    ) -> ModelPackage:
+        """Write a copy of this package to ``dest`` with its weights stored as ``weights_dtype``
+        (``"float16"``: half the file; ``"float32"``) and return the copy.
+
+        Everything in the package is copied except converted runtimes (``runtime/`` of the
+        package and of each fold package): they are keyed by the weights' sha256, which the copy
+        changes. In the copy, each ``models/model.pt`` (the package's and its folds') holds the
+        floating-point tensors as ``weights_dtype`` (integer and boolean buffers as they are), and
+        each card gets the new file's ``weights_sha256``, ``weights_dtype``, and no ``int8``
+        entry (that runtime belonged to the old weights); the rest of the card (name, version,
+        ``trained_at``, metrics) and of the MONAI metadata is as it was.
+
+        The copy is assembled in a temporary folder beside ``dest``; ``prepare(copy)`` runs there
+        (e.g. :func:`medseg.inference.runtime.prepare_package`, to ship the OpenVINO model of the
+        new weights), and only then is the folder renamed to ``dest``: ``dest`` ends up holding the
+        complete copy, or is left as it was.
+
+        Args:
+            dest: the new package folder; must not exist unless ``overwrite``.
+            weights_dtype: one of :data:`WEIGHTS_DTYPES`.
+            overwrite: replace an existing package at ``dest`` (a folder that is not a model
+                package is never replaced).
+            prepare: called with the finished copy before it is moved into place; what it raises
+                aborts the copy.
+
+        Raises:
+            PackageExistsError: ``dest`` exists (without ``overwrite``), exists and is not a model
+                package, or is this package or a folder inside it.
+            UnreadableFileError: a weights file does not match its card (:meth:`check_weights`).
+            UnsupportedInputError: a weight lies beyond float16's range (``|x| > 65504``).
+            ValueError: ``weights_dtype`` is not one of :data:`WEIGHTS_DTYPES`.
+        """
+        if weights_dtype not in WEIGHTS_DTYPES:
+            raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, not {weights_dtype!r}")
+        dest = Path(dest)
+        source, target = self.path.resolve(), dest.resolve()
+        if target == source or source in target.parents:
+            raise PackageExistsError(f"{dest}: is the package {self.path.name} itself or inside it; copy elsewhere")
+        _check_destination(dest, overwrite)
+        packages = [self, *self.fold_packages()]
+        for package in packages:
+            package.check_weights()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            shutil.copytree(
+                self.path,
+                tmp,
+                dirs_exist_ok=True,
+                ignore=lambda folder, names: {"runtime"} if (Path(folder) / METADATA).is_file() else set(),
+            )
+            for rel in ["", *(self.card.folds or [])]:
+                _rewrite_weights(tmp / rel if rel else tmp, weights_dtype)
+            copy = ModelPackage(tmp)
+            if prepare is not None:
+                prepare(copy)
+            _publish(tmp, dest, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return ModelPackage(dest)
+
+
+class PackageExistsError(MedsegError):
+    """A package cannot be written where asked: the folder exists (and replacing was not asked
+    for, or it is not a model package), or it is the source package itself."""
+
+    code = "package-exists"
+    http_status = 409
+
+
+#: float16's largest finite value: weights beyond it cannot be stored in float16
+FLOAT16_MAX = 65504.0
+
+
+def weights_dtype_of(state_dict: dict[str, Any]) -> str:
+    """``"float16"`` when every floating-point tensor of ``state_dict`` is float16 (and there is
+    one), else ``"float32"`` (what :attr:`ModelCard.weights_dtype` records)."""
+    dtypes = {str(v.dtype) for v in state_dict.values() if hasattr(v, "is_floating_point") and v.is_floating_point()}
+    return "float16" if dtypes == {"torch.float16"} else "float32"
+
+
+def cast_weights(state_dict: dict[str, Any], weights_dtype: str) -> dict[str, Any]:
+    """``state_dict`` (changed in place and returned, so its ``_metadata`` stays) with its
+    floating-point tensors as ``weights_dtype`` (``"float16"`` or ``"float32"``); integer and
+    boolean buffers and non-tensor entries are left as they are. For ``"float32"`` only reduced
+    precision tensors (float16, bfloat16) are cast; tensors sharing memory stay shared.
+
+    Raises:
+        UnsupportedInputError: casting to float16 would turn a finite weight infinite (``|x| > 65504``).
+        ValueError: ``weights_dtype`` is not one of :data:`WEIGHTS_DTYPES`.
+    """
+    import torch
+
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, not {weights_dtype!r}")
+    dtype = getattr(torch, weights_dtype)
+    done: dict[tuple, torch.Tensor] = {}  # tied tensors (same memory, layout) are cast once
+    for key in list(state_dict):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == dtype:
+            continue
+        if dtype == torch.float32 and value.dtype not in (torch.float16, torch.bfloat16):
+            continue  # float64 stays: load_state_dict copies it into the float32 parameters
+        tie = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if tie not in done:
+            cast = value.detach().to(dtype)
+            if dtype == torch.float16 and value.numel():
+                overflow = torch.isfinite(value) & ~torch.isfinite(cast)
+                if bool(overflow.any()):
+                    raise UnsupportedInputError(
+                        f"weight {key}: values beyond float16's range (|x| > {FLOAT16_MAX:g}); keep float32 weights"
+                    )
+            done[tie] = cast
+        state_dict[key] = done[tie]
+    return state_dict
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """A package's state dict (``models/model.pt``) with float16 and bfloat16 tensors cast to
+    float32 (:func:`cast_weights`), ready for a float32 network's ``load_state_dict``."""
+    import torch
+
+    return cast_weights(torch.load(path, map_location="cpu", weights_only=True), "float32")
+
+
+def _rewrite_weights(folder: Path, weights_dtype: str) -> None:
+    """Store ``folder``'s ``models/model.pt`` as ``weights_dtype`` and update its card (new
+    ``weights_sha256``, ``weights_dtype``, no ``int8``); the rest of the metadata as it was."""
+    import torch
+
+    state = cast_weights(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True), weights_dtype)
+    torch.save(state, folder / WEIGHTS)
+    metadata = json.loads((folder / METADATA).read_text())
+    card = ModelCard.model_validate(metadata["medseg"])
+    update: dict[str, Any] = {"weights_sha256": file_sha256(folder / WEIGHTS), "weights_dtype": weights_dtype}
+    if getattr(card, "int8", None) is not None:
+        update["int8"] = None  # runtime/openvino-int8 is not copied: it was the old weights'
+    metadata["medseg"] = card.model_copy(update=update).model_dump(mode="json")
+    (folder / METADATA).write_text(json.dumps(metadata, indent=2))
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if not overwrite:
+        raise PackageExistsError(f"{dest}: already exists; not replaced (replace it with --force)")
+    if dest.is_symlink() or not (dest / METADATA).is_file():
+        raise PackageExistsError(f"{dest}: exists and is not a model package; not replaced")
+
+
+def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``dest``; with ``overwrite`` an existing package there is
+    moved aside first and deleted once the new one is in place (restored if that fails)."""
+    _check_destination(dest, overwrite)
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        os.replace(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if old is not None and not dest.exists():
+            os.replace(old, dest)
+        elif old is None and dest.exists():
+            raise PackageExistsError(f"{dest}: appeared while the copy was written; not replaced") from None
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def install_package(
+    source: str | os.PathLike | ModelPackage,
+    name: str | None = None,
+    dest: str | os.PathLike = BUNDLED_MODELS,
+    weights_dtype: str | None = None,
+    *,
+    force: bool = False,
+    openvino: bool = True,
+) -> ModelPackage:
+    """Install a copy of package ``source`` as ``dest/name`` (:meth:`ModelPackage.copy_to`) with
+    its weights stored as ``weights_dtype`` (``None``: as the source stores them), and ship the
+    OpenVINO model of the new weights (:func:`medseg.inference.runtime.prepare_package`) in it
+    before it is moved into place. When OpenVINO is missing or ``openvino`` is false the copy
+    has no ``runtime/`` (the Predictor converts on first use); when the conversion fails, the
+    reason stays in ``runtime/openvino/<tag>/failed.json`` and the Predictor runs the network
+    eagerly, as for a freshly trained package.
+
+    Args:
+        source: a package folder, or a package name on :func:`model_search_path`.
+        name: the new folder's name (default: the card's name); the card's name is kept, since it
+            is the model's identity (name, version, weights sha256).
+        dest: the folder of packages (default: the bundled models, ``medseg/models``).
+        force: replace an existing package of that name in ``dest``.
+
+    Raises:
+        ModelNotFoundError, UnreadableFileError: ``source`` is not a model package.
+        ConfigError: ``name`` is not a plain package name (:func:`is_model_name`).
+        PackageExistsError, UnsupportedInputError: see :meth:`ModelPackage.copy_to`.
+    """
+    if isinstance(source, ModelPackage):
+        package = source
+    elif Path(source).exists():
+        package = ModelPackage(source)  # says why a folder is not a package
+    else:
+        package = resolve_model(source)
+    name = package.card.name if name is None else name
+    if not is_model_name(name):
+        raise ConfigError(
+            f"package name {name[:80]!r}: letters, digits, '.', '_', '-' only, starting with a letter or digit"
+        )
+    prepare = None
+    if openvino:
+        from medseg.inference.runtime import openvino_available
+
+        if openvino_available():
+            prepare = _prepare_openvino
+        else:
+            log.warning("OpenVINO is not installed: %s ships no converted model", name)
+    return package.copy_to(
+        Path(dest) / name, weights_dtype or package.card.weights_dtype, overwrite=force, prepare=prepare
+    )
+
+
+def _prepare_openvino(package: ModelPackage) -> None:
+    from medseg.inference.runtime import ConversionMismatchError, prepare_package
+
+    try:
+        prepare_package(package)
+    except ConversionMismatchError as error:  # the Predictor falls back to eager PyTorch
+        log.warning("no OpenVINO model shipped: %s", error)
 
 
 def _bundle_metadata(card: ModelCard) -> dict[str, Any]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from medseg.inference.channels_last import GroupInstanceNorm
 from medseg.inference.runtime import NetworkRuntime, auto_sw_batch_size
 from medseg.networks import create_network
+
+REPO_SAMPLE = Path(__file__).resolve().parents[1] / "medseg" / "samples" / "hippocampus_mr"
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +208,45 @@ def test_an_exported_package_predicts_without_converting(tmp_path, monkeypatch):
     assert predictor.runtimes[0]._forward.sources == {(1, 1, 16, 24, 16): "shipped"}
     eager = Predictor(package, runtime="eager").predict(image)
     assert (prediction.label_map.array == eager.label_map.array).mean() > 0.999
+
+
+def test_a_failed_conversion_is_remembered_and_the_predictor_falls_back_with_its_reason(tmp_path, monkeypatch):
+    """A conversion that failed at export (e.g. OpenVINO's CPU plugin crashing: the 2D TransUNet's
+    float32 compile ends in SIGSEGV on this CPU) leaves ``failed.json`` with the reason; the
+    Predictor then runs the network eagerly, reports why, and converts nothing again."""
+    import json
+
+    import openvino
+
+    from medseg.inference import Predictor
+    from medseg.inference.runtime import FAILED, _OpenVINOForward, convert_package, openvino_ir_tag
+    from medseg.io import read_image
+    from medseg.package import ModelCard, ModelPackage, NetworkSpec
+    from tests.test_inference_predictor import LABELS
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    config = dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1)
+    card = ModelCard(
+        name="tiny",
+        network=NetworkSpec(name="unet", config=config),
+        modality=["MR"],
+        labels=LABELS,
+        spacing=(1.0, 1.0, 1.0),
+        patch_size=(16, 24, 16),
+    )
+    package = ModelPackage.save(tmp_path / "tiny", card, create_network("unet", **config).state_dict())
+    shape = (1, 1, 16, 24, 16)
+    folder = package.runtime_dir / openvino_ir_tag(package.weights_sha256, shape, openvino.__version__)
+    # a child that cannot read the package exits non-zero: its last stderr line is the reason
+    with pytest.raises(Exception, match="failed|Error"):
+        convert_package(tmp_path / "missing", shape, folder)
+    reason = "OpenVINO conversion for input (1, 1, 16, 24, 16) crashed (SIGSEGV)"
+    (folder / FAILED).write_text(json.dumps({"reason": reason}))
+    monkeypatch.setattr(_OpenVINOForward, "convert", _no_conversion)
+    prediction = Predictor(package).predict(read_image(REPO_SAMPLE))
+    assert prediction.settings["runtime"] == "channels_last"
+    assert prediction.settings["runtime_fallback"] == reason
+    assert not (tmp_path / "cache").exists()
 
 
 def test_the_bundled_default_model_ships_its_openvino_model(monkeypatch, tmp_path):

@@ -94,7 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--skip-existing", action="store_true", help="skip series whose report is already in the output folder (resume)"
     )
-    parser.add_argument("--runtime", default="auto", help="auto, openvino, eager, channels_last or compile")
+    parser.add_argument(
+        "--runtime",
+        default="auto",
+        help="auto, openvino, openvino_int8 (a package quantised by medseg quantize), eager, channels_last or "
+        "compile; auto is openvino on the CPU (openvino_int8 where the model card enables it)",
+    )
     parser.add_argument("--sw-batch-size", type=int, default=None, help="windows per network call (default: automatic)")
     scale = parser.add_argument_group(
         "scale-out (the workers of `medseg worker`)",

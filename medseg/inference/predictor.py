@@ -37,7 +37,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -96,7 +95,8 @@ class Predictor:
         overlap: window overlap in ``[0, 1)`` (default: the card's).
         sw_batch_size: windows per network call (default: automatic, see
             :func:`~medseg.inference.runtime.auto_sw_batch_size`).
-        runtime: see :mod:`medseg.inference.runtime` (default ``"auto"``).
+        runtime: see :mod:`medseg.inference.runtime` (default ``"auto"``; on the CPU ``auto`` is
+            ``openvino_int8`` only where the card enables it, :func:`int8_enabled`).
         mirror_axes: spatial axes mirrored for TTA (default: all).
         folds: further packages (names or paths) of the same card whose networks are averaged
             with this one (cross-validation folds), after the folds the package itself holds
@@ -138,8 +138,10 @@ class Predictor:
             self._check_fold(other)
         self.accumulator_dtype = accumulator_dtype
         self.half_precision = self.device_type == "cuda" if half_precision is None else half_precision
+        if runtime == "auto" and self.device_type == "cpu" and int8_enabled(packages):
+            runtime = "openvino_int8"
         self._set_networks(
-            [(None, _loader(p, self.device), p.check_weights(), p.runtime_dir) for p in packages],
+            [(None, _loader(p, self.device), p.check_weights(), p) for p in packages],
             runtime,
             self.package.card.tta_default if tta is None else bool(tta),
             mirror_axes,
@@ -204,7 +206,9 @@ class Predictor:
 
     def _set_networks(
         self,
-        networks: list[tuple[torch.nn.Module | None, Callable[[], torch.nn.Module] | None, str | None, Path | None]],
+        networks: list[
+            tuple[torch.nn.Module | None, Callable[[], torch.nn.Module] | None, str | None, ModelPackage | None]
+        ],
         runtime: str,
         tta: bool,
         mirror_axes: Sequence[int] | None,
@@ -219,10 +223,11 @@ class Predictor:
                 batch,
                 device=self.device,
                 cache_key=key,
-                shipped_dir=shipped,
+                shipped_dir=package.runtime_dir if package else None,
                 load_network=load,
+                package_path=package.path if package else None,
             )
-            for network, load, key, shipped in networks
+            for network, load, key, package in networks
         ]
         self.runtime = self.runtimes[0].name
         if tta:
@@ -431,6 +436,23 @@ class Predictor:
         if kept is not None:
             kept = np.ascontiguousarray(grid.to_input(kept))
         return labels_np, kept
+
+
+def int8_enabled(packages: Sequence[ModelPackage]) -> bool:
+    """Whether ``auto`` runs ``packages`` (a package and its folds) with ``openvino_int8``: the
+    first card's ``int8.enabled`` (``medseg quantize`` measured the Dice change within 0.5
+    points), for these weights, and every package ships its int8 model for the CPU window
+    ``(1, C, *patch_size)``. Otherwise ``auto`` stays as it was (float32 ``openvino``)."""
+    card = packages[0].card
+    setting = card.int8
+    if setting is None or not setting.enabled or setting.weights_sha256 != card.weights_sha256:
+        return False
+    from medseg.inference.runtime import int8_model_path, openvino_available
+
+    if not openvino_available():
+        return False
+    shape = (1, int(card.network.config.get("in_channels", 1)), *(int(p) for p in card.patch_size))
+    return all(int8_model_path(p.runtime_dir, p.weights_sha256, shape) is not None for p in packages)
 
 
 def _loader(package: ModelPackage, device: str) -> Callable[[], torch.nn.Module]:

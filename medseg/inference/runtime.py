@@ -24,6 +24,13 @@ Runtimes (``Predictor(runtime=...)``):
   network, and NumPy in, NumPy out, without importing PyTorch at all. The IR does not depend on
   the CPU: OpenVINO compiles it for the CPU at hand when it is loaded (about 0.2 s here), so one
   shipped IR serves every machine.
+- ``openvino_int8``: an int8 model of the network (NNCF post-training quantisation, made by
+  ``medseg quantize``, :mod:`medseg.inference.int8`) shipped in the package under
+  ``runtime/openvino-int8/<tag>/`` (:data:`INT8_DIR`, same tag as the float32 model), never made
+  on the fly. It is bound to the weights and its model files by the int8 output stored beside it
+  (:data:`REFERENCE`); a missing, changed or damaged int8 model is not used: the runtime falls
+  back to ``openvino`` (float32) with a warning and ``fallback_reason``. Its Dice change is
+  measured on the validation fold and stated in the card (:class:`medseg.package.Int8Runtime`).
 - ``auto``: ``openvino`` on the CPU (``channels_last`` if OpenVINO is missing); ``channels_last``
   plus float16 autocast on CUDA (set by the Predictor through the engine's ``half_precision``).
 
@@ -54,11 +61,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "eager", "channels_last", "compile", "openvino")
+RUNTIMES = ("auto", "eager", "channels_last", "compile", "openvino", "openvino_int8")
 
 #: NumPy-native runtimes: they take and return NumPy arrays, so a Predictor using only them never
 #: imports PyTorch when its network need not be built (a verified stored OpenVINO model)
-NUMPY_RUNTIMES = ("openvino",)
+NUMPY_RUNTIMES = ("openvino", "openvino_int8")
 
 
 class NetworkRuntime:
@@ -76,12 +83,16 @@ class NetworkRuntime:
         cache_key: identifies the weights for the OpenVINO cache (e.g. a hash of the weight
             file); without it the cache is not used.
         shipped_dir: a read-only folder of converted models shipped with the package
-            (``<package>/runtime/openvino``), searched before the cache.
+            (``<package>/runtime/openvino``), searched before the cache; ``openvino_int8`` reads
+            its int8 models from the sibling :data:`INT8_DIR`.
         load_network: builds the network when it is first needed, instead of ``network``: the
             ``openvino`` runtime with a verified stored model never needs it (nor PyTorch).
+        package_path: the model package the network comes from: a conversion on first use then
+            runs in a child process (:func:`convert_package`), so that a converter crash becomes
+            a fallback with its reason instead of killing this process.
 
     Raises:
-        ValueError: unknown runtime; ``openvino`` for a network not on the CPU; neither
+        ValueError: unknown runtime; ``openvino(_int8)`` for a network not on the CPU; neither
             ``network`` nor ``load_network``.
         ImportError: ``openvino`` asked for and not installed.
     """
@@ -96,6 +107,7 @@ class NetworkRuntime:
         cache_key: str | None = None,
         shipped_dir: Path | None = None,
         load_network: Callable[[], nn.Module] | None = None,
+        package_path: Path | None = None,
     ):
         if runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {runtime!r} (known: {', '.join(RUNTIMES)})")
@@ -104,8 +116,8 @@ class NetworkRuntime:
         on_cpu = str(device).split(":")[0] == "cpu"
         if runtime == "auto":
             runtime = "openvino" if on_cpu and openvino_available() else "channels_last"
-        if runtime == "openvino" and not on_cpu:
-            raise ValueError("the openvino runtime runs on the CPU only")
+        if runtime in ("openvino", "openvino_int8") and not on_cpu:
+            raise ValueError(f"the {runtime} runtime runs on the CPU only")
         self.name = runtime
         self.spatial_dims = spatial_dims
         self.batch_size = max(int(batch_size), 1)
@@ -117,7 +129,17 @@ class NetworkRuntime:
         self.fallback_reason: str | None = None
         if self.name == "openvino":
             self._forward: Callable[[Any], Any] = _OpenVINOForward(
-                self._network if self._network is not None else self._get_network, cache_key, shipped_dir
+                self._network if self._network is not None else self._get_network,
+                cache_key,
+                shipped_dir,
+                package_path,
+            )
+        elif self.name == "openvino_int8":
+            self._forward = _OpenVINOInt8Forward(
+                self._network if self._network is not None else self._get_network,
+                cache_key,
+                shipped_dir,
+                package_path,
             )
         else:
             self._use_torch_runtime(self.name)
@@ -134,7 +156,7 @@ class NetworkRuntime:
 
     @property
     def numpy_native(self) -> bool:
-        """Whether calls with NumPy arrays run without PyTorch (the ``openvino`` runtime)."""
+        """Whether calls with NumPy arrays run without PyTorch (the ``openvino(_int8)`` runtimes)."""
         return self.name in NUMPY_RUNTIMES
 
     def _use_torch_runtime(self, name: str) -> None:
@@ -155,7 +177,7 @@ class NetworkRuntime:
 
     def __call__(self, x: Any) -> Any:
         n = x.shape[0]
-        padded = self.name in ("compile", "openvino") and n < self.batch_size
+        padded = self.name in ("compile", "openvino", "openvino_int8") and n < self.batch_size
         if padded:  # one compiled shape
             x = _pad_batch(x, self.batch_size)
         try:
@@ -168,6 +190,13 @@ class NetworkRuntime:
         return out[:n] if padded else out
 
     def _call(self, x: Any) -> Any:
+        if self.name == "openvino_int8":
+            try:
+                return self._forward(x)
+            except Int8ModelError as error:  # never silently: a warning and the reason in reports
+                log.warning("%s; running the float32 openvino runtime instead", error)
+                self.fallback_reason = str(error)
+                self.name, self._forward = "openvino", self._forward.float32()
         if self.name in NUMPY_RUNTIMES:
             return self._forward(x)
         import torch
@@ -299,10 +328,16 @@ class _OpenVINOForward:
         network: the network, or a function that builds it (called only when needed).
         cache_key: the weights' sha256; without it nothing is stored or looked up.
         shipped_dir: the package's folder of converted models (read-only).
+        package_path: the package the network comes from; conversions then run in a child
+            process (:func:`convert_package`) and a failed one is remembered (:data:`FAILED`).
     """
 
     def __init__(
-        self, network: nn.Module | Callable[[], nn.Module], cache_key: str | None, shipped_dir: Path | None = None
+        self,
+        network: nn.Module | Callable[[], nn.Module],
+        cache_key: str | None,
+        shipped_dir: Path | None = None,
+        package_path: Path | None = None,
     ):
         _block_openvino_telemetry()
         import openvino as ov
@@ -312,6 +347,7 @@ class _OpenVINOForward:
         self._load_network = None if self._network is not None else network
         self.cache_key = cache_key
         self.shipped_dir = shipped_dir
+        self.package_path = package_path
         self.core = ov.Core()
         self.compiled: dict[tuple[int, ...], Any] = {}
         #: where each shape's compiled model came from: "shipped", "cache" or "converted"
@@ -427,11 +463,23 @@ class _OpenVINOForward:
         return None
 
     def _load(self, shape: tuple[int, ...]):
-        for source, path in (("shipped", self._shipped_path(shape)), ("cache", self._cache_path(shape))):
+        stored = (("shipped", self._shipped_path(shape)), ("cache", self._cache_path(shape)))
+        for source, path in stored:
             compiled = self._read_verified(path, shape)
             if compiled is not None:
                 self.sources[shape] = source
                 return compiled
+        for _, path in stored:  # a conversion that failed before (same weights, shape, version)
+            if path is not None and (path.parent / FAILED).is_file():
+                raise ConversionFailedError(_failure_reason(path.parent / FAILED))
+        cached = self._cache_path(shape)
+        if self.package_path is not None and cached is not None:
+            convert_package(self.package_path, shape, cached.parent)  # raises ConversionFailedError
+            compiled = self._read_verified(cached, shape)
+            if compiled is None:
+                raise ConversionFailedError(f"OpenVINO conversion for input {shape} could not be verified")
+            self.sources[shape] = "converted"
+            return compiled
         model, compiled, expected = self.convert(shape)
         self.sources[shape] = "converted"
         path = self._cache_path(shape)
@@ -452,6 +500,77 @@ class _OpenVINOForward:
         import torch
 
         return torch.from_numpy(self._run(compiled, np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)))
+
+
+#: the package's folder of int8 models, beside its float32 ``runtime/openvino``
+INT8_DIR = "openvino-int8"
+#: largest max |int8 - stored int8 output| / range on the probe accepted when loading an int8
+#: model: int8 kernels differ with the CPU and thread count (1 vs 2 threads: 3e-2 on the
+#: hippocampus U-Net here), so this only checks that the model runs and computes about what it
+#: did at quantisation; any changed byte of the model files is caught by their sha256
+INT8_VERIFY_TOLERANCE = 0.1
+
+
+class Int8ModelError(RuntimeError):
+    """The package has no usable int8 model (none for this input shape and OpenVINO version, or
+    one changed or damaged after quantisation)."""
+
+
+def int8_model_path(shipped_dir: Path | None, weights_key: str | None, shape: tuple[int, ...]) -> Path | None:
+    """``<package>/runtime/openvino-int8/<tag>/model.xml`` for the weights' sha256 and input
+    ``shape`` ``(N, C, *window)`` if it exists (not verified), else ``None``. ``shipped_dir`` is
+    the package's float32 folder (:attr:`medseg.package.ModelPackage.runtime_dir`).
+
+    Raises:
+        ImportError: OpenVINO is not installed.
+    """
+    if shipped_dir is None or not weights_key:
+        return None
+    import openvino as ov
+
+    path = Path(shipped_dir).parent / INT8_DIR / openvino_ir_tag(weights_key, shape, ov.__version__) / "model.xml"
+    return path if path.is_file() else None
+
+
+class _OpenVINOInt8Forward(_OpenVINOForward):
+    """``x -> logits`` through the package's int8 model for ``x``'s shape (:data:`INT8_DIR`),
+    never converted or quantised here. Before first use the model files must match the sha256
+    in their stored reference (made at quantisation, with the weights' key and shape) and the
+    compiled model's output on :func:`probe` must be within :data:`INT8_VERIFY_TOLERANCE` of the
+    stored output; otherwise :class:`Int8ModelError` (:class:`NetworkRuntime` then falls back to
+    :meth:`float32`)."""
+
+    def _load(self, shape: tuple[int, ...]):
+        path = int8_model_path(self.shipped_dir, self.cache_key, shape)
+        if path is None:
+            raise Int8ModelError(
+                f"the model package has no int8 OpenVINO model for input {shape} and OpenVINO "
+                f"{self.ov.__version__.split('-')[0]} (make one with `medseg quantize`)"
+            )
+        reference = self._reference(path.parent, shape)
+        if reference is None:
+            raise Int8ModelError(
+                f"int8 OpenVINO model {path.parent.name} does not match its stored reference "
+                "(changed or damaged after quantisation, or made for other weights)"
+            )
+        try:
+            compiled = self._compile(self.core.read_model(str(path)))
+            error = _relative_error(self._run(compiled, probe(shape)), reference)
+        except Exception as failure:  # an unreadable IR: OpenVINO raises RuntimeError
+            raise Int8ModelError(f"int8 OpenVINO model {path.parent.name} unreadable ({failure})") from None
+        if not error <= INT8_VERIFY_TOLERANCE:
+            raise Int8ModelError(
+                f"int8 OpenVINO model {path.parent.name} does not compute its stored output "
+                f"(max error {error:.1e} of the output range)"
+            )
+        self.sources[shape] = "shipped"
+        self.verified_by[shape] = "reference"
+        return compiled
+
+    def float32(self) -> _OpenVINOForward:
+        """The float32 ``openvino`` forward of the same network, weights and package."""
+        network = self._network if self._network is not None else self._load_network
+        return _OpenVINOForward(network, self.cache_key, self.shipped_dir, self.package_path)
 
 
 def _is_module(network: Any) -> bool:
@@ -507,18 +626,101 @@ def prepare_openvino(network: nn.Module, weights_key: str, shapes: list[tuple[in
 def prepare_package(package) -> list[Path]:
     """Ship a package's OpenVINO model: convert its network for the CPU window shape the
     Predictor uses (``(1, C, *patch_size)``: one window per call on the CPU) into
-    ``<package>/runtime/openvino/`` (:func:`prepare_openvino`). Returns the written ``model.xml``
-    paths; nothing for nuclei packages (they run eagerly).
+    ``<package>/runtime/openvino/<tag>/`` in a child process (:func:`convert_package`). Returns
+    the written ``model.xml`` paths; nothing for nuclei packages (they run eagerly).
 
     Raises:
-        ImportError, ConversionMismatchError: see :func:`prepare_openvino`.
+        ImportError: OpenVINO is not installed.
+        ConversionFailedError: the conversion crashed or does not compute the network's
+            function; the reason is kept in ``<tag>/failed.json``, so the Predictor runs the
+            network eagerly with that reason instead of trying again.
     """
+    import openvino
+
     card = package.card
     if card.task != "segmentation":
         return []
     channels = int(card.network.config.get("in_channels", 1))
     shape = (1, channels, *(int(p) for p in card.patch_size))
-    return prepare_openvino(package.load_network("cpu"), package.check_weights(), [shape], package.runtime_dir)
+    folder = package.runtime_dir / openvino_ir_tag(package.check_weights(), shape, openvino.__version__)
+    convert_package(package.path, shape, folder)
+    return [folder / "model.xml"]
+
+
+class ConversionFailedError(ConversionMismatchError):
+    """An OpenVINO conversion failed (crashed, raised or did not verify); the runtime falls back."""
+
+
+#: marker left in a converted model's folder when its conversion failed: ``{"reason": ...}``
+FAILED = "failed.json"
+
+
+def _failure_reason(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text())["reason"])
+    except (OSError, ValueError, KeyError):
+        return "an earlier OpenVINO conversion failed"
+
+
+def convert_package(package_path: Path, shape: tuple[int, ...], folder: Path, timeout: float = 3600) -> Path:
+    """Convert a package's network for input ``shape`` into ``folder`` (model, reference output)
+    in a child process, so that a crash of OpenVINO's converter or CPU plugin (seen here: a
+    segmentation fault compiling the 2D TransUNet in float32) cannot take the caller down.
+
+    Raises:
+        ConversionFailedError: the child crashed, timed out or reported a mismatch; the reason is
+            also written to ``folder/failed.json`` (replacing the folder), where
+            :class:`NetworkRuntime` finds it and falls back without trying again.
+    """
+    import signal
+    import subprocess
+
+    code = "import sys; from medseg.inference.runtime import _convert_main; sys.exit(_convert_main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, str(package_path), json.dumps([int(s) for s in shape]), str(folder)]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        status, stderr = result.returncode, result.stderr
+    except subprocess.TimeoutExpired:
+        status, stderr = None, ""
+    if status == 0 and (folder / "model.xml").is_file():
+        return folder / "model.xml"
+    if status is None:
+        reason = f"OpenVINO conversion for input {tuple(shape)} timed out after {timeout:.0f} s"
+    elif status < 0:
+        name = signal.Signals(-status).name if -status in signal.Signals._value2member_map_ else str(-status)
+        reason = f"OpenVINO conversion for input {tuple(shape)} crashed ({name})"
+    else:
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"OpenVINO conversion for input {tuple(shape)} failed (exit {status})"
+    _write_failure(folder, reason)
+    raise ConversionFailedError(reason)
+
+
+def _write_failure(folder: Path, reason: str) -> None:
+    try:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / FAILED).write_text(json.dumps({"reason": reason}))
+    except OSError as error:  # a read-only package or cache
+        log.debug("conversion failure not recorded: %s", error)
+
+
+def _convert_main(argv: list[str]) -> int:
+    """The child of :func:`convert_package`: ``PACKAGE SHAPE_JSON FOLDER``. Exit 0 when converted
+    and verified; 3 with the reason on stderr when the conversion does not compute the network."""
+    from medseg.package import ModelPackage
+
+    package = ModelPackage(argv[0])
+    shape = tuple(int(s) for s in json.loads(argv[1]))
+    forward = _OpenVINOForward(package.load_network("cpu"), package.check_weights())
+    try:
+        model, _, expected = forward.convert(shape)
+    except ConversionMismatchError as error:
+        print(error, file=sys.stderr)
+        return 3
+    save_openvino_model(forward.ov, model, Path(argv[2]), (forward.cache_key, shape, expected))
+    return 0
 
 
 def auto_sw_batch_size(
