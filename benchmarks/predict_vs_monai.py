@@ -2,13 +2,20 @@
 
 On the first ``--cases`` real hippocampus MRI (``imagesTr`` of the shared data, sorted) and the
 bundled ``hippocampus`` package (``medseg/models/hippocampus``, a MONAI-Bundle-compatible
-folder: ``configs/metadata.json``, ``configs/inference.json``, ``models/model.pt``), in one run:
+folder: ``configs/metadata.json``, ``configs/inference.json``, ``models/model.pt``), in one run;
+or, with ``--package PATH --images GLOB``, on another ``unet`` package and the first ``--cases``
+files matching the glob (sorted), e.g. a bigger network on a CT volume::
+
+    python benchmarks/ct_package.py /tmp/ct_unet   # untrained 5-stage U-Net, CT normalisation, 3 mm
+    python benchmarks/predict_vs_monai.py --package /tmp/ct_unet \\
+        --images '../shared/data/ct_mr_multilabel/example_ct_sm.nii.gz' --cases 1 --repeat 2
 
 1. Whole process: wall time of a fresh process segmenting all cases, four commands interleaved
    (A, B, C, D, A, B, C, D, ...) ``--repeat`` times after one untimed warm-up round (which also
    writes the label maps compared in 3.):
 
-   - ``medseg predict CASES... --model hippocampus --output OUT`` (default outputs; for NIfTI
+   - ``medseg predict CASES... --model hippocampus --output OUT`` (``--model PATH`` with
+     ``--package``; default outputs; for NIfTI
      input ``nifti,json,png``: DICOM SEG only for DICOM input);
    - the same with ``--formats nifti``;
    - MONAI's bundle runner on the package, as ``tests/test_monai_bundle.py`` runs it:
@@ -17,14 +24,18 @@ folder: ``configs/metadata.json``, ``configs/inference.json``, ``models/model.pt
      --output_dir OUT2``;
    - a plain MONAI script (:func:`plain_monai_main`, run in a fresh ``python -c``; it imports MONAI,
      never medseg): LoadImage -> EnsureChannelFirst -> Orientation (the card's, RAS) -> Spacing
-     (the card's, bilinear) -> NormalizeIntensity (z-score, the card's scheme) ->
+     (the card's, bilinear) -> the card's normalisation (``zscore``: NormalizeIntensity;
+     ``ct``: ThresholdIntensity twice, i.e. clip to the card's HU range, then
+     NormalizeIntensity with the card's mean and std as subtrahend and divisor: nnU-Net's
+     ``(clip(x) - mean) / std``, as medseg computes it; the bundle's ``inference.json`` does the
+     same map as one ScaleIntensityRanged) ->
      ``monai.inferers.sliding_window_inference`` (the card's patch, overlap 0.5, gaussian, one
      window per call) with ``monai.networks.nets.DynUNet`` (:func:`medseg.package.dynunet_kwargs`)
      loaded from ``models/model.pt`` (``net.`` key prefix removed) -> argmax -> inverse of the
      spatial transforms (nearest, as ``Invertd(nearest_interp=True)``) -> SaveImage.
 
 2. In process (``--no-in-process`` skips it): seconds per case of
-   ``medseg.inference.Predictor("hippocampus").predict(image)`` with runtime ``auto`` (OpenVINO
+   ``medseg.inference.Predictor(package).predict(image)`` with runtime ``auto`` (OpenVINO
    on the CPU) and ``eager``, and of the plain MONAI pipeline above without its file reading and
    writing, in this process, warm (one untimed warm-up case each), interleaved per case. Images
    are read before the clock starts.
@@ -51,6 +62,7 @@ temporary folder, removed at the end.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -66,6 +78,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MEDSEG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 DATA = SHARED / "hippocampus" / "imagesTr"
 PACKAGE = REPO / "medseg" / "models" / "hippocampus"
+IMAGES = str(DATA / "*.nii.gz")
 MEDSEG = shutil.which("medseg", path=str(Path(sys.executable).parent)) or shutil.which("medseg")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -91,16 +104,27 @@ def plain_monai_build(settings: dict):
         NormalizeIntensity,
         Orientation,
         Spacing,
+        ThresholdIntensity,
     )
 
     torch.set_num_threads(int(settings["threads"]))
     load = Compose([LoadImage(image_only=True), EnsureChannelFirst()])
+    norm = settings.get("normalization", {"scheme": "zscore"})
+    if norm["scheme"] == "ct":  # nnU-Net CT: clip to the HU range, then (x - mean) / std
+        low, high = norm["clip"]
+        normalise = [
+            ThresholdIntensity(threshold=high, above=False, cval=high),
+            ThresholdIntensity(threshold=low, above=True, cval=low),
+            NormalizeIntensity(subtrahend=norm["mean"], divisor=norm["std"], nonzero=False, channel_wise=False),
+        ]
+    else:  # zscore per image
+        normalise = [NormalizeIntensity(nonzero=False, channel_wise=True)]
     preprocess = Compose(
         [
             Orientation(axcodes=settings["orientation"]),
             Spacing(pixdim=settings["spacing"], mode="bilinear"),
             EnsureType(dtype=torch.float32),
-            NormalizeIntensity(nonzero=False, channel_wise=True),
+            *normalise,
         ]
     )
     network = DynUNet(**settings["dynunet"]).eval()
@@ -156,16 +180,23 @@ def machine() -> dict:
     return describe(("medseg", "torch", "monai", "openvino", "nibabel"))
 
 
-def monai_settings(threads: int) -> dict:
+def monai_settings(package_path: Path, threads: int) -> dict:
     """What the plain MONAI script needs of the package, from its card (JSON-serialisable)."""
     from medseg.package import WEIGHTS, dynunet_kwargs, resolve_model
 
-    package = resolve_model(PACKAGE)
+    package = resolve_model(package_path)
     card = package.card
-    if card.normalization.scheme != "zscore" or card.normalization.clip is not None:
-        raise SystemExit(f"the plain MONAI script does z-score only; the card says {card.normalization}")
+    norm = card.normalization
+    if card.network.name != "unet":
+        raise SystemExit(f"the plain MONAI script builds DynUNet: medseg's unet only, not {card.network.name}")
+    if norm.window_max or not (
+        (norm.scheme == "zscore" and norm.clip is None)
+        or (norm.scheme == "ct" and norm.clip is not None and norm.mean is not None and norm.std)
+    ):
+        raise SystemExit(f"the plain MONAI script does z-score and ct (clip, mean, std) only; the card says {norm}")
     return {
         "dynunet": dynunet_kwargs(card.network.config),
+        "normalization": norm.model_dump(mode="json"),
         "weights": str(package.path / WEIGHTS),
         "orientation": card.orientation,
         "spacing": [float(s) for s in card.spacing],
@@ -175,11 +206,11 @@ def monai_settings(threads: int) -> dict:
     }
 
 
-def shipped_ir() -> dict:
+def shipped_ir(package_path: Path) -> dict:
     """Whether the package ships an OpenVINO model for the window shape medseg runs on the CPU."""
     from medseg.package import resolve_model
 
-    package = resolve_model(PACKAGE)
+    package = resolve_model(package_path)
     try:
         import openvino
 
@@ -208,21 +239,22 @@ def run(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     return elapsed, result.stderr
 
 
-def commands(cases: list[Path], links: Path, threads: int) -> dict[str, Callable[[Path], list[str]]]:
+def commands(package: Path, cases: list[Path], links: Path, threads: int) -> dict[str, Callable[[Path], list[str]]]:
     """``{name: out_dir -> argv}`` of the four whole-process runs."""
-    settings = json.dumps(monai_settings(threads))
-    medseg = [MEDSEG, "predict", *map(str, cases), "--model", "hippocampus", "--output"]
+    settings = json.dumps(monai_settings(package, threads))
+    model = "hippocampus" if package == PACKAGE else str(package)
+    medseg = [MEDSEG, "predict", *map(str, cases), "--model", model, "--output"]
     bundle = [
         sys.executable,
         "-m",
         "monai.bundle",
         "run",
         "--config_file",
-        str(PACKAGE / "configs" / "inference.json"),
+        str(package / "configs" / "inference.json"),
         "--meta_file",
-        str(PACKAGE / "configs" / "metadata.json"),
+        str(package / "configs" / "metadata.json"),
         "--bundle_root",
-        str(PACKAGE),
+        str(package),
         "--dataset_dir",
         str(links),
         "--output_dir",
@@ -271,12 +303,12 @@ def agreement(ours: dict, theirs: dict) -> dict:
     return {"min": per_case[worst], "worst_case": worst, "differing_voxels": differing, "per_case": per_case}
 
 
-def whole_process(cases: list[Path], repeat: int, threads: int, work: Path, env: dict[str, str]) -> dict:
+def whole_process(package: Path, cases: list[Path], repeat: int, threads: int, work: Path, env: dict[str, str]) -> dict:
     links = work / "cases"
     links.mkdir()
     for case in cases:
         (links / case.name).symlink_to(case)
-    runs = commands(cases, links, threads)
+    runs = commands(package, cases, links, threads)
     times: dict[str, list[float]] = {name: [] for name in runs}
     warnings: dict[str, list[str]] = {name: [] for name in runs}
     for round_ in range(repeat + 1):  # round 0: warm-up (disk cache, imports), outputs kept
@@ -307,7 +339,7 @@ def whole_process(cases: list[Path], repeat: int, threads: int, work: Path, env:
     }
 
 
-def in_process(cases: list[Path], repeat: int, threads: int) -> dict:
+def in_process(package: Path, cases: list[Path], repeat: int, threads: int) -> dict:
     import numpy as np
     import torch
 
@@ -315,9 +347,9 @@ def in_process(cases: list[Path], repeat: int, threads: int) -> dict:
     from medseg.io import read_image
 
     torch.set_num_threads(threads)
-    settings = monai_settings(threads)
+    settings = monai_settings(package, threads)
     load, preprocess, network = plain_monai_build(settings)
-    predictors = {"auto": Predictor(PACKAGE, runtime="auto"), "eager": Predictor(PACKAGE, runtime="eager")}
+    predictors = {"auto": Predictor(package, runtime="auto"), "eager": Predictor(package, runtime="eager")}
     ours = {_stem(case): read_image(case) for case in cases}
     theirs = {_stem(case): load(str(case)) for case in cases}
     variants = {
@@ -353,28 +385,67 @@ def in_process(cases: list[Path], repeat: int, threads: int) -> dict:
     }
 
 
-def measure(n_cases: int, repeat: int, threads: int, with_in_process: bool) -> dict:
+def measure(
+    n_cases: int,
+    repeat: int,
+    threads: int,
+    with_in_process: bool,
+    package: Path = PACKAGE,
+    images: str = IMAGES,
+) -> dict:
     if MEDSEG is None:
         raise SystemExit("the medseg command is not installed (pip install -e .)")
-    cases = sorted(DATA.glob("*.nii.gz"))[:n_cases]
+    from medseg.package import resolve_model
+
+    package = resolve_model(package).path.resolve()  # a folder, or a registered name
+    cases = [Path(path).resolve() for path in sorted(glob.glob(images))][:n_cases]
     if len(cases) < n_cases:
-        raise SystemExit(f"{DATA}: {len(cases)} cases, {n_cases} asked for")
+        raise SystemExit(f"{images}: {len(cases)} cases, {n_cases} asked for")
+    if len({_stem(case) for case in cases}) < len(cases):
+        raise SystemExit(f"{images}: two cases with the same file name (outputs are named by it)")
     env = dict(os.environ)
     env.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
     results: dict = {
         "machine": machine(),
+        "package": _display(package),
+        "model": _model_summary(package),
         "threads": threads,
         "repeat": repeat,
         "cases": [case.name for case in cases],
         "medseg_cache": os.environ.get("MEDSEG_CACHE") or str(Path.home() / ".cache" / "medseg"),
-        "openvino_ir": shipped_ir(),
+        "openvino_ir": shipped_ir(package),
     }
     with tempfile.TemporaryDirectory(prefix="medseg-vs-monai-") as tmp:
-        results["whole_process"] = whole_process(cases, repeat, threads, Path(tmp), env)
+        results["whole_process"] = whole_process(package, cases, repeat, threads, Path(tmp), env)
     if with_in_process:
-        results["in_process"] = in_process(cases, repeat, threads)
+        results["in_process"] = in_process(package, cases, repeat, threads)
     results["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     return results
+
+
+def _display(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _model_summary(package_path: Path) -> dict:
+    """The package's name, network, parameters (from the weights file), window, spacing and normalisation."""
+    import torch
+
+    from medseg.package import WEIGHTS, resolve_model
+
+    card = resolve_model(package_path).card
+    state = torch.load(package_path / WEIGHTS, map_location="cpu", weights_only=True)
+    return {
+        "name": card.name,
+        "network": card.network.name,
+        "filters": card.network.config.get("filters"),
+        # DynUNet's state dict names its modules twice (skip_layers): count each tensor once
+        "parameters": int(sum({v.data_ptr(): v.numel() for v in state.values()}.values())),
+        "patch_size": [int(p) for p in card.patch_size],
+        "spacing": [float(s) for s in card.spacing],
+        "normalization": card.normalization.scheme,
+        "untrained": bool(card.training.get("untrained", False)),
+    }
 
 
 # --- the tables -----------------------------------------------------------------------------
@@ -392,6 +463,7 @@ def table(results: dict) -> str:
     n = len(results["cases"])
     median = statistics.median
     ir = results["openvino_ir"]
+    model = results["model"]
     whole = results["whole_process"]
     ir_used = (
         "yes"
@@ -407,6 +479,11 @@ def table(results: dict) -> str:
         f"after {m['load_average_after']}",
         f"software: Python {m['python']}, {m['system']}, "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        f"model: {model['name']} ({results['package']}): {model['network']} filters {model['filters']}, "
+        f"{model['parameters'] / 1e6:.2f} M parameters (weights file), "
+        f"window {'x'.join(map(str, model['patch_size']))}, "
+        f"spacing {'x'.join(f'{s:g}' for s in model['spacing'])} mm, {model['normalization']} normalisation"
+        + ("; UNTRAINED (seeded random weights)" if model["untrained"] else ""),
         f"{n} case(s) ({results['cases'][0]} .. {results['cases'][-1]}), {results['threads']} thread(s), "
         f"{results['repeat']} interleaved runs after one warm-up round; model cache {results['medseg_cache']}",
         f"medseg runtime (report settings.runtime): {', '.join(whole['medseg_report_runtimes'])}; "
@@ -468,13 +545,24 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=10, help="the first N cases of imagesTr, sorted (default 10)")
+    parser.add_argument(
+        "--package",
+        type=Path,
+        default=PACKAGE,
+        help="a unet model package: folder or registered name (default: the bundled hippocampus)",
+    )
+    parser.add_argument(
+        "--images", default=IMAGES, help="glob of the cases, sorted (default: the hippocampus imagesTr *.nii.gz)"
+    )
+    parser.add_argument("--cases", type=int, default=10, help="the first N cases of the glob, sorted (default 10)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each variant (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="threads of every process (default 1)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process comparison")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     args = parser.parse_args(argv)
-    results = measure(max(1, args.cases), max(1, args.repeat), max(1, args.threads), not args.no_in_process)
+    results = measure(
+        max(1, args.cases), max(1, args.repeat), max(1, args.threads), not args.no_in_process, args.package, args.images
+    )
     print(json.dumps(results, indent=2) if args.json else table(results))
     return 0
 

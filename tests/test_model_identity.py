@@ -165,10 +165,11 @@ def test_models_lists_installed_packages(two_packages, tmp_path, monkeypatch):
     code, out, err = _models(["--packages", "--json"])
     assert code == 0 and err == ""
     rows = json.loads(out)
-    bundled = [str(BUNDLED_MODELS / name) for name in ("hippocampus", "nuclei", "vessels")]
+    names = ("hippocampus", "hippocampus_transunet", "nuclei", "vessels")
+    bundled = [str(BUNDLED_MODELS / name) for name in names]
     assert [r["path"] for r in rows] == [str(p.path) for p in two_packages] + bundled
     assert [r["weights_sha256"] for r in rows[:2]] == [p.card.weights_sha256 for p in two_packages]
-    assert [r["shadowed"] for r in rows] == [False, True, True, False, False]
+    assert [r["shadowed"] for r in rows] == [False, True, True] + [False] * (len(names) - 1)
     assert rows[2]["hash_source"] == "metadata" and rows[2]["trained_at"] == "2026-12-03T15:05:35Z"
     assert rows[0]["trained_at"] == two_packages[0].card.trained_at
 
