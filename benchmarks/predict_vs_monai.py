@@ -10,13 +10,15 @@ files matching the glob (sorted), e.g. a bigger network on a CT volume::
     python benchmarks/predict_vs_monai.py --package /tmp/ct_unet \\
         --images '../shared/data/ct_mr_multilabel/example_ct_sm.nii.gz' --cases 1 --repeat 2
 
-1. Whole process: wall time of a fresh process segmenting all cases, four commands interleaved
-   (A, B, C, D, A, B, C, D, ...) ``--repeat`` times after one untimed warm-up round (which also
+1. Whole process: wall time of a fresh process segmenting all cases, five commands interleaved
+   (A, B, C, D, E, A, B, ...) ``--repeat`` times after one untimed warm-up round (which also
    writes the label maps compared in 3.):
 
    - ``medseg predict CASES... --model hippocampus --output OUT`` (``--model PATH`` with
      ``--package``; default outputs; for NIfTI
      input ``nifti,json,png``: DICOM SEG only for DICOM input);
+   - the same with an empty ``$MEDSEG_CACHE`` each run: a first use right after install (the
+     package's shipped OpenVINO model is all there is);
    - the same with ``--formats nifti``;
    - MONAI's bundle runner on the package, as ``tests/test_monai_bundle.py`` runs it:
      ``python -m monai.bundle run --config_file configs/inference.json --meta_file
@@ -263,6 +265,7 @@ def commands(package: Path, cases: list[Path], links: Path, threads: int) -> dic
     inputs = [str(links / case.name) for case in cases]
     return {
         "medseg_default": lambda out: [*medseg, str(out)],
+        "medseg_first_use": lambda out: [*medseg, str(out)],  # with an empty model cache, see whole_process
         "medseg_nifti": lambda out: [*medseg, str(out), "--formats", "nifti"],
         "monai_bundle": lambda out: [*bundle, str(out)],
         "monai_plain": lambda out: [*plain, str(out), *inputs],
@@ -314,7 +317,10 @@ def whole_process(package: Path, cases: list[Path], repeat: int, threads: int, w
     for round_ in range(repeat + 1):  # round 0: warm-up (disk cache, imports), outputs kept
         for name, argv in runs.items():
             out = work / f"{name}-{round_}"
-            elapsed, stderr = run(argv(out), env)
+            run_env = env
+            if name == "medseg_first_use":  # as right after install: nothing cached, nothing converted before
+                run_env = {**env, "MEDSEG_CACHE": tempfile.mkdtemp(prefix="cache-", dir=work)}
+            elapsed, stderr = run(argv(out), run_env)
             if round_:
                 times[name].append(elapsed)
                 shutil.rmtree(out)
@@ -495,6 +501,7 @@ def table(results: dict) -> str:
     ]
     names = {
         "medseg_default": "`medseg predict` (default outputs: nifti, json, png)",
+        "medseg_first_use": "`medseg predict`, default outputs, empty model cache (first use after install)",
         "medseg_nifti": "`medseg predict --formats nifti`",
         "monai_bundle": "`python -m monai.bundle run` (configs/inference.json)",
         "monai_plain": "plain MONAI script",
@@ -513,6 +520,12 @@ def table(results: dict) -> str:
             f"| vs {names[key]} | {_speedup(times[key], times['medseg_default'])} "
             f"| {_speedup(times[key], times['medseg_nifti'])} |"
         )
+    first, warm = times["medseg_first_use"], times["medseg_default"]
+    lines += [
+        "",
+        f"first use after install (empty model cache) / warm: {median(first) / median(warm):.2f}x median "
+        f"({min(first) / min(warm):.2f}x min)",
+    ]
     agreements = dict(whole["agreement"])
     inner = results.get("in_process")
     if inner:

@@ -91,6 +91,12 @@ NOT_RUN = {
         "needs ../shared/data (vesselNN is not shipped); tests/test_vessels.py runs the bundled model "
         "through medseg predict on a crop of this stack and scores it",
     ),
+    "medseg quantize PACKAGE_DIR --dataset ../shared/data/hippocampus --fold 0   "
+    '# int8 (NNCF), needs pip install -e ".[int8]"': (
+        "placeholders",
+        "not runnable, placeholders: PACKAGE_DIR, runs/hippocampus_unet/model (a training run's output); "
+        "tests/test_int8_runtime.py and tests/test_fp16_packages.py run both commands on a copy of the bundled model",
+    ),
     'KEY=msk_...; H="Authorization: Bearer $KEY"; S=http://127.0.0.1:8000': (
         "placeholders",
         "not runnable, placeholders: msk_..., $ID, t1.nii.gz, study.zip, series/, body.mime",

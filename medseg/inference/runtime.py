@@ -579,16 +579,21 @@ def _is_module(network: Any) -> bool:
 
 
 def save_openvino_model(
-    ov, model, folder: Path, reference: tuple[str, tuple[int, ...], np.ndarray] | None = None
+    ov,
+    model,
+    folder: Path,
+    reference: tuple[str, tuple[int, ...], np.ndarray] | None = None,
+    compress_to_fp16: bool = False,
 ) -> Path:
-    """Write ``model`` as ``folder/model.xml`` + ``.bin`` (float32 weights) atomically: into a
-    temporary sibling folder renamed onto ``folder`` (an existing one is replaced). With
+    """Write ``model`` as ``folder/model.xml`` + ``.bin`` (float32 weights, or float16 with
+    ``compress_to_fp16``: lossless for a network whose weights are stored in float16) atomically:
+    into a temporary sibling folder renamed onto ``folder`` (an existing one is replaced). With
     ``reference`` = ``(weights key, input shape, eager output on the probe)``, also
     :data:`REFERENCE`, bound to the written model files by their sha256."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
     try:
-        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+        ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=compress_to_fp16)
         if reference is not None:
             key, shape, output = reference
             meta = {"weights": key, "shape": [int(s) for s in shape], "model_sha256": _files_sha256(tmp)}
@@ -719,7 +724,12 @@ def _convert_main(argv: list[str]) -> int:
     except ConversionMismatchError as error:
         print(error, file=sys.stderr)
         return 3
-    save_openvino_model(forward.ov, model, Path(argv[2]), (forward.cache_key, shape, expected))
+    folder, reference = Path(argv[2]), (forward.cache_key, shape, expected)
+    # float16 weights (medseg models install --fp16) make a float16 IR lossless: half the package
+    half = package.card.weights_dtype == "float16"
+    path = save_openvino_model(forward.ov, model, folder, reference, compress_to_fp16=half)
+    if half and forward._read_verified(path, shape) is None:  # another constant was not float16-exact
+        save_openvino_model(forward.ov, model, folder, reference)
     return 0
 
 
