@@ -94,8 +94,8 @@ NOT_RUN = {
     "medseg quantize PACKAGE_DIR --dataset ../shared/data/hippocampus --fold 0   "
     '# int8 (NNCF), needs pip install -e ".[int8]"': (
         "placeholders",
-        "not runnable, placeholders: PACKAGE_DIR, runs/hippocampus_unet/model (a training run's output); "
-        "tests/test_int8_runtime.py and tests/test_fp16_packages.py run both commands on a copy of the bundled model",
+        "not runnable (tests/test_int8_runtime.py and tests/test_fp16_packages.py run both on a copy of the "
+        "bundled model), placeholders: PACKAGE_DIR, runs/hippocampus_unet/model, my_unet",
     ),
     'KEY=msk_...; H="Authorization: Bearer $KEY"; S=http://127.0.0.1:8000': (
         "placeholders",

@@ -160,6 +160,10 @@ class NetworkRuntime:
         return self.name in NUMPY_RUNTIMES
 
     def _use_torch_runtime(self, name: str) -> None:
+        import torch
+
+        if _threads:  # set_cpu_threads may have run before PyTorch was loaded
+            torch.set_num_threads(_threads)
         network = self._get_network()
         self.name = name
         if name in ("channels_last", "compile"):
@@ -169,7 +173,6 @@ class NetworkRuntime:
             self.memory_format = memory_format(self.spatial_dims)
         self._forward = network
         if name == "compile":
-            import torch
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # constant-fold and prepack weights (inference only)
@@ -375,6 +378,9 @@ class _OpenVINOForward:
         config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, whatever the CPU supports
+            # no pinning to cores: on a shared machine a pinned thread waits for its busy core
+            # (benchmarks/threads.py: 0.73 against 0.86-1.02 s per case beside a competing process)
+            "ENABLE_CPU_PINNING": False,
         }
         threads = cpu_threads()
         if threads:
