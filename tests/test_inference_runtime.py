@@ -265,3 +265,26 @@ def test_the_bundled_default_model_ships_its_openvino_model(monkeypatch, tmp_pat
     assert predictor.predict(image).settings["runtime"] == "openvino"
     assert predictor.runtimes[0]._forward.sources == {(1, 1, *package.card.patch_size): "shipped"}
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_conversion_that_crashed_is_retried_with_safe_settings_and_shipped(monkeypatch, tmp_path):
+    """The bundled 2D TransUNet: OpenVINO's float32 compile with the CPU plugin's fused
+    subgraphs crashes on this CPU, so its export retried without them (SAFE_COMPILE_OPTIONS,
+    stored in compile.json); it runs through OpenVINO, converts nothing, labels like PyTorch."""
+    from medseg.inference import Predictor
+    from medseg.inference.runtime import SAFE_COMPILE_OPTIONS, _compile_options, _OpenVINOForward
+    from medseg.io import read_image
+    from medseg.package import resolve_model
+
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    package = resolve_model("hippocampus_transunet")
+    (folder,) = [p for p in package.runtime_dir.iterdir() if p.is_dir()]
+    assert _compile_options(folder) == SAFE_COMPILE_OPTIONS
+    monkeypatch.setattr(_OpenVINOForward, "convert", _no_conversion)
+    image = read_image(REPO_SAMPLE)
+    predictor = Predictor(package)
+    prediction = predictor.predict(image)
+    assert prediction.settings["runtime"] == "openvino" and prediction.settings["runtime_fallback"] is None
+    assert set(predictor.runtimes[0]._forward.sources.values()) == {"shipped"}
+    eager = Predictor(package, runtime="eager").predict(image)
+    assert (prediction.label_map.array == eager.label_map.array).mean() > 0.999

@@ -279,38 +279,73 @@ def _run(args, todo, outcomes, package, device, formats, out_dir) -> int:
         else None
     )
     voxels, compute = 0, 0.0
+    writing: tuple[str, Future] | None = None  # the previous series' outputs, written meanwhile
+
+    def write(name: str, prediction, image, stem: str) -> Outcome:
+        paths = write_outputs(prediction, image, card, out_dir, formats, stem=stem)
+        return Outcome(name, "done", outputs={k: str(v) for k, v in paths.items()})
+
+    def settle() -> None:
+        """The outcome of the series being written, once written (outcomes stay in input order)."""
+        nonlocal writing
+        if writing is not None:
+            name, future = writing
+            writing = None
+            _record(outcomes, name, future.result)
+
+    # the next series is read and the last one written while the network runs on this one
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as reader,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-write") as writer,
         tqdm(total=len(todo), unit="series", file=sys.stderr, disable=None) as bar,
     ):
         pending: Future | None = reader.submit(todo[0][0].read) if todo else None
         for index, (info, stem) in enumerate(todo):
             current, pending = pending, (reader.submit(todo[index + 1][0].read) if index + 1 < len(todo) else None)
             name = _label(info)
-            try:
+
+            def segment(current=current, name=name):
                 image = current.result()
                 reason = image_mismatch(image, card)
                 if reason:
-                    outcomes.append(Outcome(name, "skipped", reason))
-                    continue
-                started = time.perf_counter()
-                prediction = predictor.predict(image)
-                paths = write_outputs(prediction, image, card, out_dir, formats, stem=stem)
+                    return Outcome(name, "skipped", reason), None
+                return None, (image, predictor.predict(image))
+
+            started = time.perf_counter()
+            result = _record(None, name, segment)
+            settle()
+            if isinstance(result, Outcome):  # failed
+                outcomes.append(result)
+            elif result[0] is not None:  # skipped
+                outcomes.append(result[0])
+            else:
+                image, prediction = result[1]
+                writing = (name, writer.submit(write, name, prediction, image, stem))
                 compute += time.perf_counter() - started
                 voxels += int(image.array.size)
-                outcomes.append(Outcome(name, "done", outputs={k: str(v) for k, v in paths.items()}))
-            except MedsegError as error:
-                outcomes.append(Outcome(name, "failed", str(error)))
-            except Exception as error:  # one bad series never stops the batch
-                log.debug("series %s failed", info.uid, exc_info=True)
-                outcomes.append(Outcome(name, "failed", f"{type(error).__name__}: {error}"))
-            finally:
-                del current
-                bar.update(1)
-                if compute:
-                    bar.set_postfix_str(f"{voxels / compute / 1e6:.2f} Mvoxel/s")
+            del current, result
+            bar.update(1)
+            if compute:
+                bar.set_postfix_str(f"{voxels / compute / 1e6:.2f} Mvoxel/s")
+        settle()
 
     return report_outcomes(outcomes, out_dir)
+
+
+def _record(outcomes: list[Outcome] | None, name: str, step):
+    """``step()``'s result; a failure becomes a ``failed`` Outcome (one bad series never stops the
+    batch), appended to ``outcomes`` when given, else returned. A result that is an Outcome is
+    appended too."""
+    try:
+        result = step()
+    except MedsegError as error:
+        result = Outcome(name, "failed", str(error))
+    except Exception as error:
+        log.debug("series %s failed", name, exc_info=True)
+        result = Outcome(name, "failed", f"{type(error).__name__}: {error}")
+    if outcomes is not None and isinstance(result, Outcome):
+        outcomes.append(result)
+    return result
 
 
 # --- --broker: the series run as jobs of `medseg worker` processes -------------------------------

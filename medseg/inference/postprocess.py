@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from skimage.morphology import remove_small_objects
 
 from medseg.package import PostProcessing
 
@@ -51,6 +50,8 @@ def clean_label_map(
         if postprocessing.largest_component:
             keep = largest_component(keep)
         if min_voxels > 1:
+            from skimage.morphology import remove_small_objects
+
             # objects of at most max_size voxels go, i.e. those below min_voxels
             keep = remove_small_objects(
                 np.asarray(keep, dtype=bool), max_size=min_voxels - 1, connectivity=label_map.ndim

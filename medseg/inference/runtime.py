@@ -351,6 +351,8 @@ class _OpenVINOForward:
         self.cache_key = cache_key
         self.shipped_dir = shipped_dir
         self.package_path = package_path
+        #: extra CPU plugin settings of this conversion (:data:`COMPILE_OPTIONS`)
+        self.options: dict[str, Any] = {}
         self.core = ov.Core()
         self.compiled: dict[tuple[int, ...], Any] = {}
         #: where each shape's compiled model came from: "shipped", "cache" or "converted"
@@ -374,7 +376,7 @@ class _OpenVINOForward:
             return None
         return self.shipped_dir / openvino_ir_tag(self.cache_key, shape, self.ov.__version__) / "model.xml"
 
-    def _compile(self, model):
+    def _compile(self, model, options: dict[str, Any] | None = None):
         config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, whatever the CPU supports
@@ -385,7 +387,7 @@ class _OpenVINOForward:
         threads = cpu_threads()
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        return self.core.compile_model(model, "CPU", config)
+        return self.core.compile_model(model, "CPU", {**config, **(options or self.options)})
 
     def _eager(self, shape: tuple[int, ...]) -> np.ndarray:
         """The eager network's output on :func:`probe` of ``shape``."""
@@ -448,7 +450,7 @@ class _OpenVINOForward:
         if path is None or not path.is_file():
             return None
         try:
-            compiled = self._compile(self.core.read_model(str(path)))
+            compiled = self._compile(self.core.read_model(str(path)), _compile_options(path.parent))
             got = self._run(compiled, probe(shape))
         except Exception as error:  # a damaged or truncated IR: OpenVINO raises RuntimeError
             log.warning("stored OpenVINO model %s unreadable (%s): converting again", path.parent.name, error)
@@ -590,16 +592,20 @@ def save_openvino_model(
     folder: Path,
     reference: tuple[str, tuple[int, ...], np.ndarray] | None = None,
     compress_to_fp16: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as ``folder/model.xml`` + ``.bin`` (float32 weights, or float16 with
     ``compress_to_fp16``: lossless for a network whose weights are stored in float16) atomically:
     into a temporary sibling folder renamed onto ``folder`` (an existing one is replaced). With
     ``reference`` = ``(weights key, input shape, eager output on the probe)``, also
-    :data:`REFERENCE`, bound to the written model files by their sha256."""
+    :data:`REFERENCE`, bound to the written model files by their sha256; with ``options``, the
+    CPU plugin settings it must be compiled with (:data:`COMPILE_OPTIONS`)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
     try:
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=compress_to_fp16)
+        if options:
+            (tmp / COMPILE_OPTIONS).write_text(json.dumps(options))
         if reference is not None:
             key, shape, output = reference
             meta = {"weights": key, "shape": [int(s) for s in shape], "model_sha256": _files_sha256(tmp)}
@@ -688,13 +694,18 @@ def convert_package(package_path: Path, shape: tuple[int, ...], folder: Path, ti
 
     code = "import sys; from medseg.inference.runtime import _convert_main; sys.exit(_convert_main(sys.argv[1:]))"
     argv = [sys.executable, "-c", code, str(package_path), json.dumps([int(s) for s in shape]), str(folder)]
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-        status, stderr = result.returncode, result.stderr
-    except subprocess.TimeoutExpired:
-        status, stderr = None, ""
-    if status == 0 and (folder / "model.xml").is_file():
-        return folder / "model.xml"
+    for options in ({}, SAFE_COMPILE_OPTIONS):  # a crash is retried once with the safer settings
+        try:
+            result = subprocess.run(
+                [*argv, json.dumps(options)], capture_output=True, text=True, timeout=timeout, check=False
+            )
+            status, stderr = result.returncode, result.stderr
+        except subprocess.TimeoutExpired:
+            status, stderr = None, ""
+        if status == 0 and (folder / "model.xml").is_file():
+            return folder / "model.xml"
+        if status is None or status >= 0:
+            break
     if status is None:
         reason = f"OpenVINO conversion for input {tuple(shape)} timed out after {timeout:.0f} s"
     elif status < 0:
@@ -725,6 +736,7 @@ def _convert_main(argv: list[str]) -> int:
     package = ModelPackage(argv[0])
     shape = tuple(int(s) for s in json.loads(argv[1]))
     forward = _OpenVINOForward(package.load_network("cpu"), package.check_weights())
+    forward.options = json.loads(argv[3]) if len(argv) > 3 else {}
     try:
         model, _, expected = forward.convert(shape)
     except ConversionMismatchError as error:
@@ -733,10 +745,28 @@ def _convert_main(argv: list[str]) -> int:
     folder, reference = Path(argv[2]), (forward.cache_key, shape, expected)
     # float16 weights (medseg models install --fp16) make a float16 IR lossless: half the package
     half = package.card.weights_dtype == "float16"
-    path = save_openvino_model(forward.ov, model, folder, reference, compress_to_fp16=half)
+    options = forward.options
+    path = save_openvino_model(forward.ov, model, folder, reference, compress_to_fp16=half, options=options)
     if half and forward._read_verified(path, shape) is None:  # another constant was not float16-exact
-        save_openvino_model(forward.ov, model, folder, reference)
+        save_openvino_model(forward.ov, model, folder, reference, options=options)
     return 0
+
+
+#: CPU plugin settings a conversion is retried with when compiling crashed: no "snippets" (the
+#: plugin's JIT-fused subgraphs). The 2D TransUNet's float32 compile ends in SIGSEGV on this AVX-512
+#: CPU with them and runs with this (same float32 arithmetic, verified like any conversion).
+SAFE_COMPILE_OPTIONS = {"SNIPPETS_MODE": "DISABLE"}
+#: a converted model's CPU plugin settings beyond the defaults, stored beside it
+COMPILE_OPTIONS = "compile.json"
+
+
+def _compile_options(folder: Path) -> dict[str, Any]:
+    """The extra CPU plugin settings stored with a converted model (only known safe ones)."""
+    try:
+        options = json.loads((folder / COMPILE_OPTIONS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in options.items() if SAFE_COMPILE_OPTIONS.get(k) == v} if isinstance(options, dict) else {}
 
 
 def auto_sw_batch_size(
