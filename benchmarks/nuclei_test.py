@@ -23,14 +23,14 @@ from pathlib import Path
 REFERENCE = {"name": "HoVer-Net (Graham et al. 2019, published)", "pq": 0.597, "aji": 0.618, "dice": 0.826}
 
 
-def measure(spec: str, test_dir: Path, tta: bool, limit: int | None) -> dict:
+def measure(spec: str, test_dir: Path, tta: bool, limit: int | None, runtime: str = "auto") -> dict:
     """Mean metrics and seconds per tile of the package ``spec`` on the test tiles."""
     from medseg.io.tile import read_instance_map, read_tile
     from medseg.metrics import instance_metrics, summarize_instances
     from medseg.networks.base import count_parameters
     from medseg.nuclei.predictor import NucleiPredictor
 
-    predictor = NucleiPredictor(spec, tta=tta)
+    predictor = NucleiPredictor(spec, tta=tta, runtime=runtime)
     images = sorted((test_dir / "images").glob("*.png"))[:limit]
     per_tile, seconds = [], []
     for path in images:
@@ -49,6 +49,8 @@ def measure(spec: str, test_dir: Path, tta: bool, limit: int | None) -> dict:
         "tiles": len(per_tile),
         **summary,
         "s_per_tile": statistics.median(seconds),
+        "runtime": predictor.runtime
+        + (f" (fallback: {predictor.runtime_fallback})" if predictor.runtime_fallback else ""),
     }
 
 
@@ -61,16 +63,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="first N tiles only (a quick look)")
     parser.add_argument("--no-tta", action="store_true", help="skip the TTA rows")
+    parser.add_argument("--runtime", default="auto", help="NucleiPredictor runtime (auto: OpenVINO on the CPU)")
     args = parser.parse_args()
     import torch
 
+    from medseg.inference.runtime import set_cpu_threads
+
     torch.set_num_threads(args.threads)
+    set_cpu_threads(args.threads)  # OpenVINO's threads too
     rows = [
-        measure(spec, args.test_dir, tta, args.limit)
+        measure(spec, args.test_dir, tta, args.limit, args.runtime)
         for spec in args.packages
         for tta in (False, True)[: 1 if args.no_tta else 2]
     ]
-    print(f"MoNuSeg 2018 test, {rows[0]['tiles']} tiles, {args.threads} threads, {torch.__version__} on CPU")
+    print(
+        f"MoNuSeg 2018 test, {rows[0]['tiles']} tiles, {args.threads} threads, runtime {rows[0]['runtime']}, "
+        f"{torch.__version__} on CPU"
+    )
     print("| model | params | training | TTA | PQ | DQ | SQ | AJI | Dice | nuclei/tile (ref) | s/tile |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -644,7 +644,8 @@ def prepare_package(package) -> list[Path]:
     """Ship a package's OpenVINO model: convert its network for the CPU window shape the
     Predictor uses (``(1, C, *patch_size)``: one window per call on the CPU) into
     ``<package>/runtime/openvino/<tag>/`` in a child process (:func:`convert_package`). Returns
-    the written ``model.xml`` paths; nothing for nuclei packages (they run eagerly).
+    the written ``model.xml`` paths. A nuclei package converts its inference module
+    (:func:`conversion_network`: NP logits + HV maps) for ``(1, 3, *patch_size)`` RGB windows.
 
     Raises:
         ImportError: OpenVINO is not installed.
@@ -655,9 +656,9 @@ def prepare_package(package) -> list[Path]:
     import openvino
 
     card = package.card
-    if card.task != "segmentation":
+    if card.task not in ("segmentation", "nuclei"):
         return []
-    channels = int(card.network.config.get("in_channels", 1))
+    channels = 3 if card.task == "nuclei" else int(card.network.config.get("in_channels", 1))
     shape = (1, channels, *(int(p) for p in card.patch_size))
     folder = package.runtime_dir / openvino_ir_tag(package.check_weights(), shape, openvino.__version__)
     convert_package(package.path, shape, folder)
@@ -728,6 +729,19 @@ def _write_failure(folder: Path, reason: str) -> None:
         log.debug("conversion failure not recorded: %s", error)
 
 
+def conversion_network(package, device: Any = "cpu") -> nn.Module:
+    """The module a package's Predictor calls per window, which is what gets converted: the
+    network itself, or for a nuclei package :class:`~medseg.networks.hover.HoVerHead` around it
+    (``(B, 3, H, W) -> (B, 4, H, W)``, NP logits + HV maps, as :class:`medseg.nuclei.NucleiPredictor`
+    calls it)."""
+    network = package.load_network(device)
+    if package.card.task == "nuclei":
+        from medseg.networks.hover import HoVerHead
+
+        network = HoVerHead(network)
+    return network.eval()
+
+
 def _convert_main(argv: list[str]) -> int:
     """The child of :func:`convert_package`: ``PACKAGE SHAPE_JSON FOLDER``. Exit 0 when converted
     and verified; 3 with the reason on stderr when the conversion does not compute the network."""
@@ -735,7 +749,7 @@ def _convert_main(argv: list[str]) -> int:
 
     package = ModelPackage(argv[0])
     shape = tuple(int(s) for s in json.loads(argv[1]))
-    forward = _OpenVINOForward(package.load_network("cpu"), package.check_weights())
+    forward = _OpenVINOForward(conversion_network(package, "cpu"), package.check_weights())
     forward.options = json.loads(argv[3]) if len(argv) > 3 else {}
     try:
         model, _, expected = forward.convert(shape)

@@ -95,7 +95,12 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
     if not todo:
         return report_outcomes(outcomes, out_dir)
     predictor = NucleiPredictor(
-        package, device=device, sw_batch_size=args.sw_batch_size or 4, overlap=args.overlap, tta=args.tta
+        package,
+        device=device,
+        sw_batch_size=args.sw_batch_size,
+        overlap=args.overlap,
+        tta=args.tta,
+        runtime=getattr(args, "runtime", None) or "auto",
     )
     card = package.card
     created = not out_dir.exists()
@@ -115,6 +120,8 @@ def run_nuclei(args: argparse.Namespace, package, device: str, out_dir: Path) ->
                     "mpp": card.mpp,
                     "mpp_source": prediction.mpp_source,
                     "tta": predictor.tta,
+                    "runtime": prediction.runtime,
+                    "runtime_fallback": prediction.runtime_fallback,
                     "seconds": prediction.seconds,
                 }
                 written = write_nuclei_outputs(tile, prediction.instances, out_dir, stem, model=model, formats=formats)

@@ -8,7 +8,11 @@ Steps, for a :class:`~medseg.io.tile.Tile` ``(H, W, 3)``:
 2. normalise (``card.normalization``, CellViT's ``rgb``);
 3. sliding window (:func:`medseg.inference.engine.sliding_window_inference`, the engine the
    volumes use) over the whole tile with the card's window and overlap and Gaussian blending of
-   the NP logits and HV maps (:class:`~medseg.networks.hover.HoVerHead`);
+   the NP logits and HV maps (:class:`~medseg.networks.hover.HoVerHead`), which a package's
+   predictor runs through :class:`~medseg.inference.runtime.NetworkRuntime` (``auto``: the
+   package's shipped OpenVINO model on the CPU, verified before use, with a fallback and its
+   reason where conversion fails); :meth:`NucleiPredictor.from_network` (training validation)
+   runs the network eagerly;
 4. one watershed over the whole stitched map (:func:`~medseg.nuclei.postprocess.instances_from_hover`),
    so nuclei on window borders are whole and counted once;
 5. the instance map back on the tile's pixel grid (nearest neighbour) when step 1 resampled.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from medseg.errors import InputShapeError
 from medseg.inference.engine import sliding_window_inference
+from medseg.inference.runtime import NUMPY_RUNTIMES, NetworkRuntime, openvino_available
 from medseg.io.tile import Tile
 from medseg.networks.hover import HoVerHead
 from medseg.nuclei.postprocess import instances_from_hover
@@ -42,12 +47,16 @@ class NucleiPrediction:
         mpp: the tile's pixel size used (um/px): its own, or the model's when it stated none.
         mpp_source: ``"file"``, ``"given"`` or ``"assumed"`` (the model's, the tile stated none).
         seconds: time per step (``resample``, ``network``, ``watershed``, ``total``).
+        runtime: the runtime that ran the network (``eager`` for :meth:`NucleiPredictor.from_network`).
+        runtime_fallback: why it is not the runtime asked for (a failed OpenVINO conversion), or ``None``.
     """
 
     instances: np.ndarray
     mpp: float
     mpp_source: str
     seconds: dict[str, float] = field(default_factory=dict)
+    runtime: str = "eager"
+    runtime_fallback: str | None = None
 
     @property
     def count(self) -> int:
@@ -61,9 +70,12 @@ class NucleiPredictor:
     Args:
         package: a nuclei model package, its name (``"nuclei"``) or path.
         device: torch device of the network.
-        sw_batch_size: windows per network call.
+        sw_batch_size: windows per network call (default: 1 for OpenVINO, whose CPU model is
+            compiled, and shipped, for one window; 4 otherwise).
         overlap: window overlap (default: the card's).
         tta: mirroring test-time augmentation (4 passes).
+        runtime: one of :data:`medseg.inference.runtime.RUNTIMES` (``auto``: ``openvino`` on the
+            CPU, ``channels_last`` on CUDA).
 
     Raises:
         ModelNotFoundError, UnreadableFileError: the package cannot be resolved or read.
@@ -74,14 +86,31 @@ class NucleiPredictor:
         self,
         package: ModelPackage | str | os.PathLike,
         device: str | torch.device = "cpu",
-        sw_batch_size: int = 4,
+        sw_batch_size: int | None = None,
         overlap: float | None = None,
         tta: bool = False,
+        runtime: str = "auto",
     ):
         self.package = package if isinstance(package, ModelPackage) else resolve_model(package)
         if self.package.card.task != "nuclei":
             raise ValueError(f"model {self.package.card.name} is a {self.package.card.task} model, not a nuclei model")
-        self._configure(self.package.card, self.package.load_network(device), device, sw_batch_size, overlap, tta)
+        package = self.package
+        if runtime == "auto":  # NetworkRuntime's choice, known here for the window batch
+            on_cpu = torch.device(device).type == "cpu"
+            runtime = "openvino" if on_cpu and openvino_available() else "channels_last"
+        batch = int(sw_batch_size or (1 if runtime in NUMPY_RUNTIMES else 4))
+        self._runtime = NetworkRuntime(
+            None,
+            runtime,
+            spatial_dims=2,
+            batch_size=batch,
+            device=device,
+            cache_key=package.check_weights(),
+            shipped_dir=package.runtime_dir,
+            load_network=lambda: HoVerHead(package.load_network(device)).eval(),
+            package_path=package.path,
+        )
+        self._configure(package.card, None, device, batch, overlap, tta)
 
     @classmethod
     def from_network(
@@ -90,6 +119,7 @@ class NucleiPredictor:
         """A predictor for a network in memory (training validation): the same steps as a package."""
         self = cls.__new__(cls)
         self.package = None
+        self._runtime = None
         self._configure(card, network, device, sw_batch_size, None, False)
         return self
 
@@ -97,18 +127,35 @@ class NucleiPredictor:
         self.tta = bool(tta)
         self.card = card
         self.device = torch.device(device)
-        self.head = HoVerHead(network).eval()
+        self._head = HoVerHead(network).eval() if network is not None else None
         self.sw_batch_size = int(sw_batch_size)
         self.overlap = card.overlap if overlap is None else float(overlap)
         self.patch_size = tuple(int(p) for p in card.patch_size)
+
+    @property
+    def head(self) -> torch.nn.Module:
+        """The eager inference module (:class:`HoVerHead`), built on first access for a package."""
+        return self._head if self._runtime is None else self._runtime.network
+
+    @property
+    def runtime(self) -> str:
+        """The runtime that runs the network (it may change on first use, by a fallback)."""
+        return "eager" if self._runtime is None else self._runtime.name
+
+    @property
+    def runtime_fallback(self) -> str | None:
+        """Why the runtime is not the one asked for, or ``None``."""
+        return None if self._runtime is None else self._runtime.fallback_reason
 
     def hover_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Stitched NP logits and HV maps ``(1, 4, H, W)`` of a normalised image ``(1, 3, H, W)``
         on the model grid (mirroring TTA when on)."""
 
+        network = self._head if self._runtime is None else self._runtime
+
         def window_pass(image: torch.Tensor) -> torch.Tensor:
             return sliding_window_inference(
-                image, self.patch_size, self.sw_batch_size, self.head, overlap=self.overlap, mode="gaussian"
+                image, self.patch_size, self.sw_batch_size, network, overlap=self.overlap, mode="gaussian"
             ).float()
 
         if not self.tta:
@@ -147,4 +194,5 @@ class NucleiPredictor:
             instances = F.interpolate(grid, size=tile.shape[:2], mode="nearest-exact")[0, 0].numpy().astype(np.int32)
         t3 = time.perf_counter()
         seconds = {"resample": t1 - t0, "network": t2 - t1, "watershed": t3 - t2, "total": t3 - t0}
-        return NucleiPrediction(instances, used_mpp, source, {k: round(v, 3) for k, v in seconds.items()})
+        seconds = {k: round(v, 3) for k, v in seconds.items()}
+        return NucleiPrediction(instances, used_mpp, source, seconds, self.runtime, self.runtime_fallback)
