@@ -165,7 +165,14 @@ def test_models_lists_installed_packages(two_packages, tmp_path, monkeypatch):
     code, out, err = _models(["--packages", "--json"])
     assert code == 0 and err == ""
     rows = json.loads(out)
-    names = ("hippocampus", "hippocampus_transunet", "hippocampus_unet_dsd", "nuclei", "vessels")
+    names = (
+        "hippocampus",
+        "hippocampus_transunet",
+        "hippocampus_transunet3d",
+        "hippocampus_unet_dsd",
+        "nuclei",
+        "vessels",
+    )
     bundled = [str(BUNDLED_MODELS / name) for name in names]
     assert [r["path"] for r in rows] == [str(p.path) for p in two_packages] + bundled
     assert [r["weights_sha256"] for r in rows[:2]] == [p.card.weights_sha256 for p in two_packages]
