@@ -32,35 +32,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def validation_cases(card, dataset: Path, fold: int | None = None) -> tuple[int, list]:
-    """``(fold, validation cases)`` of the model's split made again from ``dataset``, as the trainer
-    made it (:func:`medseg.data.plan.make_folds` over the sorted case ids).
-
-    Raises:
-        SystemExit: the split does not reproduce the card's validation case count.
-    """
-    from medseg.data.cases import find_cases, read_case_manifest
-    from medseg.data.plan import make_folds
-
-    config = card.training.get("config") or {}
-    data, training = config.get("data") or {}, config.get("training") or {}
-    fold = int(card.training.get("fold") or 0) if fold is None else fold
-    fixed = None
-    if data.get("manifest"):
-        cases, fixed = read_case_manifest(data["manifest"], dataset, data.get("input_spacing"))
-    else:
-        cases = find_cases(dataset)
-    if data.get("max_cases"):
-        cases = cases[: int(data["max_cases"])]
-    folds = make_folds([c.case_id for c in cases], int(data.get("num_folds", 5)), int(training.get("seed", 0)), fixed)
-    by_id = {c.case_id: c for c in cases}
-    val = [by_id[i] for i in folds[fold].val]
-    expected = card.training.get("num_validation_cases")
-    if expected is not None and len(val) != int(expected):
-        raise SystemExit(f"fold {fold} of {dataset} has {len(val)} validation cases, the card says {expected}")
-    return fold, val
-
-
 def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
 
@@ -69,6 +40,7 @@ def measure(model: str, dataset: Path, runtimes: list[str], cases: int | None, t
     import numpy as np
     import torch
 
+    from medseg.commands.quantize import fold_cases
     from medseg.inference import Predictor
     from medseg.io import read_image
     from medseg.metrics import label_map_metrics, summarize
@@ -77,7 +49,7 @@ def measure(model: str, dataset: Path, runtimes: list[str], cases: int | None, t
     torch.set_num_threads(threads)
     package = resolve_model(model)
     card = package.card
-    fold, val = validation_cases(card, dataset)
+    fold, _, val = fold_cases(card, dataset, None)
     val = val[:cases] if cases else val
     names = {str(label.id): label.name for label in card.labels}
     with tempfile.TemporaryDirectory(prefix="medseg-fp16-") as tmp:

@@ -108,46 +108,32 @@ def seeded_package(config_path: Path, folder: Path, seed: int):
 def network_row(config_path: Path, folder: Path, seed: int, calls: int) -> dict:
     """Part 2: export, then one window eager vs auto."""
     import numpy as np
+    from runtimes import export_cost, interleaved_calls, relative_error  # benchmarks/runtimes.py
 
-    from medseg.inference.runtime import ConversionFailedError, NetworkRuntime, prepare_package
+    from medseg.inference.runtime import NetworkRuntime
     from medseg.networks.hover import HoVerHead
 
     package, network = seeded_package(config_path, folder, seed)
     row: dict = {"config": config_path.stem, "network": package.card.network.name}
     row["parameters"] = sum(p.numel() for p in network.parameters())
-    started = time.perf_counter()
-    try:
-        prepare_package(package)
-        row["export_failure"] = None
-    except ConversionFailedError as error:
-        row["export_failure"] = str(error)
-    row["export_s"] = time.perf_counter() - started
+    row["export_s"], row["export_failure"] = export_cost(package)
     shape = (1, 3, *package.card.patch_size)
-    key = package.check_weights()
     runners = {
         "eager": NetworkRuntime(HoVerHead(network).eval(), "eager", spatial_dims=2),
         "auto": NetworkRuntime(
             None,
             "auto",
             spatial_dims=2,
-            cache_key=key,
+            cache_key=package.check_weights(),
             shipped_dir=package.runtime_dir,
             load_network=lambda: HoVerHead(package.load_network("cpu")).eval(),
             package_path=package.path,
         ),
     }
     x = np.random.default_rng(1).standard_normal(shape, dtype=np.float32)
-    outputs = {name: np.asarray(run(x)) for name, run in runners.items()}  # warm-up, loads the IR
+    outputs, row["seconds"] = interleaved_calls(runners, x, calls)
     row["auto_runtime"], row["fallback"] = runners["auto"].name, runners["auto"].fallback_reason
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(calls):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            run(x)
-            times[name].append(time.perf_counter() - started)
-    row["seconds"] = {name: statistics.median(values) for name, values in times.items()}
-    span = float(outputs["eager"].max() - outputs["eager"].min()) or 1.0
-    row["error"] = float(np.abs(outputs["auto"] - outputs["eager"]).max()) / span
+    row["error"] = relative_error(outputs["auto"], outputs["eager"])
     return row
 
 

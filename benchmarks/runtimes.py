@@ -192,6 +192,21 @@ def onnxruntime_session(network, shape: tuple[int, ...], threads: int):
     return onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
+def interleaved_calls(runners: dict, x, calls: int) -> tuple[dict, dict]:
+    """Each runner's output on ``x`` (a warm-up call, which also loads or converts) and its median
+    seconds over ``calls`` calls, interleaved (A, B, A, B, ...) so that load affects all alike."""
+    import numpy as np
+
+    outputs = {name: np.asarray(run(x)) for name, run in runners.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(calls):
+        for name, run in runners.items():
+            started = time.perf_counter()
+            run(x)
+            times[name].append(time.perf_counter() - started)
+    return outputs, {name: statistics.median(values) for name, values in times.items()}
+
+
 def window_timings(auto, eager, network, shape: tuple[int, ...], calls: int, threads: int, ort: bool) -> dict:
     """Median seconds of one network call per runtime and max error vs eager on a seeded input."""
     import numpy as np
@@ -207,14 +222,7 @@ def window_timings(auto, eager, network, shape: tuple[int, ...], calls: int, thr
             runners["onnxruntime"] = lambda x: session.run(None, {"x": x})[0]
         except Exception as error:  # an export the TorchScript exporter cannot do
             result["onnxruntime_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-    outputs = {name: np.asarray(run(x)) for name, run in runners.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(calls):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            run(x)
-            times[name].append(time.perf_counter() - started)
-    result["seconds"] = {name: statistics.median(values) for name, values in times.items()}
+    outputs, result["seconds"] = interleaved_calls(runners, x, calls)
     result["error_vs_eager"] = {name: relative_error(out, outputs["eager"]) for name, out in outputs.items()}
     return result
 

@@ -176,18 +176,11 @@ def test_foreign_or_damaged_stored_models_are_converted_again(network, tmp_path,
     assert cached.with_suffix(".bin").stat().st_size > 100
 
 
-def test_an_exported_package_predicts_without_converting(tmp_path, monkeypatch):
-    """The package carries its OpenVINO model (prepare_package, as export does): a first
-    prediction on a real case converts nothing."""
-    from medseg.inference import Predictor
-    from medseg.inference.runtime import _OpenVINOForward, prepare_package
-    from medseg.io import read_image
+def _tiny_package(tmp_path):
+    """A seeded tiny hippocampus U-Net package (window 16x24x16) in ``tmp_path/tiny``, no IR yet."""
     from medseg.package import ModelCard, ModelPackage, NetworkSpec
-    from tests.conftest import shared_path
     from tests.test_inference_predictor import LABELS
 
-    image = read_image(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz"))
-    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
     config = dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1)
     torch.manual_seed(0)
     card = ModelCard(
@@ -198,7 +191,20 @@ def test_an_exported_package_predicts_without_converting(tmp_path, monkeypatch):
         spacing=(1.0, 1.0, 1.0),
         patch_size=(16, 24, 16),
     )
-    package = ModelPackage.save(tmp_path / "tiny", card, create_network("unet", **config).state_dict())
+    return ModelPackage.save(tmp_path / "tiny", card, create_network("unet", **config).state_dict())
+
+
+def test_an_exported_package_predicts_without_converting(tmp_path, monkeypatch):
+    """The package carries its OpenVINO model (prepare_package, as export does): a first
+    prediction on a real case converts nothing."""
+    from medseg.inference import Predictor
+    from medseg.inference.runtime import _OpenVINOForward, prepare_package
+    from medseg.io import read_image
+    from tests.conftest import shared_path
+
+    image = read_image(shared_path("hippocampus", "imagesTr", "hippocampus_001.nii.gz"))
+    monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
+    package = _tiny_package(tmp_path)
     (xml,) = prepare_package(package)
     assert xml.is_relative_to(package.path / "runtime" / "openvino")
     monkeypatch.setattr(_OpenVINOForward, "convert", _no_conversion)
@@ -221,20 +227,9 @@ def test_a_failed_conversion_is_remembered_and_the_predictor_falls_back_with_its
     from medseg.inference import Predictor
     from medseg.inference.runtime import FAILED, _OpenVINOForward, convert_package, openvino_ir_tag
     from medseg.io import read_image
-    from medseg.package import ModelCard, ModelPackage, NetworkSpec
-    from tests.test_inference_predictor import LABELS
 
     monkeypatch.setenv("MEDSEG_CACHE", str(tmp_path / "cache"))
-    config = dict(spatial_dims=3, in_channels=1, out_channels=3, filters=(4, 8, 16), deep_supervision=1)
-    card = ModelCard(
-        name="tiny",
-        network=NetworkSpec(name="unet", config=config),
-        modality=["MR"],
-        labels=LABELS,
-        spacing=(1.0, 1.0, 1.0),
-        patch_size=(16, 24, 16),
-    )
-    package = ModelPackage.save(tmp_path / "tiny", card, create_network("unet", **config).state_dict())
+    package = _tiny_package(tmp_path)
     shape = (1, 1, 16, 24, 16)
     folder = package.runtime_dir / openvino_ir_tag(package.weights_sha256, shape, openvino.__version__)
     # a child that cannot read the package exits non-zero: its last stderr line is the reason

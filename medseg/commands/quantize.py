@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import ConfigError, DatasetError
+from medseg.hardware import cpu_model
 
 #: ``enabled`` only within this many Dice points (100 x mean Dice) of the float32 runtime
 MAX_DICE_CHANGE_POINTS = 0.5
@@ -183,18 +184,6 @@ def measure(package, cases: list, threads: int) -> dict[str, Any]:
     return result
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def write_int8_card(package, entry: dict[str, Any]) -> None:
     """Set the card's ``int8`` in ``configs/metadata.json`` (validated, written atomically)."""
     from medseg.io.atomic import atomic_write
@@ -264,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         label_agreement=figures["label_agreement"],
         seconds_per_case=figures["seconds_per_case"],
         threads=args.threads,
-        cpu=_cpu_name(),
+        cpu=cpu_model(),
         calibration={
             "fold": fold,
             "training_cases": result.images,

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import resource
 import sys
@@ -50,6 +49,7 @@ from medseg.data.cases import find_cases, read_case_manifest
 from medseg.data.plan import Plan, make_plan, write_json_atomic
 from medseg.data.transforms import training_transforms
 from medseg.errors import ConfigError, DatasetError
+from medseg.hardware import cpu_model
 from medseg.io import read_image
 from medseg.io.atomic import atomic_write
 from medseg.losses import build_loss
@@ -824,16 +824,6 @@ def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _column(name: str) -> str:
     """A label name as a CSV / TensorBoard key: ``anterior hippocampus`` -> ``anterior_hippocampus``."""
     return "_".join(name.split())
@@ -859,7 +849,7 @@ def _network_divisor(config: TrainConfig) -> tuple[int, int, int]:
 def _hardware(device: torch.device) -> dict[str, Any]:
     info = {
         "device": str(device),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
